@@ -18,41 +18,49 @@ def reconstruct(
     mask: torch.Tensor,
     H: torch.Tensor,
     x0: torch.Tensor | None = None,
-    tol: float = 1e-3,
+    tol: float = 1e-4,
     max_iter: int = 300,
 ) -> tuple[torch.Tensor, int, float]:
     """Solve ``min_ŵ (ŵ − w) H (ŵ − w)ᵀ`` s.t. ``ŵ = 0`` where ``mask`` is False, for every row of ``W``.
 
     ``W`` ``[out, in]`` (targets), ``mask`` bool ``[out, in]`` (True = kept), ``H`` ``[in, in]`` positive
-    definite, ``x0`` an optional starting point. Stops when every row's relative residual
-    ``‖H_KK ŵ_K − (H w)_K‖ / ‖(H w)_K‖`` is at most ``tol``. Returns ``(Ŵ, iterations, max residual)``.
+    definite, ``x0`` an optional starting point. Each CG step lowers a row's loss by exactly ``α·rᵀz``;
+    a row stops when that step lowered its loss by at most ``tol`` times the loss itself (or reached
+    the exact solution). The preconditioner is Jacobi: on SmolLM2's layers, exact per-row inverses of
+    the kept 64×64 diagonal blocks saved 6 % of the iterations and cost more than they saved, as the
+    correlations are not local. Returns ``(Ŵ, iterations, residual)`` with the true final max relative
+    residual ``‖H_KK ŵ_K − (H w)_K‖ / ‖(H w)_K‖``.
     """
+    tiny = torch.finfo(W.dtype).tiny
     maskf = mask.to(W.dtype)
-    b = (W @ H) * maskf
+    WH = W @ H
+    b = WH * maskf
     x = (x0 if x0 is not None else W) * maskf
-    r = b - (x @ H) * maskf
+    Hx = x @ H
+    r = b - Hx * maskf
+    loss = ((Hx - WH) * (x - W)).sum(dim=1)  # (x − w) H (x − w)ᵀ per row
     inv_diag = maskf / H.diagonal().unsqueeze(0)
-    b_norm = b.norm(dim=1).clamp_min(torch.finfo(W.dtype).tiny)
     z = r * inv_diag
     p = z.clone()
     rz = (r * z).sum(dim=1)
+    active = rz > 0
     iterations = 0
-    residual = r.norm(dim=1) / b_norm
-    while iterations < max_iter and bool((residual > tol).any()):
-        active = (residual > tol).to(W.dtype)
+    while iterations < max_iter and bool(active.any()):
         Ap = (p @ H) * maskf
         pAp = (p * Ap).sum(dim=1)
-        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(torch.finfo(W.dtype).tiny), 0.0) * active
+        alpha = torch.where(active & (pAp > 0), rz / pAp.clamp_min(tiny), 0.0)
         x += alpha.unsqueeze(1) * p
         r -= alpha.unsqueeze(1) * Ap
+        decrease = alpha * rz
+        loss = (loss - decrease).clamp_min(0)
         z = r * inv_diag
         rz_new = (r * z).sum(dim=1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(W.dtype).tiny), 0.0)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), 0.0)
         p = z + beta.unsqueeze(1) * p
         rz = rz_new
         iterations += 1
-        residual = r.norm(dim=1) / b_norm
-    # Report the true residual, not the recursively updated one, which drifts in float32.
+        active &= (decrease > tol * loss) & (rz > 0)
+    b_norm = b.norm(dim=1).clamp_min(tiny)
     true_residual = ((b - (x @ H) * maskf).norm(dim=1) / b_norm).max()
     return x, iterations, float(true_residual)
 

@@ -1,0 +1,5 @@
+import sys
+
+from apt_sparse.cli import main
+
+sys.exit(main())

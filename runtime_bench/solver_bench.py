@@ -1,0 +1,137 @@
+"""Solver benchmark: every method on every prunable linear layer of a real model, one Hessian per layer.
+
+Hessians come from the dense model on real calibration text (all layers in one pass, no sequential
+pruning, so every method sees exactly the same problems). Prints, per method, the summed relative
+layer loss ``Σ L(Ŵ)/L(0)`` and the solver's seconds, and writes them as JSON.
+
+    python -m runtime_bench.solver_bench [--model smollm2-135m] [--windows 16] [--seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from apt import PruneConfig, prune_layer
+from apt.artifacts import write_json_atomic
+from apt.data import load_text, token_windows
+from apt.families import block_groups, family_for, find_blocks
+from apt.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name → solver options; "apt (no lookahead)" and "apt (no reconstruction)" show what each step buys
+VARIANTS = {
+    "magnitude": dict(method="magnitude"),
+    "wanda": dict(method="wanda"),
+    "sparsegpt": dict(method="sparsegpt"),
+    "apt (no reconstruction)": dict(method="apt", reconstruct=False),
+    "apt (no lookahead)": dict(method="apt", lookahead=False),
+    "apt": dict(method="apt"),
+}
+
+
+def layer_hessians(model, windows: torch.Tensor, batch_size: int = 4) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(name, weight, H)`` for every prunable linear layer, H accumulated in float32 on the dense model."""
+    family = family_for(model.config)
+    path, blocks = find_blocks(model, family)
+    groups = [g for i, b in enumerate(blocks) for g in block_groups(b, family, f"{path}.{i}", None, None)]
+    hessians: dict[int, torch.Tensor] = {}
+    handles = []
+    for gi, group in enumerate(groups):
+
+        def hook(_m, inputs, _o, gi=gi):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            hessians.setdefault(gi, torch.zeros(x.shape[1], x.shape[1])).addmm_(x.T, x)
+
+        handles.append(group[0][1].register_forward_hook(hook))
+    with torch.no_grad():
+        for start in tqdm(range(0, len(windows), batch_size), desc="hessians", disable=None):
+            model.model(input_ids=windows[start : start + batch_size]) if hasattr(model, "model") else model(
+                input_ids=windows[start : start + batch_size]
+            )
+    for h in handles:
+        h.remove()
+    return [(name, lin.weight.data.clone(), hessians[gi]) for gi, group in enumerate(groups) for name, lin in group]
+
+
+def run(model_name: str, n_windows: int, seq_len: int, variants: list[str], threads: int | None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer, _ = load_model(model_name)
+    text = load_text("stdlib")
+    windows = token_windows(text.calibration, tokenizer, n_windows, seq_len)
+    layers = layer_hessians(model, windows)
+    results = {}
+    for variant in variants:
+        config = PruneConfig(**VARIANTS[variant])
+        total_rel, total_sec, per_layer = 0.0, 0.0, []
+        for name, weight, hessian in tqdm(layers, desc=variant, disable=None):
+            result = prune_layer(weight, hessian, config=config)
+            total_rel += result.relative_loss
+            total_sec += result.stats.seconds
+            per_layer.append(
+                {
+                    "name": name,
+                    "relative_loss": result.relative_loss,
+                    "seconds": result.stats.seconds,
+                    "iterations": result.stats.iterations,
+                    "residual": result.stats.residual,
+                }
+            )
+        results[variant] = {"sum_relative_loss": total_rel, "seconds": total_sec, "layers": per_layer}
+        print(f"{variant:26s} sum relative loss {total_rel:9.3f}   solver seconds {total_sec:8.1f}", flush=True)
+    base = results.get("sparsegpt")
+    summary = {
+        "schema": "apt-sparse/solver-bench/1",
+        "model": model_name,
+        "calibration": {"source": "stdlib", "windows": len(windows), "seq_len": seq_len},
+        "layers": len(layers),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "methods": {
+            k: {"sum_relative_loss": v["sum_relative_loss"], "seconds": v["seconds"]} for k, v in results.items()
+        },
+        "per_layer": {k: v["layers"] for k, v in results.items()},
+    }
+    if base and "apt" in results:
+        summary["apt_vs_sparsegpt"] = {
+            "loss_ratio": results["apt"]["sum_relative_loss"] / base["sum_relative_loss"],
+            "time_ratio": results["apt"]["seconds"] / base["seconds"],
+        }
+        print(
+            f"apt / sparsegpt: loss ×{summary['apt_vs_sparsegpt']['loss_ratio']:.3f}, "
+            f"time ×{summary['apt_vs_sparsegpt']['time_ratio']:.2f}"
+        )
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "solver_bench.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    summary = run(args.model, args.windows, args.seq_len, args.methods, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, summary)
+    print(f"wrote {args.out}")
+    json.dumps(summary["methods"])
+
+
+if __name__ == "__main__":
+    main()
