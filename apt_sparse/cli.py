@@ -152,8 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_export(sub) -> None:
+    from exporters import EXPORTERS
+
+    x = sub.add_parser("export", help="turn a pruned folder into a deployable artifact, with a manifest")
+    x.add_argument("target", choices=sorted(EXPORTERS))
+    x.add_argument("src", help="a pruned Hugging Face folder (apt-sparse prune --out)")
+    x.add_argument("out", help="output folder (written atomically)")
+    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    x.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    x.set_defaults(handler=_export)
+
+
+def _export(args) -> None:
+    from exporters import export
+
+    manifest = export(args.target, args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    size = sum(f["bytes"] for f in manifest["files"])
+    print(
+        f"wrote {args.out}: {len(manifest['files'])} files, {size / 2**20:.1f} MiB; "
+        f"{len(manifest['pattern_check']['layers'])} weights checked 2:4"
+    )
+    for key, value in manifest["validation"].items():
+        print(f"  {key}: {value}")
+
+
 _HANDLERS = {"prune": _prune, "eval": _eval, "inspect": _inspect}
-_EXTRA_COMMANDS: list = []
+_EXTRA_COMMANDS: list = [_add_export]
 
 
 def main(argv=None) -> int:
