@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from apt.errors import AptError
+from apt.errors import AptError, InvalidInputError
 
 
 def _add_prune(sub) -> None:
@@ -159,15 +159,24 @@ def _add_export(sub) -> None:
     x.add_argument("target", choices=sorted(EXPORTERS))
     x.add_argument("src", help="a pruned Hugging Face folder (apt-sparse prune --out)")
     x.add_argument("out", help="output folder (written atomically)")
-    x.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    x.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     x.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    x.add_argument(
+        "--with-past",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="onnx: the decoding graph with past/present keys and values",
+    )
     x.set_defaults(handler=_export)
 
 
 def _export(args) -> None:
     from exporters import export
 
-    manifest = export(args.target, args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    options = {"with_past": args.with_past} if args.target == "onnx" else {}
+    if args.with_past and args.target != "onnx":
+        raise InvalidInputError("--with-past applies to the onnx target only")
+    manifest = export(args.target, args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, **options)
     size = sum(f["bytes"] for f in manifest["files"])
     print(
         f"wrote {args.out}: {len(manifest['files'])} files, {size / 2**20:.1f} MiB; "
@@ -175,10 +184,36 @@ def _export(args) -> None:
     )
     for key, value in manifest["validation"].items():
         print(f"  {key}: {value}")
+    if "trtexec" in manifest:
+        print(f"  trtexec: {manifest['trtexec']}")
+
+
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="prune (apt and baselines) → export → bench → report on the offline model")
+    d.add_argument("--out", required=True, help="output folder for checkpoints, artifacts, results.json, report.md")
+    d.add_argument("--quick", action="store_true", help="small settings (CI): two methods, tiny calibration")
+    d.add_argument(
+        "--keep-results",
+        default=None,
+        metavar="NAME",
+        help="also copy results.json, report.md and plots into runtime_bench/results/NAME",
+    )
+    d.set_defaults(handler=_demo)
+
+
+def _demo(args) -> None:
+    from runtime_bench.demo import DemoConfig, copy_results_into_repository, run_demo, summary_line
+
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    report = run_demo(args.out, config)
+    print(f"accuracy ({'perplexity'}): {summary_line(report.parent / 'results.json')}")
+    if args.keep_results:
+        print(f"kept results in {copy_results_into_repository(report.parent, args.keep_results)}")
+    print(f"report: {report}")
 
 
 _HANDLERS = {"prune": _prune, "eval": _eval, "inspect": _inspect}
-_EXTRA_COMMANDS: list = [_add_export]
+_EXTRA_COMMANDS: list = [_add_export, _add_demo]
 
 
 def main(argv=None) -> int:

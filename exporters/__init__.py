@@ -7,9 +7,13 @@ so ``import exporters`` works without them.
 from __future__ import annotations
 
 from exporters.compressed_tensors import export_compressed_tensors
+from exporters.onnx_export import export_onnx
+from exporters.tensorrt import export_tensorrt
 from exporters.vllm import export_vllm
 
 EXPORTERS = {
+    "onnx": export_onnx,
+    "tensorrt": export_tensorrt,
     "vllm": export_vllm,
     "compressed-tensors": export_compressed_tensors,
 }

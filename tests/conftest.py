@@ -14,3 +14,15 @@ def correlated_layer():
         return W, X @ X.T, X
 
     return make
+
+
+@pytest.fixture(scope="session")
+def pruned_smollm2(tmp_path_factory):
+    """SmolLM2-135M pruned with apt 2:4 on a small calibration set, once per test session: ``(folder, report)``."""
+    from apt.run import PruneJob, prune_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "apt"
+    report = prune_model(
+        PruneJob(model="smollm2-135m", out=str(out), num_calibration_samples=8, max_seq_length=128, num_eval_windows=4)
+    )
+    return out, report

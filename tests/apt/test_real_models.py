@@ -16,11 +16,8 @@ from apt.solver import PruneConfig
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_apt_run_end_to_end(tmp_path):
-    out = tmp_path / "smollm2-apt"
-    report = prune_model(
-        PruneJob(model="smollm2-135m", out=str(out), num_calibration_samples=8, max_seq_length=128, num_eval_windows=4)
-    )
+def test_smollm2_apt_run_end_to_end(pruned_smollm2):
+    out, report = pruned_smollm2
     assert report["model"]["model_type"] == "llama"
     assert report["totals"]["layers_pruned"] == 30 * 7 and report["totals"]["layers_skipped"] == 0
     assert report["totals"]["all_nm_valid"]
@@ -32,7 +29,7 @@ def test_smollm2_apt_run_end_to_end(tmp_path):
     for name, module in model.model.layers.named_modules():
         if isinstance(module, torch.nn.Linear):
             assert is_nm_sparse(module.weight.data), name
-    _, tokenizer = None, transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     windows = token_windows(load_text("stdlib").evaluation, tokenizer, 4, 128)
     # the saved folder gives back the perplexity measured in the run
     assert perplexity(model, windows)["perplexity"] == pytest.approx(pruned, rel=1e-4)

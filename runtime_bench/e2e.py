@@ -1,0 +1,80 @@
+"""End to end: prefill latency (batch × sequence) and decode tokens/s of whole models.
+
+Inputs are random token ids (never padding); warm-up first; CUDA-synchronised on a GPU; median, min
+and max over repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _summary(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def _ids(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, model.config.vocab_size, (batch, seq), generator=g)
+
+
+@torch.no_grad()
+def prefill_latency(model, batch: int, seq: int, device: str, repeats: int = 5, warmup: int = 1) -> dict:
+    """Milliseconds for one forward pass over ``batch × seq`` tokens, without a KV cache."""
+    ids = _ids(model, batch, seq).to(device)
+    for _ in range(warmup):
+        model(input_ids=ids, use_cache=False)
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return _summary(samples)
+
+
+@torch.no_grad()
+def decode_throughput(model, batch: int, prompt: int, new_tokens: int, device: str, repeats: int = 3) -> dict:
+    """Generated tokens per second (greedy, KV cache) after a ``batch × prompt`` prefill."""
+    ids = _ids(model, batch, prompt).to(device)
+    samples = []
+    for r in range(repeats + 1):  # the first run warms up
+        out = model(input_ids=ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        if r:
+            samples.append(batch * new_tokens / (time.perf_counter() - start))
+    return _summary(samples)
+
+
+def onnxruntime_prefill(onnx_path: Path, vocab: int, batch: int, seq: int, repeats: int = 5) -> dict:
+    """Milliseconds for one ONNX Runtime run of the exported graph over ``batch × seq`` tokens."""
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(onnx_path), providers=providers)
+    ids = np.random.default_rng(0).integers(10, vocab, size=(batch, seq), dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    session.run(None, feed)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return _summary(samples) | {"provider": session.get_providers()[0]}

@@ -1,0 +1,167 @@
+"""GEMM microbenchmark: dense vs 2:4 ``linear`` at a model's own shapes and at Llama-3-8B's, over M.
+
+Method: random inputs (never zeros) and a random 2:4 weight; warm-up; dense and each sparse backend
+alternated inside every repeat so ratios survive drift; device-synchronised timing (CUDA events on a
+GPU); each sample times enough back-to-back calls to last about a millisecond; median, min and max.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from apt.patterns import Pattern
+from apt.solver import select_mask
+from runtime_bench.backends import BACKENDS, to_sparse
+
+# (label, in = K, out = N)
+LLAMA3_8B_SHAPES = (
+    ("llama3-8b attn q/o 4096x4096", 4096, 4096),
+    ("llama3-8b mlp gate/up 4096x14336", 4096, 14336),
+    ("llama3-8b mlp down 14336x4096", 14336, 4096),
+    ("llama3-8b attn k/v 4096x1024", 4096, 1024),
+)
+DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+SPARSE_BACKENDS = ("torch-sparse-cusparselt", "torch-sparse-cutlass")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    shapes: tuple[tuple[str, int, int], ...] = LLAMA3_8B_SHAPES
+    ms: tuple[int, ...] = DEFAULT_MS
+    dtype: str = "float16"
+    device: str = "cuda"
+    repeats: int = 20
+    warmup: int = 3
+    sample_seconds: float = 1e-3
+
+
+def model_shapes(model) -> tuple[tuple[str, int, int], ...]:
+    """The distinct ``(label, in, out)`` of the model's Linear layers inside its blocks."""
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            key = (module.in_features, module.out_features)
+            seen.setdefault(key, name.split(".")[-1])
+    return tuple((f"model {label} {k}x{n}", k, n) for (k, n), label in seen.items())
+
+
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    if device.startswith("cuda"):
+
+        def timed(fn, inner):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / inner
+
+    else:
+
+        def timed(fn, inner):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - start) * 1e3 / inner
+
+    return timed
+
+
+def _summary(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def measure_gemm(config: GemmConfig) -> dict:
+    """Every shape × M: dense time, and per available sparse backend its time, speedup and max |Δ|."""
+    dtype = getattr(torch, config.dtype)
+    device = config.device
+    timed = _timer(device)
+    sparse_status = {b: BACKENDS[b]() for b in SPARSE_BACKENDS}
+    if not device.startswith("cuda"):
+        sparse_status = {
+            b: type(s)(False, s.reason if not s.available else "benchmark device is CPU")
+            for b, s in sparse_status.items()
+        }
+    g = torch.Generator(device="cpu").manual_seed(0)
+    records = []
+    for label, k, n in config.shapes:
+        weight = torch.randn(n, k, generator=g).to(dtype)
+        weight = (weight * select_mask(weight.abs().float(), Pattern(2, 4))).to(device)
+        sparse_weights = {}
+        for backend, status in sparse_status.items():
+            if status.available:
+                try:
+                    sparse_weights[backend] = to_sparse(weight, backend)
+                except (RuntimeError, NotImplementedError) as err:
+                    sparse_status[backend] = type(status)(False, f"conversion failed: {err}")
+        for m in config.ms:
+            x = torch.randn(m, k, generator=g).to(dtype).to(device)
+            runs = {"dense": lambda x=x, w=weight: F.linear(x, w)}
+            for backend, w_sparse in sparse_weights.items():
+                runs[backend] = lambda x=x, w=w_sparse: F.linear(x, w)
+            record = {"shape": label, "in": k, "out": n, "m": m}
+            reference = runs["dense"]()
+            errors = {}
+            for name, fn in list(runs.items())[1:]:
+                try:
+                    errors[name] = float((fn().float() - reference.float()).abs().max())
+                except (RuntimeError, NotImplementedError) as err:
+                    record[name] = f"not measured: {err}".splitlines()[0]
+                    del runs[name]
+            for fn in runs.values():  # warm-up, and the size of one sample
+                for _ in range(config.warmup):
+                    fn()
+            single = max(timed(runs["dense"], 1), 1e-4)
+            inner = max(1, min(1000, int(config.sample_seconds * 1e3 / single)))
+            samples = {name: [] for name in runs}
+            for _ in range(config.repeats):
+                for name, fn in runs.items():  # alternated in every repeat
+                    samples[name].append(timed(fn, inner))
+            record["dense_ms"] = _summary(samples["dense"])
+            for name in runs:
+                if name == "dense":
+                    continue
+                record[name] = {
+                    "ms": _summary(samples[name]),
+                    "max_abs_diff": errors[name],
+                    "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
+                }
+            for backend, status in sparse_status.items():
+                record.setdefault(backend, f"not measured: {status.reason}")
+            record["tflops_dense"] = 2 * m * k * n / (record["dense_ms"]["median"] * 1e-3) / 1e12
+            records.append(record)
+    return {
+        "dtype": config.dtype,
+        "device": device,
+        "repeats": config.repeats,
+        "ceiling": 2.0,
+        "backends": {b: s.as_dict() for b, s in sparse_status.items()},
+        "records": records,
+    }
+
+
+def sparse_thresholds(gemm: dict, backend: str, margin: float = 1.02) -> dict[str, int | None]:
+    """Per shape, the smallest measured M from which the sparse backend beat dense by ``margin`` at every
+    larger measured M; ``None`` where it never did (or was not measured): that shape stays dense."""
+    by_shape: dict[str, list[tuple[int, float | None]]] = {}
+    for r in gemm["records"]:
+        entry = r.get(backend)
+        speedup = entry["speedup"] if isinstance(entry, dict) else None
+        by_shape.setdefault(f"{r['in']}x{r['out']}", []).append((r["m"], speedup))
+    thresholds = {}
+    for shape, points in by_shape.items():
+        points.sort()
+        threshold = None
+        for m, speedup in reversed(points):
+            if speedup is None or speedup < margin:
+                break
+            threshold = m
+        thresholds[shape] = threshold
+    return thresholds

@@ -1,0 +1,201 @@
+"""``report.md`` and its PNG plots from ``results.json``. Rows that were not measured say so and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _fmt(result) -> str:
+    if isinstance(result, str):
+        return result
+    return f"{result['median']:.2f} (min {result['min']:.2f}, max {result['max']:.2f})"
+
+
+def plot_gemm(results: dict, path: Path) -> None:
+    plt = _plt()
+    records = results["gemm"]["records"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    backends = [
+        b
+        for b in ("torch-sparse-cusparselt", "torch-sparse-cutlass")
+        if any(isinstance(r.get(b), dict) for r in records)
+    ]
+    shapes = list(dict.fromkeys(r["shape"] for r in records))
+    if backends:
+        for backend in backends:
+            for shape in shapes:
+                pts = [
+                    (r["m"], r[backend]["speedup"])
+                    for r in records
+                    if r["shape"] == shape and isinstance(r.get(backend), dict)
+                ]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{shape} · {backend.split('-')[-1]}")
+        ax.axhline(2.0, color="grey", linestyle="--", label="2:4 ceiling (2×)")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("speedup over dense (×)")
+        ax.set_title(f"2:4 GEMM speedup vs M ({results['gemm']['dtype']}, {results['gemm']['device']})")
+    else:
+        for shape in shapes:
+            pts = [(r["m"], r["tflops_dense"]) for r in records if r["shape"] == shape]
+            ax.plot(*zip(*pts), marker="o", label=shape)
+        ax.set_ylabel("dense TFLOP/s")
+        ax.set_title("Dense GEMM throughput vs M — 2:4 kernels not measured on this machine")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_e2e(results: dict, path: Path) -> None:
+    plt = _plt()
+    rows = [r for r in results["e2e"]["prefill"] if isinstance(r["result"], dict)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['model']} · {r['backend']}\n{r['batch']}×{r['seq']}" for r in rows]
+    ax.bar(
+        range(len(rows)),
+        [r["result"]["median"] for r in rows],
+        yerr=[
+            [r["result"]["median"] - r["result"]["min"] for r in rows],
+            [r["result"]["max"] - r["result"]["median"] for r in rows],
+        ],
+        capsize=3,
+    )
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("prefill latency (ms, median; bars min–max)")
+    ax.set_title("End-to-end prefill latency (measured rows only)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    plt = _plt()
+    acc = results["accuracy"]
+    methods = acc.get("methods") or {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(methods)
+    ax.bar(names, [methods[n] for n in names], color="tab:blue")
+    if acc.get("dense") is not None:
+        ax.axhline(acc["dense"], color="black", linestyle="--", label=f"dense {acc['dense']:.2f}")
+        ax.legend()
+    if acc.get("metric") == "perplexity":
+        ax.set_yscale("log")
+    ax.set_ylabel(acc.get("metric") or "accuracy")
+    ax.set_title("Held-out accuracy per pruning method (2:4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_layer_loss(results: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for method, info in results["pruning"].items():
+        losses = info.get("layer_relative_loss") or []
+        ax.plot(range(len(losses)), losses, label=method, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (in pruning order)")
+    ax.set_ylabel("relative layer loss L(Ŵ)/L(0)")
+    ax.set_title("Per-layer relative loss by method")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render_report(results: dict, folder: Path, extra_sections: list[str] | None = None) -> Path:
+    """Write ``report.md`` and ``*.png`` into ``folder``; returns the report's path."""
+    folder = Path(folder)
+    plots = {"gemm_speedup.png": plot_gemm, "e2e_prefill.png": plot_e2e}
+    if results["accuracy"].get("methods"):
+        plots["accuracy.png"] = plot_accuracy
+    if results["pruning"]:
+        plots["layer_loss.png"] = plot_layer_loss
+    for name, plot in plots.items():
+        plot(results, folder / name)
+    m = results["machine"]
+    gpu = m["gpu"]["name"] if m.get("gpu") else "none"
+    lines = [
+        "# apt-sparse benchmark report",
+        "",
+        f"Created {results['created']} on {m['platform']} ({m['processor']}, {m['torch_threads']} threads), "
+        f"GPU: {gpu}; torch {m['torch']}, transformers {m['transformers']}, onnxruntime {m['onnxruntime']}.",
+        "",
+        "## Backends",
+        "",
+        "| backend | available | detail |",
+        "|---|---|---|",
+        *[f"| {n} | {'yes' if s['available'] else 'no'} | {s['reason']} |" for n, s in results["backends"].items()],
+    ]
+    acc = results["accuracy"]
+    if acc.get("methods"):
+        lines += [
+            "",
+            "## Accuracy (held-out text, 2:4)",
+            "",
+            f"| method | {acc['metric']} | summed relative layer loss | pruning seconds | peak memory (GiB) |",
+            "|---|---|---|---|---|",
+            f"| dense | {acc['dense']:.3f} | | | |",
+        ]
+        for method, value in acc["methods"].items():
+            p = results["pruning"].get(method, {})
+            lines.append(
+                f"| {method} | {value:.3f} | {p.get('sum_relative_loss', float('nan')):.3f} | "
+                f"{p.get('seconds', float('nan')):.0f} | {p.get('peak_memory_bytes', 0) / 2**30:.2f} |"
+            )
+        lines += ["", "![accuracy](accuracy.png)", "", "![per-layer loss](layer_loss.png)"]
+    lines += [
+        "",
+        f"## GEMM: dense vs 2:4 ({results['gemm']['dtype']} on {results['gemm']['device']})",
+        "",
+        "| shape | M | dense ms | cuSPARSELt | CUTLASS |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["gemm"]["records"]:
+        cells = []
+        for b in ("torch-sparse-cusparselt", "torch-sparse-cutlass"):
+            entry = r[b]
+            cells.append(
+                f"{entry['speedup']:.2f}× ({entry['ms']['median']:.3f} ms)" if isinstance(entry, dict) else entry
+            )
+        lines.append(f"| {r['shape']} | {r['m']} | {r['dense_ms']['median']:.3f} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "![GEMM](gemm_speedup.png)",
+        "",
+        "Decode-safe thresholds (M from which the sparse path is used; "
+        "none = always dense): " + ", ".join(f"{k}: {v}" for k, v in results["thresholds"].items()),
+        "",
+        f"Decode-safe model: {results['decode_safe']}",
+        "",
+        "## End to end",
+        "",
+        "| kind | model | backend | shape | result (ms, or tokens/s for decode) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["e2e"]["prefill"]:
+        lines.append(f"| prefill | {r['model']} | {r['backend']} | {r['batch']}×{r['seq']} | {_fmt(r['result'])} |")
+    for r in results["e2e"]["decode"]:
+        lines.append(
+            f"| decode | {r['model']} | {r['backend']} | {r['batch']}×({r['prompt']}+{r['new_tokens']}) | "
+            f"{_fmt(r['result'])} |"
+        )
+    lines += ["", "![prefill](e2e_prefill.png)"]
+    lines += extra_sections or []
+    missing = [f"- {s}" for s in results["not_measured"]] or ["- (everything was measured)"]
+    lines += ["", "## Not measured", "", *missing]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from apt.errors import InvalidInputError
+from apt.run import PruneJob, prune_model
+from exporters import export
+from exporters.tensorrt import Profile, parse_sparsity_log, tensorrt_unavailable_reason
+
+from ..apt.tiny_models import save_tiny_model
+
+FAST = dict(num_calibration_samples=4, max_seq_length=32, evaluate=False)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    folders = {}
+    for family in ("llama", "bert", "mamba"):
+        src = save_tiny_model(family, root / f"{family}-src")
+        prune_model(PruneJob(model=str(src), out=str(root / family), **FAST))
+        folders[family] = root / family
+    return folders
+
+
+def matmul_weights_24_along_axis0(path) -> tuple[int, int]:
+    """An independent reading of the file: (2:4-along-K MatMul initializers, all 2-D MatMul initializers)."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    good = total = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].ndim == 2:
+            b = inits[node.input[1]].astype(np.float32)  # [K, N]
+            total += 1
+            if b.shape[0] % 4 == 0 and ((b.reshape(-1, 4, b.shape[1]) != 0).sum(axis=1) <= 2).all():
+                good += 1
+    return good, total
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_onnx_decoder_export(pruned, tmp_path, dtype):
+    out = tmp_path / "onnx"
+    manifest = export("onnx", pruned["llama"], out, dtype=dtype)
+    v = manifest["validation"]
+    assert v["pruned_layers_found_2_4"] == 14 and v["eligible_initializers"] == 14
+    good, total = matmul_weights_24_along_axis0(out / "model.onnx")
+    assert good == 14 and total == 15  # every pruned Linear; the LM head stays dense
+    assert v["polygraphy"]["status"] == "ok" and v["polygraphy"]["agrees"]
+    assert len(v["polygraphy"]["sparse"]) == 14
+    parity = v["onnxruntime"]
+    assert parity["status"] == "ok" and parity["passed"]
+    assert parity["max_abs_diff"] <= (1e-3 if dtype == "float32" else 5e-2)
+    files = {f["path"] for f in manifest["files"]}
+    assert {"model.onnx", "model.onnx.data", "config.json"} <= files
+    assert all(len(f["sha256"]) == 64 for f in manifest["files"])
+
+
+def test_onnx_with_past_decodes_like_pytorch(pruned, tmp_path):
+    manifest = export("onnx", pruned["llama"], tmp_path / "onnx", with_past=True)
+    parity = manifest["validation"]["onnxruntime"]
+    assert parity["passed"] and parity["decode_step_max_abs_diff"] <= 1e-3
+    assert manifest["inputs"][2] == "past_key_values.0.key" and manifest["outputs"][1] == "present.0.key"
+
+
+def test_onnx_encoder_export(pruned, tmp_path):
+    manifest = export("onnx", pruned["bert"], tmp_path / "onnx")
+    assert manifest["outputs"] == ["last_hidden_state"]
+    assert manifest["validation"]["pruned_layers_found_2_4"] == 12
+    assert manifest["validation"]["onnxruntime"]["passed"]
+
+
+def test_onnx_with_past_refused_for_a_model_without_kv_cache(pruned, tmp_path):
+    with pytest.raises(InvalidInputError, match="with_past needs a decoder"):
+        export("onnx", pruned["mamba"], tmp_path / "onnx", with_past=True)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_sparsity_log_parser_reads_tensorrts_lines():
+    lines = [
+        "[TRT] Total Activation Memory: 7864832",
+        "(Sparsity) Layers eligible for sparse math: MatMul_51, MatMul_69, Gemm_725",
+        "(Sparsity) TRT inference plan picked sparse implementation for layers: MatMul_69",
+    ]
+    assert parse_sparsity_log(lines) == {
+        "eligible": ["MatMul_51", "MatMul_69", "Gemm_725"],
+        "sparse_tactics": ["MatMul_69"],
+        "log_found": True,
+    }
+    assert parse_sparsity_log(["nothing"])["log_found"] is False
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason() is None, reason="TensorRT and a GPU are present: see the gpu test")
+def test_tensorrt_export_without_tensorrt_is_honest(pruned, tmp_path):
+    out = tmp_path / "trt"
+    manifest = export("tensorrt", pruned["llama"], out, profile=Profile(min=(1, 1), opt=(1, 64), max=(4, 256)))
+    engine = manifest["validation"]["engine"]
+    assert engine["status"].startswith("not built: ") and not (out / "model.plan").exists()
+    command = manifest["trtexec"]
+    assert "--sparsity=enable" in command and "--stronglyTyped" in command
+    assert "--maxShapes=input_ids:4x256,attention_mask:4x256" in command
+    assert (out / "onnx" / "model.onnx").is_file()
+    assert json.loads((out / "onnx" / "manifest.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    tensorrt_unavailable_reason() is not None, reason=f"TensorRT engine build: {tensorrt_unavailable_reason()}"
+)
+def test_tensorrt_engine_build_reports_sparse_layers(pruned, tmp_path):
+    manifest = export("tensorrt", pruned["llama"], tmp_path / "trt")
+    engine = manifest["validation"]["engine"]
+    assert engine["status"] == "built" and (tmp_path / "trt" / "model.plan").is_file()
+    assert engine["log_found"] and engine["eligible"]
+
+
+def test_profile_must_be_ordered():
+    with pytest.raises(InvalidInputError, match="min <= opt <= max"):
+        Profile(min=(1, 8), opt=(1, 4), max=(1, 16))
+
+
+def test_bfloat16_onnx_is_honest_about_what_was_not_measured(pruned, tmp_path):
+    manifest = export("onnx", pruned["llama"], tmp_path / "onnx", dtype="bfloat16")
+    assert manifest["validation"]["pruned_layers_found_2_4"] == 14
+    status = manifest["validation"]["onnxruntime"]["status"]
+    assert status == "ok" or status.startswith("not measured: ")
