@@ -165,3 +165,43 @@ def test_interrupted_run_leaves_no_folder_that_looks_complete(tmp_path, capsys, 
     )
     assert code == 130 and "nothing was written" in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_eval_and_inspect_commands(tmp_path, capsys):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(src),
+                "--out",
+                str(out),
+                "--num-calibration-samples",
+                "4",
+                "--max-seq-length",
+                "32",
+                "--num-eval-windows",
+                "2",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "all N:M valid: True" in printed and "perplexity: dense" in printed
+
+    assert main(["eval", str(out), "--json", "--num-eval-windows", "2", "--max-seq-length", "32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    report = json.loads((out / REPORT_NAME).read_text())
+    # the dense source named in the report is measured in the same run, on the same windows
+    assert result["dense"]["model"] == str(src)
+    assert result["dense"]["perplexity"] == pytest.approx(report["accuracy"]["dense"]["perplexity"], rel=1e-5)
+    assert result["pruned"]["perplexity"] == pytest.approx(report["accuracy"]["pruned"]["perplexity"], rel=1e-5)
+
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "14/" in text and "model.layers.0.mlp.down_proj.weight" in text
+    assert main(["inspect", str(src), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert not any(r["nm_valid"] for r in rows if ".layers." in r["name"])  # the dense source is not 2:4

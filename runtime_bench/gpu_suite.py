@@ -1,0 +1,148 @@
+"""Every GPU measurement in one run (a single Ampere-or-newer GPU; about 5 minutes on an H200).
+
+    PYTHONPATH=. python3 -m runtime_bench.gpu_suite            # writes runtime_bench/results/gpu-<gpu>/
+
+1. The GPU tests (``pytest -m gpu``): decode-safe linear on both paths, TensorRT where installed.
+2. GEMM sweep dense vs 2:4 (cuSPARSELt and CUTLASS, fp16) at SmolLM2-135M's and Llama-3-8B's shapes,
+   M from 1 to 8192; per-shape thresholds for the decode-safe linear.
+3. End to end: prefill latency and decode tokens/s, dense vs 2:4 (decode-safe), on random-init models
+   with SmolLM2-135M's config and with Llama-3-8B's layer shapes (4 layers). Kernel speed depends on
+   shapes and on the 2:4 pattern, not on the weight values, so these need no checkpoint (the GPU
+   machine cannot fetch one); accuracy is measured on CPU by the demo and the method comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from apt.artifacts import write_json_atomic
+from apt.patterns import Pattern
+from apt.solver import select_mask
+from runtime_bench.bench import BenchConfig, run_bench, validate_results
+from runtime_bench.report import render_report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+LLAMA3_8B_4_LAYERS = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=4,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+)
+
+
+def random_2_4_model(config: dict):
+    """A random-init Llama of the given shape with every block Linear pruned 2:4 by magnitude (fp16, CUDA)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float16).eval()
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).to(torch.float16).eval()
+    dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(select_mask(module.weight.abs().float(), Pattern(2, 4)))
+    return dense, model
+
+
+def gpu_tests() -> dict:
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "tests"], capture_output=True, text=True, timeout=300
+    )
+    tail = run.stdout.strip().splitlines()[-15:]
+    summary = next((line for line in reversed(tail) if re.search(r"\d+ (passed|failed|skipped)", line)), "")
+    return {"exit_code": run.returncode, "summary": summary, "tail": tail}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_suite needs a CUDA GPU; on CPU run `apt-sparse demo` instead")
+    started = time.perf_counter()
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    out = args.out or RESULTS / f"gpu-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"gpu": torch.cuda.get_device_name(), "runs": {}}
+    if not args.skip_tests:
+        summary["gpu_tests"] = gpu_tests()
+        print("gpu tests:", summary["gpu_tests"]["summary"], flush=True)
+    runs = {
+        "smollm2-135m-shape": (
+            SMOLLM2_135M,
+            BenchConfig(
+                device="cuda",
+                llama_shapes=False,
+                prefill=((1, 512), (8, 512), (8, 2048)),
+                decode=(1, 128, 128),
+                e2e_repeats=10,
+            ),
+        ),
+        "llama3-8b-4-layers": (
+            LLAMA3_8B_4_LAYERS,
+            BenchConfig(
+                device="cuda",
+                llama_shapes=False,
+                prefill=((1, 512), (8, 512), (8, 2048), (1, 8192)),
+                decode=(1, 128, 128),
+                e2e_repeats=10,
+            ),
+        ),
+    }
+    for label, (shape, config) in runs.items():
+        dense, pruned = random_2_4_model(shape)
+        results = run_bench(config, dense, pruned)
+        results["model_note"] = f"random-init {label}, block Linears pruned 2:4 by magnitude: speed only"
+        validate_results(results)
+        folder = out / label
+        folder.mkdir(exist_ok=True)
+        write_json_atomic(folder / "results.json", results)
+        render_report(results, folder)
+        summary["runs"][label] = {
+            "thresholds": results["thresholds"],
+            "decode_safe": results["decode_safe"],
+            "e2e": results["e2e"],
+        }
+        print(f"{label}: thresholds {results['thresholds']}", flush=True)
+        for row in results["e2e"]["prefill"] + results["e2e"]["decode"]:
+            result = row["result"]
+            value = result if isinstance(result, str) else f"{result['median']:.3f}"
+            print(
+                f"  {row['model']:6s} {row['backend']:36s} {row.get('batch')}×{row.get('seq', row.get('prompt'))}: {value}",
+                flush=True,
+            )
+        del dense, pruned
+        torch.cuda.empty_cache()
+    summary["seconds"] = time.perf_counter() - started
+    write_json_atomic(out / "summary.json", summary)
+    print(json.dumps({"seconds": summary["seconds"], "out": str(out)}))
+
+
+if __name__ == "__main__":
+    main()
