@@ -134,7 +134,8 @@ def main(argv=None) -> None:
             result = row["result"]
             value = result if isinstance(result, str) else f"{result['median']:.3f}"
             print(
-                f"  {row['model']:6s} {row['backend']:36s} {row.get('batch')}×{row.get('seq', row.get('prompt'))}: {value}",
+                f"  {row['model']:6s} {row['backend']:36s} "
+                f"{row.get('batch')}×{row.get('seq', row.get('prompt'))}: {value}",
                 flush=True,
             )
         del dense, pruned
