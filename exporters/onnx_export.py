@@ -33,8 +33,33 @@ from exporters.vllm import copy_side_files
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# max |Δ| between ONNX Runtime and PyTorch in the same dtype, on held-out text
-PARITY_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
+# ONNX Runtime against PyTorch in the same dtype, on held-out text. float32: max |Δ| <= 1e-3.
+# float16/bfloat16 accumulate rounding differently in the two runtimes, so the bound scales with the
+# output: max |Δ| <= 2 % of the largest |value| (about 10 fp16 ulps at SmolLM2's logit scale of ~40),
+# and for causal LMs the top-1 token must agree at >= 95 % of positions.
+ABSOLUTE_TOLERANCE = {"float32": 1e-3}
+RELATIVE_TOLERANCE = 2e-2
+TOP1_AGREEMENT = 0.95
+
+
+def parity_verdict(ort_out: np.ndarray, reference: np.ndarray, dtype: str, causal: bool) -> dict:
+    """Compare ONNX Runtime's output with PyTorch's; returns the figures, the bound used and the verdict."""
+    ort_out = ort_out.astype(np.float32)
+    diff = float(np.abs(ort_out - reference).max())
+    scale = float(np.abs(reference).max())
+    tolerance = ABSOLUTE_TOLERANCE.get(dtype, RELATIVE_TOLERANCE * scale)
+    verdict = {
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "output_abs_max": scale,
+        "bound": "absolute" if dtype in ABSOLUTE_TOLERANCE else f"{RELATIVE_TOLERANCE:g} x max |output|",
+    }
+    passed = diff <= tolerance
+    if causal:
+        agreement = float((ort_out.argmax(-1) == reference.argmax(-1)).mean())
+        verdict["top1_agreement"] = agreement
+        passed = passed and (dtype in ABSOLUTE_TOLERANCE or agreement >= TOP1_AGREEMENT)
+    return verdict | {"passed": passed}
 
 
 class _Logits(torch.nn.Module):
@@ -100,17 +125,17 @@ def decode_parity(onnx_path: Path, model, tokenizer, dtype: str, prefix: int = 2
     feed = {"input_ids": ids[:, prefix:].numpy(), "attention_mask": mask} | {
         n: t.float().numpy().astype(np.float16 if dtype == "float16" else np.float32) for n, t in zip(names, past)
     }
-    step = float(np.abs(session.run(None, feed)[0][:, -1].astype(np.float32) - reference).max())
+    step = parity_verdict(session.run(None, feed)[0][:, -1], reference, dtype, causal=False)
     empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float16 if dtype == "float16" else np.float32)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask} | {n: empty for n in names}
-    full = float(np.abs(session.run(None, feed)[0][:, -1].astype(np.float32) - reference).max())
-    tol = PARITY_TOLERANCE[dtype]
+    full = parity_verdict(session.run(None, feed)[0][:, -1], reference, dtype, causal=False)
     return {
         "status": "ok",
-        "decode_step_max_abs_diff": step,
-        "empty_past_max_abs_diff": full,
-        "tolerance": tol,
-        "passed": step <= tol and full <= tol,
+        "decode_step_max_abs_diff": step["max_abs_diff"],
+        "empty_past_max_abs_diff": full["max_abs_diff"],
+        "tolerance": step["tolerance"],
+        "bound": step["bound"],
+        "passed": step["passed"] and full["passed"],
         "inputs": f"{prefix} held-out tokens, then one decoding step",
     }
 
@@ -213,15 +238,8 @@ def onnxruntime_parity(
         return {"status": f"not measured: ONNX Runtime on CPU could not run the {dtype} model ({err})"}
     with torch.no_grad():
         reference = _Logits(model, causal)(ids, mask).float().numpy()
-    diff = float(np.abs(ort_out.astype(np.float32) - reference).max())
-    return {
-        "status": "ok",
-        "max_abs_diff": diff,
-        "tolerance": PARITY_TOLERANCE[dtype],
-        "passed": diff <= PARITY_TOLERANCE[dtype],
-        "inputs": f"{batch}x{seq_len} held-out stdlib tokens",
-        "output_abs_max": float(np.abs(reference).max()),
-    }
+    verdict = parity_verdict(ort_out, reference, dtype, causal)
+    return {"status": "ok", "inputs": f"{batch}x{seq_len} held-out stdlib tokens"} | verdict
 
 
 def export_onnx(

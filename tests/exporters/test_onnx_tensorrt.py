@@ -126,3 +126,18 @@ def test_bfloat16_onnx_is_honest_about_what_was_not_measured(pruned, tmp_path):
     assert manifest["validation"]["pruned_layers_found_2_4"] == 14
     status = manifest["validation"]["onnxruntime"]["status"]
     assert status == "ok" or status.startswith("not measured: ")
+
+
+def test_parity_bounds_are_absolute_in_fp32_and_scale_with_the_output_in_fp16():
+    from exporters.onnx_export import parity_verdict
+
+    reference = np.array([[[40.0, 1.0, -3.0], [0.5, 2.0, 1.0]]], dtype=np.float32)
+    off = reference + np.array([[[0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=np.float32)
+    fp16 = parity_verdict(off, reference, "float16", causal=True)
+    assert fp16["tolerance"] == pytest.approx(0.8) and fp16["passed"] and fp16["top1_agreement"] == 1.0
+    assert not parity_verdict(off, reference, "float32", causal=True)["passed"]  # 0.3 > 1e-3
+    flipped = reference.copy()
+    flipped[0, 1] = [0.5, 1.6, 1.7]  # within 0.8 everywhere, but the top-1 token changes at one of two positions
+    verdict = parity_verdict(flipped, reference, "float16", causal=True)
+    assert verdict["max_abs_diff"] <= verdict["tolerance"] and verdict["top1_agreement"] == 0.5
+    assert not verdict["passed"]
