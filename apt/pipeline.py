@@ -138,6 +138,7 @@ def calibrate_and_prune(model, family: Family, windows: torch.Tensor, config: Ru
     device = config.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = _reset_peak_rss()
     batches = capture_block_inputs(model, blocks, windows, config.batch_size, device)
     plans = [block_groups(b, family, f"{block_path}.{i}", config.targets, config.ignore) for i, b in enumerate(blocks)]
     total = sum(len(g) for plan in plans for g in plan)
@@ -166,7 +167,9 @@ def calibrate_and_prune(model, family: Family, windows: torch.Tensor, config: Ru
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated(device)
         peak_kind = "cuda_max_allocated"
-    else:
+    elif rss_reset:
+        peak, peak_kind = _peak_rss_bytes(), "run_peak_rss"
+    else:  # the kernel cannot reset the high-water mark: the process's lifetime peak
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak_kind = "process_max_rss"
     log.info("pruned %d layers in %.1f s", sum(not r["skipped"] for r in records), time.perf_counter() - start)
@@ -177,6 +180,25 @@ def calibrate_and_prune(model, family: Family, windows: torch.Tensor, config: Ru
         "peak_memory_kind": peak_kind,
         "pattern": str(pattern),
     }
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux ``clear_refs`` 5), so the peak read at
+    the end belongs to this run alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prune_group(group, hessian, config: RunConfig, bar, index, n_blocks, block_path) -> list[dict]:

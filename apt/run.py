@@ -12,7 +12,8 @@ in one atomic rename: an interrupted or failed run leaves nothing that looks com
   ``damp``, ``seconds``, ``skipped`` (reason or null), ``solver`` (the solver's stats)
 - ``totals``: layers pruned/skipped, summed and mean relative loss, target sparsity, all_nm_valid,
   seconds of pruning and of the whole run
-- ``peak_memory``: ``bytes`` and ``kind`` (process max RSS on CPU, max allocated on CUDA)
+- ``peak_memory``: ``bytes`` and ``kind`` (``run_peak_rss``: resident-set peak of the pruning run on CPU;
+  ``cuda_max_allocated`` on CUDA; ``process_max_rss`` where the peak cannot be reset)
 - ``accuracy``: ``metric`` and ``dense`` / ``pruned`` entries (``perplexity`` for causal LMs,
   ``embedding_cosine`` for encoders); ``null`` when evaluation was switched off
 """

@@ -156,20 +156,21 @@ def render_report(results: dict, folder: Path, extra_sections: list[str] | None 
                 f"{p.get('seconds', float('nan')):.0f} | {p.get('peak_memory_bytes', 0) / 2**30:.2f} |"
             )
         lines += ["", "![accuracy](accuracy.png)", "", "![per-layer loss](layer_loss.png)"]
-    lines += [
-        "",
-        f"## GEMM: dense vs 2:4 ({results['gemm']['dtype']} on {results['gemm']['device']})",
-        "",
-        "| shape | M | dense ms | cuSPARSELt | CUTLASS |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results["gemm"]["records"]:
+    records = results["gemm"]["records"]
+    sparse = ("torch-sparse-cusparselt", "torch-sparse-cutlass")
+    # a backend that measured nothing is stated once, not in every cell
+    unmeasured = {b: records[0][b] for b in sparse if not any(isinstance(r[b], dict) for r in records)}
+    lines += ["", f"## GEMM: dense vs 2:4 ({results['gemm']['dtype']} on {results['gemm']['device']})", ""]
+    lines += [f"- {b}: {reason}" for b, reason in unmeasured.items()]
+    lines += ["", "| shape | M | dense ms | cuSPARSELt | CUTLASS |", "|---|---|---|---|---|"]
+    for r in records:
         cells = []
-        for b in ("torch-sparse-cusparselt", "torch-sparse-cutlass"):
+        for b in sparse:
             entry = r[b]
-            cells.append(
-                f"{entry['speedup']:.2f}× ({entry['ms']['median']:.3f} ms)" if isinstance(entry, dict) else entry
-            )
+            if isinstance(entry, dict):
+                cells.append(f"{entry['speedup']:.2f}× ({entry['ms']['median']:.3f} ms)")
+            else:
+                cells.append("—" if b in unmeasured else entry)
         lines.append(f"| {r['shape']} | {r['m']} | {r['dense_ms']['median']:.3f} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
