@@ -83,14 +83,16 @@ class Accuracy:
     """Held-out accuracy of one family of model: perplexity (causal) or embedding fidelity (encoder)
     against embeddings of the dense model taken before pruning."""
 
-    def __init__(self, model, tokenizer, eval_docs, causal: bool, job_like) -> None:
+    def __init__(
+        self, model, tokenizer, eval_docs, causal: bool, num_windows: int, seq_len: int, device: str = "cpu"
+    ) -> None:
         self.causal = causal
         self.tokenizer = tokenizer
-        self.device = job_like.run.device
+        self.device = device
         if causal:
-            self.windows = token_windows(eval_docs, tokenizer, job_like.num_eval_windows, job_like.max_seq_length)
+            self.windows = token_windows(eval_docs, tokenizer, num_windows, seq_len)
         else:
-            self.texts = list(eval_docs[: job_like.num_eval_windows * 8])
+            self.texts = list(eval_docs[: num_windows * 8])
             self.reference = sentence_embeddings(model, tokenizer, self.texts, device=self.device)
 
     @property
@@ -126,7 +128,15 @@ def prune_model(job: PruneJob) -> dict:
 
     accuracy = None
     if job.evaluate:
-        meter = Accuracy(model, tokenizer, evaluation.evaluation, family.causal, job)
+        meter = Accuracy(
+            model,
+            tokenizer,
+            evaluation.evaluation,
+            family.causal,
+            job.num_eval_windows,
+            job.max_seq_length,
+            job.run.device,
+        )
         accuracy = {"metric": meter.metric, "data": evaluation.source, "dense": meter.measure(model)}
     result = calibrate_and_prune(model, family, windows, job.run)
     if job.evaluate:
@@ -188,14 +198,6 @@ def evaluate_model(
 ) -> dict:
     """Accuracy of a dense model or a pruned folder. For a pruned folder the dense source named in its
     ``prune_report.json`` is measured in the same run as the reference."""
-    job_like = PruneJob(
-        model=name,
-        out="-",
-        run=RunConfig(device=device),
-        num_eval_windows=num_eval_windows,
-        max_seq_length=max_seq_length,
-        seed=seed,
-    )
     report_path = Path(name) / REPORT_NAME
     reference_name = json.loads(report_path.read_text())["model"]["name"] if report_path.is_file() else None
     model, tokenizer, source = load_model(name, trust_remote_code=trust_remote_code)
@@ -204,11 +206,11 @@ def evaluate_model(
     result = {"model": name, "metric": "perplexity" if family.causal else "embedding_cosine", "data": eval_data}
     if reference_name:
         dense, _, _ = load_model(reference_name, trust_remote_code=trust_remote_code)
-        meter = Accuracy(dense, tokenizer, docs, family.causal, job_like)
+        meter = Accuracy(dense, tokenizer, docs, family.causal, num_eval_windows, max_seq_length, device)
         result["dense"] = {"model": reference_name} | meter.measure(dense)
         result["pruned"] = meter.measure(model)
     else:
-        meter = Accuracy(model, tokenizer, docs, family.causal, job_like)
+        meter = Accuracy(model, tokenizer, docs, family.causal, num_eval_windows, max_seq_length, device)
         result["dense"] = {"model": name} | meter.measure(model)
         if not family.causal:
             result["dense"]["note"] = "an encoder's fidelity is measured against its dense source; none was given"

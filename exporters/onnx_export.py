@@ -27,7 +27,7 @@ from apt.artifacts import atomic_directory
 from apt.data import load_text, token_windows
 from apt.errors import InvalidInputError, MissingDependencyError
 from apt.families import family_for
-from exporters.common import read_checkpoint, verify_nm, write_manifest
+from exporters.common import positive_zeros, read_checkpoint, verify_nm, write_manifest
 from exporters.vllm import copy_side_files
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,10 @@ def load_for_export(src: Path, dtype: str):
     family = family_for(config)
     cls = transformers.AutoModelForCausalLM if family.causal else transformers.AutoModel
     model = cls.from_pretrained(src, dtype=DTYPES[dtype]).eval()
+    # a kept weight below the narrow dtype's smallest subnormal rounds to -0.0 when cast: store +0.0
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(positive_zeros(param))
     return model, family
 
 
@@ -300,7 +304,7 @@ def export_onnx(
         program.save(str(path), external_data=True)
         copy_side_files(src, tmp)
         (tmp / "config.json").write_text(json.dumps(checkpoint.config, indent=2))
-        targets = {r["name"]: checkpoint.tensors[r["name"]].to(DTYPES[dtype]) for r in layers}
+        targets = {r["name"]: positive_zeros(checkpoint.tensors[r["name"]].to(DTYPES[dtype])) for r in layers}
         scan = sparse_initializers(path, targets)
         found = set(v for v in scan["eligible"].values() if v)
         missing = sorted(set(targets) - found)

@@ -72,10 +72,7 @@ def run_demo(out: str | Path, config: DemoConfig, progress=print) -> Path:
     dense, tokenizer, _ = load_model(config.model)
     family = family_for(dense.config)
     text = load_text("stdlib")
-    job_like = PruneJob(
-        model=config.model, out="-", num_eval_windows=config.eval_windows, max_seq_length=config.seq_len
-    )
-    meter = Accuracy(dense, tokenizer, text.evaluation, family.causal, job_like)
+    meter = Accuracy(dense, tokenizer, text.evaluation, family.causal, config.eval_windows, config.seq_len)
     dense_value = meter.measure(dense)[meter.metric]
     progress(f"dense {meter.metric}: {dense_value:.3f}")
 

@@ -76,6 +76,12 @@ def test_4_8_and_unstructured_patterns(tmp_path):
             assert r["sparsity"] == pytest.approx(0.5, abs=1e-9)
 
 
+def quick_prune(src, out) -> list[str]:
+    """The prune command on a tiny calibration set, without evaluation."""
+    args = ["--num-calibration-samples", "2", "--max-seq-length", "16", "--no-evaluate"]
+    return ["prune", "--model", str(src), "--out", str(out), *args]
+
+
 def run_cli(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -100,19 +106,7 @@ def test_nan_weights_name_the_layer_and_write_nothing(tmp_path, capsys):
 
     src = save_tiny_model("llama", tmp_path / "src", poison=poison)
     out = tmp_path / "out"
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(src),
-        "--out",
-        str(out),
-        "--num-calibration-samples",
-        "2",
-        "--max-seq-length",
-        "16",
-        "--no-evaluate",
-    )
+    code, _, err = run_cli(capsys, *quick_prune(src, out))
     assert code == 2 and "NaN" in err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
@@ -150,19 +144,7 @@ def test_interrupted_run_leaves_no_folder_that_looks_complete(tmp_path, capsys, 
     monkeypatch.setattr(apt.pipeline, "prune_layer", interrupt_on_third_layer)
     src = save_tiny_model("llama", tmp_path / "src")
     out = tmp_path / "out"
-    code, _, err = run_cli(
-        capsys,
-        "prune",
-        "--model",
-        str(src),
-        "--out",
-        str(out),
-        "--num-calibration-samples",
-        "2",
-        "--max-seq-length",
-        "16",
-        "--no-evaluate",
-    )
+    code, _, err = run_cli(capsys, *quick_prune(src, out))
     assert code == 130 and "nothing was written" in err
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 

@@ -141,3 +141,26 @@ def test_parity_bounds_are_absolute_in_fp32_and_scale_with_the_output_in_fp16():
     verdict = parity_verdict(flipped, reference, "float16", causal=True)
     assert verdict["max_abs_diff"] <= verdict["tolerance"] and verdict["top1_agreement"] == 0.5
     assert not verdict["passed"]
+
+
+def test_fp16_export_stores_positive_zeros_for_weights_that_underflow(pruned, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tiny-weight"
+    folder.mkdir()
+    for f in pruned["llama"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(folder / "model.safetensors"))
+    weight = tensors["model.layers.0.mlp.up_proj.weight"]
+    row, col = (weight != 0).nonzero()[0].tolist()
+    weight[row, col] = -1e-9  # kept, but below fp16's smallest subnormal: casting gives -0.0
+    save_file(tensors, str(folder / "model.safetensors"))
+    manifest = export("onnx", folder, tmp_path / "onnx", dtype="float16")
+    assert manifest["validation"]["pruned_layers_found_2_4"] == 14
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    halves = [
+        numpy_helper.to_array(i).reshape(-1).view(np.uint16)
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.FLOAT16
+    ]
+    assert halves and not any((h == 0x8000).any() for h in halves)  # 0x8000 is fp16's -0.0
