@@ -14,6 +14,7 @@ import torch
 
 from apt.artifacts import atomic_directory
 from apt.errors import InvalidInputError
+from apt.patterns import is_nm_sparse
 from exporters.common import positive_zeros, read_checkpoint, verify_nm, write_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,7 +63,7 @@ def export_vllm(src: str | Path, out: str | Path, dtype: str = "float16", overwr
         config = json.loads((tmp / "config.json").read_text())
         validation = {
             "tensors_match_source": all(torch.equal(written[k], tensors[k]) for k in tensors),
-            "targets_still_2_4": all(verify_nm_one(written[r["name"]]) for r in layers),
+            "targets_still_2_4": all(is_nm_sparse(written[r["name"]], 2, 4) for r in layers),
             "no_sparsity_config": "sparsity_config" not in json.dumps(config),
             "vllm_loaded": "not measured: vLLM is not installed here (it needs a GPU)",
         }
@@ -71,9 +72,3 @@ def export_vllm(src: str | Path, out: str | Path, dtype: str = "float16", overwr
         return write_manifest(
             tmp, source=src, target="vllm", layers=layers, validation=validation, extra={"dtype": dtype}
         )
-
-
-def verify_nm_one(weight: torch.Tensor) -> bool:
-    from apt.patterns import is_nm_sparse
-
-    return is_nm_sparse(weight, 2, 4)

@@ -83,6 +83,16 @@ def machine_info() -> dict:
     return info
 
 
+def pruning_record(report: dict) -> dict:
+    """The ``pruning`` entry of one method in results.json, from its ``prune_report.json``."""
+    return {
+        "seconds": report["totals"]["seconds_pruning"],
+        "peak_memory_bytes": report["peak_memory"]["bytes"],
+        "sum_relative_loss": report["totals"]["sum_relative_loss"],
+        "layer_relative_loss": [r["relative_loss"] for r in report["layers"] if not r["skipped"]],
+    }
+
+
 def _not_measured(reason: str) -> str:
     return f"not measured: {reason}"
 

@@ -21,7 +21,7 @@ from apt.models import load_model
 from apt.pipeline import RunConfig
 from apt.run import Accuracy, PruneJob, prune_model
 from apt.solver import PruneConfig
-from runtime_bench.bench import BenchConfig, render_report_sections, run_bench, validate_results
+from runtime_bench.bench import BenchConfig, pruning_record, render_report_sections, run_bench, validate_results
 from runtime_bench.report import render_report
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,7 @@ def run_demo(out: str | Path, config: DemoConfig, progress=print) -> Path:
         pruned_model, _, _ = load_model(str(folder))
         value = meter.measure(pruned_model)[meter.metric]
         accuracy["methods"][method] = value
-        pruning[method] = {
-            "seconds": report["totals"]["seconds_pruning"],
-            "peak_memory_bytes": report["peak_memory"]["bytes"],
-            "sum_relative_loss": report["totals"]["sum_relative_loss"],
-            "layer_relative_loss": [r["relative_loss"] for r in report["layers"] if not r["skipped"]],
-        }
+        pruning[method] = pruning_record(report)
         progress(f"{method:10s} {meter.metric} {value:10.3f}  pruned in {pruning[method]['seconds']:.0f} s")
 
     source = out / "pruned" / config.methods[0]

@@ -10,7 +10,6 @@ layer loss ``Σ L(Ŵ)/L(0)`` and the solver's seconds, and writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 from pathlib import Path
@@ -53,9 +52,8 @@ def layer_hessians(model, windows: torch.Tensor, batch_size: int = 4) -> list[tu
         handles.append(group[0][1].register_forward_hook(hook))
     with torch.no_grad():
         for start in tqdm(range(0, len(windows), batch_size), desc="hessians", disable=None):
-            model.model(input_ids=windows[start : start + batch_size]) if hasattr(model, "model") else model(
-                input_ids=windows[start : start + batch_size]
-            )
+            body = model.model if hasattr(model, "model") else model  # the blocks only: no LM head needed
+            body(input_ids=windows[start : start + batch_size])
     for h in handles:
         h.remove()
     return [(name, lin.weight.data.clone(), hessians[gi]) for gi, group in enumerate(groups) for name, lin in group]
@@ -130,7 +128,6 @@ def main(argv=None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, summary)
     print(f"wrote {args.out}")
-    json.dumps(summary["methods"])
 
 
 if __name__ == "__main__":

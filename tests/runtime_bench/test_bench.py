@@ -8,7 +8,7 @@ from apt.patterns import Pattern
 from apt.run import PruneJob, prune_model
 from apt.solver import select_mask
 from runtime_bench.backends import BACKENDS, availability
-from runtime_bench.bench import BenchConfig, run_bench, validate_results
+from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
 from runtime_bench.decode_safe import DecodeSafeLinear, make_decode_safe
 from runtime_bench.gemm import sparse_thresholds
 from runtime_bench.report import render_report
@@ -88,14 +88,7 @@ def tiny_results(tmp_path_factory):
         decode=(1, 8, 4),
         e2e_repeats=2,
     )
-    pruning = {
-        "apt": {
-            "seconds": report["totals"]["seconds_pruning"],
-            "peak_memory_bytes": 1,
-            "sum_relative_loss": report["totals"]["sum_relative_loss"],
-            "layer_relative_loss": [r["relative_loss"] for r in report["layers"]],
-        }
-    }
+    pruning = {"apt": pruning_record(report)}
     accuracy = {"metric": "perplexity", "dense": 10.0, "methods": {"apt": 12.0}}
     return run_bench(config, dense, pruned, accuracy=accuracy, pruning=pruning), root
 
