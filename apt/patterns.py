@@ -89,3 +89,20 @@ def first_nm_violation(weight: torch.Tensor, n: int = 2, m: int = 4) -> tuple[in
 def sparsity_of(weight: torch.Tensor) -> float:
     """Fraction of exact zeros in ``weight``."""
     return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+def conforms(weight: torch.Tensor, pattern: Pattern) -> bool:
+    """True when ``weight`` ``[out, in]`` satisfies ``pattern``: N:M along ``in``, or at least the pattern's
+    share of zeros in every row for an unstructured ratio."""
+    if pattern.is_nm:
+        return is_nm_sparse(weight, pattern.n, pattern.m)
+    zeros_needed = round(pattern.sparsity * weight.shape[1])
+    return bool(((weight == 0).sum(dim=1) >= zeros_needed).all())
+
+
+def positive_zeros(tensor: torch.Tensor) -> torch.Tensor:
+    """The same tensor with every zero stored as ``+0.0``: a stored ``-0.0`` once produced garbage in
+    vLLM's sparse path, and a kept weight below a narrow dtype's smallest subnormal rounds to ``-0.0``."""
+    if not tensor.is_floating_point():
+        return tensor
+    return torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype, device=tensor.device), tensor)

@@ -1,52 +1,58 @@
 """One-shot pruning of one linear layer: ``prune_layer(weight, hessian, ...) -> PruneResult``.
 
-The layer problem (DESIGN.md, "The layer problem"): for ``W`` ``[out, in]`` and ``H = Σ x xᵀ``
-``[in, in]``, find ``Ŵ`` with the sparsity pattern that minimises
+The layer problem: for ``W`` ``[out, in]`` and ``H = Σ x xᵀ`` ``[in, in]`` over the calibration
+tokens, find ``Ŵ`` with the sparsity pattern that minimises
 
     L(Ŵ) = tr((Ŵ − W) H (Ŵ − W)ᵀ)
 
-The problem splits by output row and every method here is vectorised over rows. This module is a
-pure function of tensors: no model, no file, no printing, no device calls of its own.
+The problem splits by output row and every method here is vectorised over rows. Methods are entries
+of one registry, ``METHODS``: a function over ``(W, H, config)`` and the options it reads. This module
+is a pure function of tensors: no model, no file, no printing, no device calls of its own.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from apt.errors import InvalidInputError, SingularHessianError
-from apt.patterns import Pattern
+from apt.obs import LOOKAHEAD_MAX_CANDIDATES, joint_removal_sweep, sparsegpt_sweep
+from apt.patterns import Pattern, positive_zeros
 from apt.reconstruct import reconstruct, refine_mask
 
-METHODS = ("apt", "sparsegpt", "wanda", "magnitude")
-LOOKAHEAD_MAX_CANDIDATES = 20
+DEFAULT_DAMP = 0.01
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """How to prune one layer.
 
-    ``damp`` is λ in the damping ``λ·mean(diag H)`` added to the diagonal; a failed factorisation
-    retries with λ×10 up to ``max_damp_retries`` times. The exact reconstruction stops for a row when
-    a conjugate-gradient step lowered its loss by at most ``tol`` times the loss (see ``reconstruct``).
-    ``lookahead`` (apt, N:M) picks each group's removal set by the joint optimum over the group and the
-    next one (C(M,N)² candidates; 2:4 only, as 4:8 would need 4900) and applies only the first. On
-    tiny correlated layers it cut the median loss over the brute-force optimum from 1.63× to 1.33×
-    (4×12); on SmolLM2's layers it changed the summed loss by 0.2 %. ``lookahead=False`` is the
-    plain greedy method. ``reconstruct`` and ``refine`` apply to apt only.
+    ``damp`` is λ in the damping ``λ·mean(diag H)`` added to the diagonal (default 0.01); a failed
+    factorisation retries with λ×10 up to ``max_damp_retries`` times. The apt-only options:
+
+    - ``reconstruct`` (default on): the exact refit of the kept weights for the final mask. It stops
+      for a row when a conjugate-gradient step lowered its loss by at most ``tol`` times the loss.
+    - ``lookahead`` (default on for 2:4): each group's removal set is the joint optimum over the group
+      and the next one (C(M,N)² candidates, so 2:4 only: 4:8 would need 4900), and only the first is
+      applied. On tiny correlated layers it cut the median loss over the brute-force optimum from
+      1.63× to 1.33× (4×12); on SmolLM2's layers it changed the summed loss by 0.2 %.
+    - ``refine`` (default off): swap refinement of the mask, O(out·in³) per round.
+
+    An option left ``None`` takes the method's default; an option the method does not read is refused,
+    so no setting is silently ignored.
     """
 
     method: str = "apt"
     pattern: Pattern = field(default_factory=lambda: Pattern(2, 4))
-    damp: float = 0.01
+    damp: float | None = None
+    reconstruct: bool | None = None
+    refine: bool | None = None
+    lookahead: bool | None = None
     blocksize: int = 128
-    reconstruct: bool = True
-    refine: bool = False
-    lookahead: bool = True
     tol: float = 1e-4
     max_iter: int = 300
     max_refine_rounds: int = 50
@@ -56,12 +62,47 @@ class PruneConfig:
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
         if self.method not in METHODS:
             raise InvalidInputError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if not (self.damp >= 0.0):
+        reads = METHODS[self.method].options
+        for option in ("damp", "reconstruct", "refine", "lookahead"):
+            if getattr(self, option) is not None and option not in reads:
+                raise InvalidInputError(
+                    f"{option} is not an option of method {self.method!r} "
+                    f"(it reads {', '.join(sorted(reads)) or 'no options'})"
+                )
+        if self.damp is not None and not (self.damp >= 0.0):
             raise InvalidInputError(f"damp must be >= 0, got {self.damp}")
         if self.blocksize < 1 or self.max_iter < 0 or self.max_damp_retries < 0 or self.tol <= 0:
             raise InvalidInputError("blocksize must be >= 1, max_iter and max_damp_retries >= 0, tol > 0")
-        if self.refine and self.method != "apt":
-            raise InvalidInputError("refine is an option of method='apt' only")
+        if self.refine and not self.pattern.is_nm:
+            raise InvalidInputError(f"refine swaps weights inside N:M groups; pattern {self.pattern} has none")
+        if self.refine and self.reconstruct is False:
+            raise InvalidInputError(
+                "refine scores swaps on the exact reconstruction: it cannot run with reconstruct off"
+            )
+        if self.lookahead and not (self.pattern.is_nm and _lookahead_fits(self.pattern)):
+            raise InvalidInputError(
+                f"lookahead scores C(M,N)² candidate pairs per group; pattern {self.pattern} has "
+                f"{'no groups' if not self.pattern.is_nm else math.comb(self.pattern.m, self.pattern.n) ** 2}: "
+                "it applies to 2:4"
+            )
+
+    @property
+    def damp_value(self) -> float:
+        return DEFAULT_DAMP if self.damp is None else self.damp
+
+    @property
+    def use_reconstruct(self) -> bool:
+        return self.reconstruct is not False or bool(self.refine)
+
+    @property
+    def use_lookahead(self) -> bool:
+        if self.lookahead is not None:
+            return self.lookahead
+        return self.pattern.is_nm and _lookahead_fits(self.pattern)
+
+
+def _lookahead_fits(pattern: Pattern) -> bool:
+    return math.comb(pattern.m, pattern.n) <= LOOKAHEAD_MAX_CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -71,16 +112,16 @@ class SolverStats:
 
     method: str
     pattern: str
-    damp: float | None
-    damp_retries: int
-    dead_columns: int
-    iterations: int
-    residual: float | None
-    lookahead: bool
-    refine_rounds: int
-    refine_swaps: int
-    loss_before_reconstruction: float | None
     seconds: float
+    dead_columns: int = 0
+    damp: float | None = None
+    damp_retries: int = 0
+    iterations: int = 0
+    residual: float | None = None
+    lookahead: bool = False
+    refine_rounds: int = 0
+    refine_swaps: int = 0
+    loss_before_reconstruction: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,12 +139,21 @@ class PruneResult:
     stats: SolverStats
 
 
+# A method: (W [out, in], H [in, in], config) in the compute dtype → (Ŵ, keep-mask, stats fields).
+MethodFn = Callable[[torch.Tensor, torch.Tensor, PruneConfig], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class Method:
+    prune: MethodFn
+    options: frozenset[str]  # the PruneConfig options it reads
+
+
 def prune_layer(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     method: str = "apt",
     pattern: str | Pattern = "2:4",
-    damp: float = 0.01,
     config: PruneConfig | None = None,
     **options,
 ) -> PruneResult:
@@ -113,83 +163,19 @@ def prune_layer(
     ``options`` are the remaining fields of :class:`PruneConfig`; pass ``config`` instead to reuse one.
     """
     if config is None:
-        config = PruneConfig(method=method, pattern=Pattern.parse(pattern), damp=damp, **options)
+        config = PruneConfig(method=method, pattern=Pattern.parse(pattern), **options)
     start = time.perf_counter()
     _check_inputs(weight, hessian, config.pattern)
-
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    W_orig = weight.to(dtype)
-    H_orig = hessian.to(device=weight.device, dtype=dtype)
-    W = W_orig.clone()
-    H = H_orig.clone()
-    # A column no calibration token ever reached (zero diagonal) does not affect the loss: zero it and
-    # give it a unit diagonal so the factorisation stays defined (as in SparseGPT).
-    dead = H.diagonal() == 0
-    n_dead = int(dead.sum())
+    W = weight.to(dtype)
+    H = hessian.to(device=weight.device, dtype=dtype)
+    W_hat, mask, info = METHODS[config.method].prune(W.clone(), H.clone(), config)
 
-    info = dict(
-        damp=None,
-        damp_retries=0,
-        iterations=0,
-        residual=None,
-        refine_rounds=0,
-        refine_swaps=0,
-        loss_before_reconstruction=None,
-    )
-    pattern = config.pattern
-    if config.method == "magnitude":
-        mask = select_mask(W.abs(), pattern)
-    elif config.method == "wanda":
-        # Sun et al. 2023: |w_ij| · ‖x_j‖₂, with ‖x_j‖² = H_jj.
-        mask = select_mask(W.abs() * H.diagonal().clamp_min(0).sqrt().unsqueeze(0), pattern)
-    else:
-        H[dead, dead] = 1.0
-        W[:, dead] = 0.0
-        H_damped, U, info["damp"], info["damp_retries"] = inverse_hessian_factor(
-            H, config.damp, config.max_damp_retries
-        )
-        if config.method == "apt" and pattern.is_nm:
-            W, mask = _joint_removal(W, U, pattern, config.blocksize, config.lookahead)
-        else:
-            W, mask = _sparsegpt(W, U, pattern, config.blocksize)
-        if config.method == "apt" and (config.reconstruct or config.refine):
-            info["loss_before_reconstruction"] = layer_loss(W, W_orig, H_orig)
-            W_target = W_orig.masked_fill(dead.unsqueeze(0), 0.0)
-            W, info["iterations"], info["residual"] = reconstruct(
-                W_target, mask, H_damped, x0=W, tol=config.tol, max_iter=config.max_iter
-            )
-            if config.refine:
-                W, mask, refined = refine_mask(
-                    W_target,
-                    mask,
-                    H_damped,
-                    W,
-                    pattern,
-                    tol=config.tol,
-                    max_iter=config.max_iter,
-                    max_rounds=config.max_refine_rounds,
-                )
-                info["refine_rounds"], info["refine_swaps"] = refined["rounds"], refined["swaps"]
-                info["iterations"] += refined["iterations"]
-                info["residual"] = refined["residual"]
-
-    W = torch.where(mask, W, torch.zeros((), dtype=dtype, device=W.device))
-    out = W.to(weight.dtype)
-    # A kept value that rounds to -0.0 in a narrow dtype must still be stored as +0.0 (DESIGN.md).
-    out = torch.where(out == 0, torch.zeros((), dtype=out.dtype, device=out.device), out)
-    loss = layer_loss(out.to(dtype), W_orig, H_orig)
-    base = layer_loss(torch.zeros_like(W_orig), W_orig, H_orig)
-    stats = SolverStats(
-        method=config.method,
-        pattern=str(pattern),
-        dead_columns=n_dead,
-        lookahead=config.method == "apt"
-        and pattern.is_nm
-        and config.lookahead
-        and math.comb(pattern.m, pattern.n) <= LOOKAHEAD_MAX_CANDIDATES,
-        seconds=time.perf_counter() - start,
-        **info,
-    )
+    W_hat = torch.where(mask, W_hat, torch.zeros((), dtype=dtype, device=W_hat.device))
+    out = positive_zeros(W_hat.to(weight.dtype))
+    loss = layer_loss(out.to(dtype), W, H)
+    base = layer_loss(torch.zeros_like(W), W, H)
+    stats = SolverStats(method=config.method, pattern=str(config.pattern), seconds=time.perf_counter() - start, **info)
     return PruneResult(weight=out, mask=mask, loss=loss, relative_loss=loss / base if base > 0 else 0.0, stats=stats)
 
 
@@ -235,6 +221,73 @@ def inverse_hessian_factor(
     )
 
 
+def _magnitude(W, H, config):
+    return W, select_mask(W.abs(), config.pattern), {}
+
+
+def _wanda(W, H, config):
+    # Sun et al. 2023: |w_ij| · ‖x_j‖₂, with ‖x_j‖² = H_jj.
+    return W, select_mask(W.abs() * H.diagonal().clamp_min(0).sqrt().unsqueeze(0), config.pattern), {}
+
+
+def _factorised(W, H, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Shared by the OBS methods: dead columns (zero diagonal: no calibration token reached them, so
+    they do not affect the loss) are zeroed and given a unit diagonal, as in SparseGPT; then H is
+    damped and factorised."""
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H_damped, U, damp, retries = inverse_hessian_factor(H, config.damp_value, config.max_damp_retries)
+    return W, H_damped, U, {"dead_columns": int(dead.sum()), "damp": damp, "damp_retries": retries}
+
+
+def _sparsegpt(W, H, config):
+    W, _, U, info = _factorised(W, H, config)
+    W_hat, mask = sparsegpt_sweep(W, U, config.pattern, config.blocksize)
+    return W_hat, mask, info
+
+
+def _apt(W, H, config):
+    """Joint removal per N:M group, then the exact refit of the kept weights, then (optionally) swaps.
+    On unstructured ratios: SparseGPT's adaptive mask, then the exact refit."""
+    W_target, H_damped, U, info = _factorised(W.clone(), H.clone(), config)
+    pattern = config.pattern
+    lookahead = config.use_lookahead
+    if pattern.is_nm:
+        W_hat, mask = joint_removal_sweep(W_target.clone(), U, pattern, config.blocksize, lookahead)
+    else:
+        W_hat, mask = sparsegpt_sweep(W_target.clone(), U, pattern, config.blocksize)
+    info["lookahead"] = lookahead
+    if config.use_reconstruct:
+        info["loss_before_reconstruction"] = layer_loss(W_hat, W, H)
+        W_hat, info["iterations"], info["residual"] = reconstruct(
+            W_target, mask, H_damped, x0=W_hat, tol=config.tol, max_iter=config.max_iter
+        )
+        if config.refine:
+            W_hat, mask, refined = refine_mask(
+                W_target,
+                mask,
+                H_damped,
+                W_hat,
+                pattern,
+                tol=config.tol,
+                max_iter=config.max_iter,
+                max_rounds=config.max_refine_rounds,
+            )
+            info["refine_rounds"], info["refine_swaps"] = refined["rounds"], refined["swaps"]
+            info["iterations"] += refined["iterations"]
+            info["residual"] = refined["residual"]
+    return W_hat, mask, info
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method(_magnitude, frozenset()),
+    "wanda": Method(_wanda, frozenset()),
+    "sparsegpt": Method(_sparsegpt, frozenset({"damp"})),
+    "apt": Method(_apt, frozenset({"damp", "reconstruct", "refine", "lookahead"})),
+}
+
+
 def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern) -> None:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise InvalidInputError(
@@ -256,123 +309,3 @@ def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern)
             f"layer width in={cols} is not a multiple of M={pattern.m}, so {pattern} cannot apply: "
             "leave this layer dense (the pruning run skips and reports such layers)"
         )
-
-
-def _block_ranges(cols: int, blocksize: int, m: int):
-    step = max(m, blocksize // m * m)
-    for i1 in range(0, cols, step):
-        yield i1, min(i1 + step, cols)
-
-
-def _sparsegpt(W: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize: int):
-    """SparseGPT (Frantar & Alistarh 2023, Alg. 1): per-column OBS with lazy batch updates.
-
-    N:M masks are chosen per group at its first column from ``w²/U_jj²``; unstructured masks per row
-    inside each block of columns (adaptive mask selection)."""
-    rows, cols = W.shape
-    m = pattern.m if pattern.is_nm else 1
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    for i1, i2 in _block_ranges(cols, blocksize, m):
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        d = U1.diagonal()
-        Err1 = torch.zeros_like(W1)
-        prune1 = torch.zeros_like(W1, dtype=torch.bool)
-        if not pattern.is_nm:
-            k = round(pattern.sparsity * (i2 - i1))
-            if k:
-                prune1.scatter_(1, (W1**2 / d**2).topk(k, dim=1, largest=False).indices, True)
-        for i in range(i2 - i1):
-            if pattern.is_nm and i % m == 0:
-                saliency = W1[:, i : i + m] ** 2 / d[i : i + m] ** 2
-                prune1.scatter_(1, i + saliency.topk(m - pattern.n, dim=1, largest=False).indices, True)
-            w = W1[:, i]
-            err = torch.where(prune1[:, i], w, torch.zeros_like(w)) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W1[prune1] = 0.0
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        pruned[:, i1:i2] = prune1
-    return W, ~pruned
-
-
-def _joint_removal(W: torch.Tensor, U: torch.Tensor, pattern: Pattern, blocksize: int, lookahead: bool = False):
-    """Multiple removal per N:M group (DESIGN.md): every row removes the jointly cheapest set Q.
-
-    With F the still-free columns, (H_FF)⁻¹ = U_FFᵀ U_FF, so for group g the 4×4 block is
-    S = U_ggᵀ U_gg; each candidate Q costs ΔL = w_Q S_QQ⁻¹ w_Qᵀ and the optimal update of the free
-    columns is δw_F = −(w_Q S_QQ⁻¹ U_gQᵀ) U_gF — an error vector over the group's rows of U, so
-    SparseGPT's lazy batch updates carry over unchanged.
-    """
-    rows, cols = W.shape
-    m, n_remove = pattern.m, pattern.m - pattern.n
-    candidates = torch.tensor(list(itertools.combinations(range(m), n_remove)), device=W.device)
-    # lookahead scores C(M,N)² windows per group: 36 for 2:4, but 4900 for 4:8 (too large to be worth it)
-    lookahead = lookahead and len(candidates) <= LOOKAHEAD_MAX_CANDIDATES
-    pair_candidates = torch.cat(
-        [candidates.repeat_interleave(len(candidates), 0), m + candidates.repeat(len(candidates), 1)], dim=1
-    )
-    # Every group's small matrices at once. A candidate's cost w_Q S_QQ⁻¹ w_Qᵀ is a quadratic form in
-    # the window's weights, so each candidate's S_QQ⁻¹ is scattered into a window-sized matrix A and
-    # the costs of all candidates become one product (w ⊗ w) · A per group.
-    G = cols // m
-    U_groups = U.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, m, m]
-    S_QQ_inv_all = torch.linalg.inv(
-        (U_groups.transpose(1, 2) @ U_groups)[:, candidates[:, :, None], candidates[:, None, :]]
-    )  # [G, C, r, r]
-    A1 = _quadratic_forms(S_QQ_inv_all, candidates, m)  # [G, m·m, C]
-    if lookahead and G > 1:
-        U_windows = torch.stack([U[c : c + 2 * m, c : c + 2 * m] for c in range(0, cols - m, m)])  # [G-1, 2m, 2m]
-        S2 = U_windows.transpose(1, 2) @ U_windows
-        A2 = _quadratic_forms(
-            torch.linalg.inv(S2[:, pair_candidates[:, :, None], pair_candidates[:, None, :]]), pair_candidates, 2 * m
-        )  # [G-1, 4m², C²]
-    pruned = torch.zeros_like(W, dtype=torch.bool)
-    for i1, i2 in _block_ranges(cols, blocksize, m):
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for g in range(0, i2 - i1, m):
-            c = i1 + g
-            wg = W1[:, g : g + m]
-            if lookahead and c + 2 * m <= cols:
-                # choose this group's set by the joint optimum over this group and the next
-                # (receding horizon: only this group's removal is applied now)
-                if g + m < i2 - i1:
-                    nxt = W1[:, g + m : g + 2 * m]
-                else:  # the next group lies in the next block: add the update still pending for it
-                    nxt = W[:, c + m : c + 2 * m] + Err1 @ U[i1:i2, c + m : c + 2 * m]
-                window = torch.cat([wg, nxt], dim=1)
-                cost = _outer(window) @ A2[c // m]  # [rows, C²]
-                best = cost.view(rows, len(candidates), len(candidates)).amin(dim=2).argmin(dim=1)
-            else:
-                best = (_outer(wg) @ A1[c // m]).argmin(dim=1)  # smallest joint ΔL per row
-            Q = candidates[best]  # [rows, r]
-            lam = torch.einsum("br,brs->bs", wg.gather(1, Q), S_QQ_inv_all[c // m][best])  # w_Q S_QQ⁻¹
-            err = -(lam.unsqueeze(-1) * U_groups[c // m].T[Q]).sum(dim=1)  # [rows, m]
-            W1[:, g:] += err @ U1[g : g + m, g:]
-            group_pruned = torch.zeros(rows, m, dtype=torch.bool, device=W.device)
-            group_pruned.scatter_(1, Q, True)
-            W1[:, g : g + m][group_pruned] = 0.0
-            pruned[:, i1 + g : i1 + g + m] = group_pruned
-            Err1[:, g : g + m] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] += Err1 @ U[i1:i2, i2:]
-    return W, ~pruned
-
-
-def _quadratic_forms(inverses: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-    """Scatter each candidate's ``[r, r]`` inverse (``inverses`` ``[G, C, r, r]``, positions ``index``
-    ``[C, r]``) into a ``[width, width]`` matrix; returns ``[G, width², C]`` so that
-    ``(w ⊗ w) @ A`` gives every candidate's ``w_Q S_QQ⁻¹ w_Qᵀ``."""
-    groups, n_cand, r, _ = inverses.shape
-    A = torch.zeros(groups, n_cand, width * width, dtype=inverses.dtype, device=inverses.device)
-    flat = (index[:, :, None] * width + index[:, None, :]).reshape(1, n_cand, r * r).expand(groups, -1, -1)
-    A.scatter_(2, flat, inverses.reshape(groups, n_cand, r * r))
-    return A.transpose(1, 2)
-
-
-def _outer(w: torch.Tensor) -> torch.Tensor:
-    """``[rows, k]`` → ``[rows, k²]``, the flattened outer product of each row with itself."""
-    return (w.unsqueeze(2) * w.unsqueeze(1)).reshape(w.shape[0], -1)
