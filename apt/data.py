@@ -37,11 +37,14 @@ _HF_ALIASES = {
 
 @dataclass(frozen=True)
 class TextSplit:
-    """Documents for calibration and for held-out evaluation; the two share no document."""
+    """Documents for calibration and for held-out evaluation; the two share no document. ``whole`` is
+    what to evaluate on when this source serves evaluation only: every document of a file or of the
+    standard library, the evaluation split of a Hugging Face dataset."""
 
     calibration: tuple[str, ...]
     evaluation: tuple[str, ...]
     source: str
+    whole: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,7 +83,7 @@ def split_documents(docs, seed: int, source: str) -> TextSplit:
         raise InvalidInputError(f"no text found in {source}: give a file with at least one non-empty document")
     evaluation = tuple(d for d in docs if _is_eval(d, seed))
     calibration = tuple(d for d in docs if not _is_eval(d, seed))
-    return TextSplit(calibration=calibration, evaluation=evaluation, source=source)
+    return TextSplit(calibration=calibration, evaluation=evaluation, source=source, whole=tuple(docs))
 
 
 def _read_file(path: Path) -> list[str]:
@@ -113,7 +116,7 @@ def _read_hf(spec: str) -> TextSplit:
             f"could not load the Hugging Face dataset {hub_id!r} ({err.__class__.__name__}): the hub may be "
             "unreachable here; use 'stdlib' or a local .txt/.jsonl file instead"
         ) from err
-    return TextSplit(tuple(cal["text"]), tuple(ev["text"]), source=f"hf:{spec}")
+    return TextSplit(tuple(cal["text"]), tuple(ev["text"]), source=f"hf:{spec}", whole=tuple(ev["text"]))
 
 
 def load_text(source: str = "stdlib", seed: int = 0) -> TextSplit:
@@ -126,6 +129,19 @@ def load_text(source: str = "stdlib", seed: int = 0) -> TextSplit:
     if not path.is_file():
         raise InvalidInputError(f"data source {source!r} is neither 'stdlib', 'hf:NAME' nor an existing file")
     return split_documents(_read_file(path), seed, str(path))
+
+
+def evaluation_documents(
+    eval_source: str, calibration_source: str | None, seed: int = 0
+) -> tuple[tuple[str, ...], str]:
+    """``(documents, description)`` to evaluate on: the held-out share of a source that also served
+    calibration (the seeded split, so the two never share a document), otherwise the whole source."""
+    text = load_text(eval_source, seed=seed)
+    if calibration_source is not None and eval_source == calibration_source and not eval_source.startswith("hf:"):
+        return text.evaluation, f"{text.source}: held-out documents (the rest calibrated the model)"
+    if eval_source.startswith("hf:"):
+        return text.whole, f"{text.source}: evaluation split"
+    return text.whole, f"{text.source}: every document"
 
 
 def token_windows(

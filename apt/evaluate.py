@@ -1,4 +1,10 @@
-"""Accuracy on held-out text: perplexity for causal LMs, sentence-embedding fidelity for encoders."""
+"""Accuracy on held-out text: perplexity for causal LMs; for encoders, sentence-embedding fidelity to the
+dense model and a retrieval task both models are scored on.
+
+The ``streaming_*`` functions run a ``LayeredModel`` block by block over the evaluation batches, so
+no evaluation ever holds the whole model; ``perplexity`` and ``sentence_embeddings`` run a model
+that is already in memory and are the reference the streaming ones are tested against.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +14,103 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from apt.checkpoint import CheckpointReader
+from apt.streaming import ActivationStore, LayeredModel
+
+EVAL_BATCH = 4
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood: positions 0..seq-2 predict tokens 1..seq-1."""
+    logits = logits[:, :-1].float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+
+
+def _perplexity_record(nll: float, windows: torch.Tensor) -> dict:
+    count = windows[:, 1:].numel()
+    return {
+        "perplexity": math.exp(nll / count),
+        "tokens": count,
+        "windows": len(windows),
+        "seq_len": int(windows.shape[1]),
+    }
+
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu") -> dict:
-    """Token-weighted perplexity over non-overlapping windows ``[n, seq]``: ``exp(Σ NLL / Σ tokens)``,
-    each window predicting its tokens 2..seq from the ones before."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH, device: str = "cpu") -> dict:
+    """Token-weighted perplexity ``exp(Σ NLL / Σ tokens)`` of an in-memory model over non-overlapping
+    windows ``[n, seq]``, each window predicting its tokens 2..seq from the ones before."""
     model.to(device)
-    nll, count = 0.0, 0
+    nll = 0.0
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=None):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
+        nll += _nll(model(input_ids=ids, use_cache=False).logits, ids)
     model.to("cpu")
-    return {"perplexity": math.exp(nll / count), "tokens": count, "windows": len(windows)}
+    return _perplexity_record(nll, windows)
 
 
 @torch.no_grad()
-def sentence_embeddings(
-    model, tokenizer, texts, max_length: int = 128, batch_size: int = 16, device: str = "cpu"
-) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states ``[len(texts), hidden]`` (the all-MiniLM recipe)."""
+def streaming_perplexity(
+    layered: LayeredModel, windows: torch.Tensor, reader: CheckpointReader | None = None, batch_size: int = EVAL_BATCH
+) -> dict:
+    """The same perplexity, computed block by block from ``reader`` (default: the model's own checkpoint)."""
+    batches = [{"input_ids": windows[s : s + batch_size]} for s in range(0, len(windows), batch_size)]
+    store = layered.block_inputs(batches, ActivationStore(layered.dtype), reader)
+    layered.run_blocks(store, range(len(layered.blocks)), reader)
+    nll = 0.0
+    with layered.loaded(layered.final_names(), reader):
+        for i, batch in enumerate(batches):
+            logits = layered.run_final(store.hidden(i).to(layered.device))
+            nll += _nll(logits, batch["input_ids"].to(layered.device))
+    return _perplexity_record(nll, windows)
+
+
+def text_batches(tokenizer, texts, max_length: int = 128, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Padded, truncated tokenizer batches (``input_ids``, ``attention_mask``, ...) of ``texts``."""
+    return [
+        dict(
+            tokenizer(
+                list(texts[s : s + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
+        for s in range(0, len(texts), batch_size)
+    ]
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens, L2-normalised (the all-MiniLM recipe)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+@torch.no_grad()
+def sentence_embeddings(model, batches: list[dict], device: str = "cpu") -> torch.Tensor:
+    """Embeddings ``[texts, hidden]`` of an in-memory encoder over ``text_batches``."""
     model.to(device)
     out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        hidden = model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1).cpu())
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.append(_mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).cpu())
     model.to("cpu")
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def streaming_sentence_embeddings(
+    layered: LayeredModel, batches: list[dict], reader: CheckpointReader | None = None
+) -> torch.Tensor:
+    """The same embeddings, computed block by block."""
+    store = layered.block_inputs(batches, ActivationStore(layered.dtype), reader)
+    layered.run_blocks(store, range(len(layered.blocks)), reader)
+    out = []
+    with layered.loaded(layered.final_names(), reader):
+        for i, batch in enumerate(batches):
+            hidden = layered.run_final(store.hidden(i).to(layered.device))
+            out.append(_mean_pool(hidden, batch["attention_mask"].to(layered.device)).cpu())
     return torch.cat(out)
 
 
@@ -50,3 +118,22 @@ def embedding_cosine(reference: torch.Tensor, embeddings: torch.Tensor) -> dict:
     """Mean and minimum cosine between matching rows of two ``[n, hidden]`` normalised embedding sets."""
     cos = (reference * embeddings).sum(-1)
     return {"embedding_cosine": float(cos.mean()), "embedding_cosine_min": float(cos.min()), "texts": len(cos)}
+
+
+def split_halves(documents, min_words: int = 16) -> tuple[list[str], list[str]]:
+    """Each document of at least ``min_words`` words cut in two halves by words: the retrieval task's
+    queries (first halves) and its corpus (second halves)."""
+    first, second = [], []
+    for doc in documents:
+        words = doc.split()
+        if len(words) >= min_words:
+            first.append(" ".join(words[: len(words) // 2]))
+            second.append(" ".join(words[len(words) // 2 :]))
+    return first, second
+
+
+def retrieval_accuracy(queries: torch.Tensor, corpus: torch.Tensor) -> dict:
+    """Top-1 accuracy of finding each document's second half from its first half among all second halves
+    (``[n, hidden]`` normalised embeddings each): a task dense and pruned encoders are both scored on."""
+    hits = (queries @ corpus.T).argmax(dim=1) == torch.arange(len(queries))
+    return {"retrieval_top1": float(hits.float().mean()), "documents": len(queries)}

@@ -21,6 +21,9 @@ class Family:
     block_paths: tuple[str, ...]  # candidate dotted paths to the ModuleList of blocks
     groups: tuple[tuple[str, ...], ...]  # linear layers inside a block, grouped by shared input
     causal: bool  # a causal LM (perplexity) rather than an encoder (embedding fidelity)
+    # modules applied, in order, to the last block's output to give the model's output (final norm, LM
+    # head); a path that is absent or None in a given config is skipped (OPT's project_out)
+    final: tuple[str, ...] = ()
 
 
 _LLAMA = Family(
@@ -33,6 +36,7 @@ _LLAMA = Family(
         ("mlp.down_proj",),
     ),
     causal=True,
+    final=("model.norm", "lm_head"),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -49,6 +53,7 @@ FAMILIES: dict[str, Family] = {
             ("fc2",),
         ),
         causal=True,
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
     ),
     "bert": Family(
         name="bert",
@@ -67,6 +72,7 @@ FAMILIES: dict[str, Family] = {
         block_paths=("backbone.layers",),
         groups=(("mixer.in_proj",), ("mixer.x_proj",), ("mixer.dt_proj",), ("mixer.out_proj",)),
         causal=True,
+        final=("backbone.norm_f", "lm_head"),
     ),
 }
 

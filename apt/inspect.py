@@ -1,31 +1,36 @@
-"""Per-layer sparsity and N:M validity of a checkpoint folder, read straight from its safetensors."""
+"""Per-tensor sparsity of a checkpoint folder and whether its pruned weights follow the pattern, read
+one tensor at a time from its safetensors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from apt.errors import InvalidInputError
-from apt.patterns import is_nm_sparse, sparsity_of
+from apt.checkpoint import CheckpointReader
+from apt.patterns import conforms, sparsity_of
+from apt.targets import targets_of_folder
 
 
-def inspect_checkpoint(path: str | Path, n: int = 2, m: int = 4) -> list[dict]:
-    """One row per 2-D floating-point tensor: ``name``, ``shape``, ``sparsity``, ``nm_valid`` (None where
-    the input width is not a multiple of ``m``)."""
-    from safetensors import safe_open
-
-    folder = Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        raise InvalidInputError(f"{folder} holds no .safetensors files: give a Hugging Face model folder")
+def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
+    """``{pattern, targets_from, tensors}``; one row per 2-D floating-point tensor: ``name``, ``shape``,
+    ``sparsity``, ``target`` (pruned, per ``apt.targets``) and ``follows_pattern`` (None where the pattern
+    cannot apply: an N:M pattern on a width that is not a multiple of M)."""
+    reader = CheckpointReader(path)
+    targets = targets_of_folder(path, pattern)
+    pruned = set(targets.tensors)
     rows = []
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if tensor.dim() != 2 or not tensor.is_floating_point():
-                    continue
-                valid = is_nm_sparse(tensor, n, m) if tensor.shape[1] % m == 0 else None
-                rows.append(
-                    {"name": name, "shape": list(tensor.shape), "sparsity": sparsity_of(tensor), "nm_valid": valid}
-                )
-    return rows
+    for name in reader.names():
+        info = reader.info(name)
+        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+            continue
+        tensor = reader.read(name)
+        applies = not targets.pattern.is_nm or info.shape[1] % targets.pattern.m == 0
+        rows.append(
+            {
+                "name": name,
+                "shape": list(info.shape),
+                "sparsity": sparsity_of(tensor),
+                "target": name in pruned,
+                "follows_pattern": conforms(tensor, targets.pattern) if applies else None,
+            }
+        )
+    return {"pattern": str(targets.pattern), "targets_from": targets.source, "tensors": rows}

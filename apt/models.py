@@ -78,10 +78,9 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def _auto_class(config):
-    import transformers
+    from apt.streaming import auto_class
 
-    family = family_for(config)
-    return transformers.AutoModelForCausalLM if family.causal else transformers.AutoModel
+    return auto_class(config)
 
 
 def cache_dir() -> Path:
@@ -111,7 +110,7 @@ def _gguf_as_plain_folder(source: ModelSource, trust_remote_code: bool) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the marker that makes save_pretrained refuse the model
     plain = _auto_class(config).from_config(config, dtype=torch.float32)
-    plain.load_state_dict(state, strict=False)
+    check_loaded_keys(plain, plain.load_state_dict(state, strict=False), f"the dequantised {gguf.name}")
     plain.tie_weights()
     with atomic_directory(folder, overwrite=True) as tmp:
         plain.save_pretrained(tmp)
@@ -119,26 +118,75 @@ def _gguf_as_plain_folder(source: ModelSource, trust_remote_code: bool) -> Path:
     return folder
 
 
+def check_loaded_keys(model, result, what: str) -> None:
+    """Fail, naming the tensors, when ``load_state_dict(strict=False)`` left parameters unset or got
+    tensors the model has no place for; a tied parameter (an LM head sharing the embedding) is not
+    missing."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise InvalidInputError(
+            f"{what} does not match the model its config describes: missing {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{' …' if len(result.unexpected_keys) > 5 else ''}"
+        )
+
+
+HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
+def source_folder(name: str, trust_remote_code: bool = False) -> tuple[ModelSource, Path]:
+    """A local folder with config, tokenizer and safetensors weights for ``name``: the folder itself, the
+    GGUF file's dequantised copy in the cache, or a hub snapshot (safetensors only: pickles are never
+    loaded)."""
+    source = resolve_model(name)
+    if source.gguf_file:
+        return source, _gguf_as_plain_folder(source, trust_remote_code)
+    location = Path(source.location)
+    if location.is_dir():
+        return source, location
+    try:
+        from huggingface_hub import snapshot_download
+
+        location = Path(snapshot_download(source.location, allow_patterns=HUB_FILES))
+    except Exception as err:  # the hub raises many types when offline or when a repository is missing
+        raise ModelNotFoundError(
+            f"could not fetch {source.location!r} from the Hugging Face hub ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); download it to a folder and pass that"
+        ) from err
+    if not any(location.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"{source.location} publishes no safetensors weights; apt-sparse never loads pickled (.bin) "
+            "checkpoints: convert it to safetensors first"
+        )
+    return source, location
+
+
+def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name: str, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, object, ModelSource]:
-    """Load ``(model in eval mode on CPU, tokenizer, source)``. The family is checked before any weights load."""
+    """Load a whole model into memory: ``(model in eval mode on CPU, tokenizer, source)``. The pruning run
+    and evaluation stream instead (``apt.streaming``); this is for exporters, benchmarks and tests."""
     import transformers
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    source = resolve_model(name)
-    location = source.location
-    if source.gguf_file:
-        location = str(_gguf_as_plain_folder(source, trust_remote_code))
+    source, location = source_folder(name, trust_remote_code)
     try:
         config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelNotFoundError(f"could not load a model config from {location!r}: {err}") from err
     family_for(config)  # unsupported families fail here, before the weights load
     model = _auto_class(config).from_pretrained(location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return model, tokenizer, ModelSource(name=source.name, location=location, gguf_file=source.gguf_file)
+    tokenizer = load_tokenizer(location, trust_remote_code)
+    return model, tokenizer, ModelSource(name=source.name, location=str(location), gguf_file=source.gguf_file)

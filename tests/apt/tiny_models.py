@@ -26,10 +26,13 @@ CONFIGS = {
 }
 
 
-def save_tiny_model(family: str, folder: Path, poison=None) -> Path:
-    """Write a tiny ``family`` model and the MiniLM tokenizer to ``folder``; ``poison(model)`` may edit it."""
+def save_tiny_model(family: str, folder: Path, poison=None, **overrides) -> Path:
+    """Write a tiny ``family`` model and the MiniLM tokenizer to ``folder``; ``poison(model)`` may edit it;
+    ``overrides`` change the config (``num_hidden_layers=4``)."""
     torch.manual_seed(0)
     config = CONFIGS[family]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     cls = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
     model = cls.from_config(config)
     if poison:

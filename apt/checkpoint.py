@@ -1,0 +1,318 @@
+"""Safetensors checkpoints read and written one tensor at a time, so no step ever holds a whole model.
+
+Reading parses every file's header up front (8-byte little-endian length, then JSON naming each
+tensor's dtype, shape and byte range) and checks it against the file's size and the shard index, so
+a truncated or corrupted shard, or a file the index names but the folder lacks, fails at once with
+a one-line error naming the file and the tensor. Tensors are then read with ``os.pread`` into memory
+the caller owns: no memory map stays open, so the resident set never grows with the checkpoint.
+
+Writing lays out every output shard before any data exists: a safetensors header must list every
+tensor's offset, and a pruned tensor keeps its source's dtype and shape, so the whole layout is known
+from the source's headers. Each tensor is then written in place when it is ready. The layout is a
+pure function of the tensor list and the shard size, which is what makes a resumed run's files
+bit-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from apt.errors import InvalidInputError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+DTYPE_CODES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
+
+
+class CheckpointError(InvalidInputError):
+    """A checkpoint file that is missing, truncated, corrupted or disagrees with the model's config."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``file``, absolute byte ``offset`` of its data, ``nbytes``, ``dtype``, ``shape``."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """``(header without __metadata__, byte offset where the data starts)``; checks the file is whole."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; copy it again")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(
+                    f"{path} is truncated or corrupted: its header claims {length} bytes but the file has {size}"
+                )
+            header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupted: its header is not valid JSON ({err}); copy it again") from err
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} does not exist") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupted: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    start = 8 + length
+    for name, entry in header.items():
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            code = entry["dtype"]
+            shape = [int(d) for d in entry["shape"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: the header entry of tensor {name} is malformed") from err
+        if code not in DTYPE_CODES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {code}, which apt-sparse cannot read")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * DTYPE_CODES[code].itemsize or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name} {code} {shape} does not match its byte range [{begin}, {end})"
+            )
+        if start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name} ends at byte {start + end} but the file has {size} bytes; "
+                "copy the file again"
+            )
+    return header, start
+
+
+class CheckpointReader:
+    """The tensors of a Hugging Face folder: ``model.safetensors``, or shards listed by
+    ``model.safetensors.index.json``, or (without an index) every ``*.safetensors`` file."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} is not a valid shard index (no weight_map)") from err
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (self.folder / name).is_file():
+                    first = next(t for t, f in weight_map.items() if f == name)
+                    raise CheckpointError(
+                        f"{index} lists {name} (holding {first} and others) but {self.folder / name} does not exist"
+                    )
+        elif (self.folder / SINGLE_NAME).is_file():
+            weight_map, files = None, [SINGLE_NAME]
+        else:
+            weight_map, files = None, sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.folder} holds no .safetensors files: give a Hugging Face model folder")
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = self.folder / name
+            header, start = read_header(path)
+            for tensor, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if tensor in self.tensors:
+                    raise CheckpointError(
+                        f"tensor {tensor} appears in both {self.tensors[tensor].file.name} and {name}"
+                    )
+                begin, end = entry["data_offsets"]
+                self.tensors[tensor] = TensorInfo(
+                    tensor, path, DTYPE_CODES[entry["dtype"]], tuple(entry["shape"]), start + begin, end - begin
+                )
+        if weight_map is not None:
+            for tensor, name in weight_map.items():
+                info = self.tensors.get(tensor)
+                if info is None or info.file.name != name:
+                    raise CheckpointError(f"{index} says {tensor} is in {name}, but that file does not hold it")
+
+    def names(self) -> list[str]:
+        """Tensor names in file order, then byte order: a fixed order for a given checkpoint."""
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.folder} has no tensor named {name}")
+        return self.tensors[name]
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, read into fresh memory (no memory map is kept), optionally cast to ``dtype``."""
+        info = self.info(name)
+        buffer = bytearray(info.nbytes)
+        with open(info.file, "rb", buffering=0) as f:
+            view, done = memoryview(buffer), 0
+            while done < info.nbytes:
+                got = os.preadv(f.fileno(), [view[done:]], info.offset + done)
+                if got <= 0:
+                    raise CheckpointError(f"{info.file} is truncated: could not read tensor {name}")
+                done += got
+        if info.nbytes == 0:
+            tensor = torch.empty(info.shape, dtype=info.dtype)
+        else:
+            tensor = torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+        return tensor if dtype is None or dtype == info.dtype else tensor.to(dtype)
+
+    def identity(self) -> list[dict]:
+        """What identifies this checkpoint without reading its data: each file's name, size and modification time."""
+        files = sorted({info.file for info in self.tensors.values()})
+        return [{"file": p.name, "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files]
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` → 5·10⁹ bytes, ``"2GiB"`` → 2·2³⁰, ``"500MB"``, ``"100KB"``, or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise InvalidInputError(f"unknown size {text!r}: use a number of bytes or e.g. 500MB, 5GB, 2GiB")
+    value, unit = float(match[1]), (match[2] or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    scale |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    size = int(value * scale[unit])
+    if size < 1:
+        raise InvalidInputError(f"size {text!r} must be at least one byte")
+    return size
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * self.dtype.itemsize
+
+
+class ShardedWriter:
+    """Output shards laid out in advance; ``write(name, tensor)`` puts each tensor in place.
+
+    Tensors go to shards in the given order; a shard is closed when the next tensor would take it past
+    ``max_shard_size`` (a tensor larger than that gets a shard of its own), as transformers shards.
+    One shard is ``model.safetensors``; several are ``model-0000k-of-0000n.safetensors`` with an index.
+    """
+
+    def __init__(self, folder: str | Path, tensors: Iterable[PlannedTensor], max_shard_size: int):
+        self.folder = Path(folder)
+        self.planned = {t.name: t for t in tensors}
+        shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for tensor in self.planned.values():
+            if shards[-1] and size + tensor.nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(tensor)
+            size += tensor.nbytes
+        count = len(shards)
+        names = [SINGLE_NAME] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+        self.layout: dict[str, tuple[Path, int]] = {}
+        self.headers: dict[Path, bytes] = {}
+        self.sizes: dict[Path, int] = {}
+        for name, shard in zip(names, shards):
+            path = self.folder / name
+            entries, offset = {"__metadata__": {"format": "pt"}}, 0
+            for tensor in shard:
+                entries[tensor.name] = {
+                    "dtype": CODE_OF_DTYPE[tensor.dtype],
+                    "shape": list(tensor.shape),
+                    "data_offsets": [offset, offset + tensor.nbytes],
+                }
+                offset += tensor.nbytes
+            header = json.dumps(entries, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+            start = 8 + len(header)
+            self.headers[path] = struct.pack("<Q", len(header)) + header
+            self.sizes[path] = start + offset
+            for tensor in shard:
+                self.layout[tensor.name] = (path, start + entries[tensor.name]["data_offsets"][0])
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.headers)
+
+    def create(self) -> None:
+        """Write every header and size every file (sparse where the file system allows)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for path, header in self.headers.items():
+            with open(path, "wb") as f:
+                f.write(header)
+                f.truncate(self.sizes[path])
+
+    def matches_files_on_disk(self) -> bool:
+        """True when every planned shard exists with this exact header and size (a resumed run's check)."""
+        for path, header in self.headers.items():
+            if not path.is_file() or path.stat().st_size != self.sizes[path]:
+                return False
+            with open(path, "rb") as f:
+                if f.read(len(header)) != header:
+                    return False
+        return True
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        planned = self.planned.get(name)
+        if planned is None:
+            raise InvalidInputError(f"{name} is not part of this checkpoint's layout")
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise InvalidInputError(
+                f"{name}: expected {planned.dtype} {list(planned.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        path, offset = self.layout[name]
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(path, "r+b", buffering=0) as f:
+            view, done = memoryview(data), 0
+            while done < len(view):
+                done += os.pwrite(f.fileno(), view[done:], offset + done)
+
+    def sync(self) -> None:
+        """Flush every shard to disk, so a state file written afterwards never points at lost data."""
+        for path in self.headers:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def write_index(self) -> None:
+        """``model.safetensors.index.json`` where there are several shards."""
+        if len(self.headers) == 1:
+            return
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for t in self.planned.values())},
+            "weight_map": {name: path.name for name, (path, _) in self.layout.items()},
+        }
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

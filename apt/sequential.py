@@ -1,0 +1,193 @@
+"""Sequential calibration: prune a model block by block (SparseGPT §3), one block in memory at a time.
+
+Block 0's full call (hidden states plus keyword arguments: position embeddings, attention masks) is
+captured for every calibration batch; each block then sees the outputs of the already pruned blocks
+before it. For each block: its tensors are read, the Hessian ``H = Σ x xᵀ`` at the input of every
+group of layers that share an input (q/k/v, gate/up) is accumulated, each layer is pruned, the pruned
+weights are rounded to the dtype the checkpoint stores (so later blocks calibrate on exactly the
+model that will be written), the calibration activations are pushed through the pruned block, and
+the caller writes the block out before it is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from apt.errors import InvalidInputError
+from apt.families import block_groups
+from apt.patterns import Pattern, conforms, positive_zeros, sparsity_of
+from apt.solver import PruneConfig, prune_layer
+from apt.streaming import ActivationStore, LayeredModel, _Stop, to_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to prune a whole model. ``solver`` applies to every layer; ``targets``/``ignore`` are regexes
+    over full module names; ``true_sequential`` recollects each group's inputs after the groups before
+    it in the same block are pruned; ``batch_size`` is the number of calibration windows per forward."""
+
+    solver: PruneConfig = PruneConfig()
+    targets: str | None = None
+    ignore: str | None = None
+    true_sequential: bool = False
+    device: str = "cpu"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+# A hook called with (block index, the block's layer records) once a block is pruned, before release.
+BlockDone = Callable[[int, list[dict]], None]
+
+
+def layer_plan(layered: LayeredModel, config: RunConfig) -> list[list[list[tuple[str, torch.nn.Linear]]]]:
+    """Per block, the groups of ``(name, Linear)`` to prune; refuses a selection that matches nothing."""
+    plans = [
+        block_groups(block, layered.family, f"{layered.block_path}.{i}", config.targets, config.ignore)
+        for i, block in enumerate(layered.blocks)
+    ]
+    if not any(plans):
+        raise InvalidInputError(
+            f"no prunable layer matches --targets {config.targets!r} / --ignore {config.ignore!r} in this "
+            f"{layered.family.name} model; its layers are named like "
+            f"{layered.block_path}.0.{layered.family.groups[0][0]}"
+        )
+    return plans
+
+
+def collect_hessians(
+    block: torch.nn.Module, store: ActivationStore, groups, device: str, stop_after_last: bool = True
+) -> list[torch.Tensor | None]:
+    """One pass of ``block`` over the stored batches; ``H = Σ x xᵀ`` (float32) at the input of each group."""
+    hessians: list[torch.Tensor | None] = [None] * len(groups)
+    handles = []
+    for i, group in enumerate(groups):
+
+        def hook(_module, inputs, _output, i=i):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if hessians[i] is None:
+                hessians[i] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            hessians[i].addmm_(x.T, x)
+            if stop_after_last and i == len(groups) - 1:
+                raise _Stop
+
+        handles.append(group[0][1].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(len(store)):
+                try:
+                    block(store.hidden(i).to(device), **to_device(store.kwargs(i), device))
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def prune_blocks(
+    layered: LayeredModel,
+    store: ActivationStore,
+    config: RunConfig,
+    start: int = 0,
+    on_block_done: BlockDone | None = None,
+) -> list[dict]:
+    """Prune blocks ``start..`` of ``layered`` on the calibration activations in ``store`` (which must hold
+    the inputs of block ``start``). Returns one record per layer (see ``prune_group``)."""
+    plans = layer_plan(layered, config)
+    n_blocks = len(layered.blocks)
+    records: list[dict] = []
+    bar = tqdm(total=sum(len(g) for plan in plans[start:] for g in plan), desc="pruning", unit="layer", disable=None)
+    try:
+        for index in range(start, n_blocks):
+            names = layered.parameter_names(layered.block_prefix(index))
+            block = layered.blocks[index]
+            with layered.loaded(names):
+                groups = plans[index]
+                block_records = []
+                if config.true_sequential:
+                    for group in groups:
+                        (hessian,) = collect_hessians(block, store, [group], layered.device)
+                        block_records += prune_group(group, hessian, layered, config, bar, index, n_blocks)
+                else:
+                    hessians = collect_hessians(block, store, groups, layered.device)
+                    for group, hessian in zip(groups, hessians):
+                        block_records += prune_group(group, hessian, layered, config, bar, index, n_blocks)
+                try:
+                    layered.run_block(index, store)
+                except FloatingPointError as err:
+                    raise InvalidInputError(f"{err} after pruning: check the model dtype (--dtype)") from err
+                if on_block_done is not None:
+                    on_block_done(index, block_records)
+                records += block_records
+    finally:
+        bar.close()
+    return records
+
+
+def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, index, n_blocks) -> list[dict]:
+    """Prune every layer of one group on its shared Hessian; the layer's weight is replaced in place by the
+    pruned one as the checkpoint will store it. A record holds ``name, shape, skipped, nm_valid,
+    sparsity, relative_loss, loss, damp, seconds`` and the solver's stats."""
+    records = []
+    pattern: Pattern = config.solver.pattern
+    prefix = f"{layered.block_path}.{index}."
+    for name, linear in group:
+        bar.set_description(f"block {index + 1}/{n_blocks} · {name[len(prefix) :]}")
+        weight = linear.weight.data
+        record = {"name": name, "shape": list(weight.shape), "skipped": None}
+        skip = None
+        if pattern.is_nm and weight.shape[1] % pattern.m:
+            skip = f"in={weight.shape[1]} is not a multiple of {pattern.m}"
+            log.warning("%s: %s; left dense", name, skip)
+        elif hessian is None:
+            skip = "no calibration input reached this layer"
+        if skip:
+            record.update(skipped=skip, nm_valid=False, sparsity=sparsity_of(weight))
+            record.update(relative_loss=None, loss=None, damp=None, seconds=0.0)
+        else:
+            try:
+                result = prune_layer(weight, hessian.to(weight.device), config=config.solver)
+            except InvalidInputError as err:
+                raise InvalidInputError(f"{name}: {err}") from err
+            # round to the stored dtype now: later blocks calibrate on the model as it will be written
+            stored = positive_zeros(result.weight.to(layered.stored_dtype(f"{name}.weight")))
+            linear.weight.data.copy_(stored.to(weight.dtype))
+            stats = result.stats
+            record.update(
+                nm_valid=conforms(stored, pattern) if pattern.is_nm else None,
+                sparsity=sparsity_of(stored),
+                relative_loss=result.relative_loss,
+                loss=result.loss,
+                damp=stats.damp,
+                seconds=stats.seconds,
+                solver=asdict(stats),
+            )
+        records.append(record)
+        bar.update(1)
+    return records
+
+
+def calibrate_and_prune(model, windows: torch.Tensor, config: RunConfig) -> dict:
+    """Prune a model that is already in memory, in place, on calibration ``windows`` ``[n, seq]`` (int64).
+
+    The same engine as the streaming run, with nothing to read or write. Returns ``{"layers", "seconds"}``.
+    """
+    start = time.perf_counter()
+    layered = LayeredModel.resident(model, config.device)
+    model.to(config.device)
+    batches = [{"input_ids": windows[s : s + config.batch_size]} for s in range(0, len(windows), config.batch_size)]
+    store = layered.block_inputs(batches, ActivationStore(layered.dtype, device=config.device))
+    layers = prune_blocks(layered, store, config)
+    model.to("cpu")
+    return {"layers": layers, "seconds": time.perf_counter() - start}
