@@ -13,22 +13,23 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 
 from apt.errors import AptError, InvalidInputError
+from apt.solver import METHODS
 
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model to N:M sparsity and write a Hugging Face folder with a report")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file, or smollm2-135m / minilm-l6")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--method", default="apt", choices=["apt", "sparsegpt", "wanda", "magnitude"])
+    p.add_argument("--method", default="apt", choices=sorted(METHODS))
     p.add_argument("--pattern", default="2:4", help="2:4 (default), 4:8, or an unstructured ratio such as 50%%")
-    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ, times mean(diag H)")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=False, help="apt: swap refinement")
-    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True, help="apt: one-group lookahead")
-    p.add_argument(
-        "--reconstruct", action=argparse.BooleanOptionalAction, default=True, help="apt: exact reconstruction"
-    )
+    # apt's and sparsegpt's options default to None: an option the chosen method does not read is refused
+    p.add_argument("--damp", type=float, default=None, help="sparsegpt/apt: Hessian damping λ (default 0.01)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help="apt: swap refinement")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="apt: one-group lookahead")
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None, help="apt: exact refit")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--targets", default=None, help="regex over module names: prune only matching layers")
     p.add_argument("--ignore", default=None, help="regex over module names: leave matching layers dense")
@@ -38,17 +39,39 @@ def _add_prune(sub) -> None:
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--num-eval-windows", type=int, default=32)
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True, help="measure accuracy")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: holds the current block and its Hessians")
+    p.add_argument(
+        "--offload-activations",
+        default="host",
+        choices=["host", "device", "disk"],
+        help="where calibration activations live: host memory (default), the device, or a file",
+    )
+    p.add_argument(
+        "--activation-dir", default=None, help="folder for --offload-activations disk (default: beside --out)"
+    )
+    p.add_argument(
+        "--activation-dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype activations are kept in (default: the compute dtype)",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="output shard size, e.g. 5GB (default), 500MB, 2GiB")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="continue an interrupted run of the same job from the last block it wrote",
+    )
 
 
 def _prune(args) -> None:
-    from apt.pipeline import RunConfig
-    from apt.run import PruneJob, prune_model
+    from apt.job import PruneJob, prune_model
+    from apt.sequential import RunConfig
     from apt.solver import PruneConfig
 
     solver = PruneConfig(
@@ -76,10 +99,15 @@ def _prune(args) -> None:
         max_seq_length=args.max_seq_length,
         num_eval_windows=args.num_eval_windows,
         dtype=args.dtype,
+        activations=args.offload_activations,
+        activation_dtype=args.activation_dtype,
+        activation_dir=args.activation_dir,
+        max_shard_size=args.max_shard_size,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
         evaluate=args.evaluate,
         overwrite=args.overwrite,
+        resume=args.resume,
     )
     report = prune_model(job)
     totals = report["totals"]
@@ -90,12 +118,16 @@ def _prune(args) -> None:
     print(f"summed relative layer loss {totals['sum_relative_loss']:.3f}")
     if report["accuracy"]:
         acc = report["accuracy"]
-        print(f"{acc['metric']}: dense {acc['dense'][acc['metric']]:.4f} → pruned {acc['pruned'][acc['metric']]:.4f}")
+        metric = acc["metric"]
+        dense = acc["dense"].get(metric)
+        line = f"{metric}: dense {dense:.4f} → pruned " if dense is not None else f"{metric} to dense: "
+        print(line + f"{acc['pruned'][metric]:.4f}")
+    print(f"peak memory {report['peak_memory']['bytes'] / 2**30:.2f} GiB ({report['peak_memory']['kind']})")
     print(f"wrote {args.out} (report: {args.out}/prune_report.json)")
 
 
 def _eval(args) -> None:
-    from apt.run import evaluate_model
+    from apt.job import evaluate_model
 
     result = evaluate_model(
         args.model,
@@ -108,25 +140,32 @@ def _eval(args) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    metric = result["metric"]
+    print(f"evaluated on {result['data']}")
     for key in ("dense", "pruned"):
-        if key in result and metric in result[key]:
-            print(f"{key:7s} {metric} {result[key][metric]:.4f}")
+        for metric in (result["metric"], "retrieval_top1"):
+            if key in result and metric in result[key]:
+                print(f"{key:7s} {metric} {result[key][metric]:.4f}")
 
 
 def _inspect(args) -> None:
     from apt.inspect import inspect_checkpoint
 
-    rows = inspect_checkpoint(args.path, n=args.n, m=args.m)
+    summary = inspect_checkpoint(args.path, pattern=args.pattern)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(summary, indent=2))
         return
+    rows = summary["tensors"]
+    pattern = summary["pattern"]
     width = max((len(r["name"]) for r in rows), default=10)
     for r in rows:
-        nm = {True: "yes", False: "NO", None: "-"}[r["nm_valid"]]
-        print(f"{r['name']:{width}s}  {str(r['shape']):14s}  sparsity {r['sparsity']:.3f}  {args.n}:{args.m} {nm}")
-    valid = sum(r["nm_valid"] is True for r in rows)
-    print(f"{valid}/{len(rows)} 2-D weights are {args.n}:{args.m} along the input dimension")
+        follows = {True: "yes", False: "NO", None: "-"}[r["follows_pattern"]]
+        role = "pruned" if r["target"] else "dense "
+        print(f"{r['name']:{width}s}  {str(r['shape']):14s}  {role}  sparsity {r['sparsity']:.3f}  {pattern} {follows}")
+    targets = [r for r in rows if r["target"]]
+    print(
+        f"{sum(r['follows_pattern'] is True for r in targets)}/{len(targets)} pruned weights follow {pattern} "
+        f"along the input dimension (pruned weights from {summary['targets_from']})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,19 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy of a dense model or a pruned folder (with its dense reference)")
     e.add_argument("model")
     e.add_argument("--eval-data", default="stdlib")
-    e.add_argument("--num-eval-windows", type=int, default=32)
+    e.add_argument("--num-eval-windows", type=int, default=None, help="default: every window of the text")
     e.add_argument("--max-seq-length", type=int, default=512)
     e.add_argument("--device", default="cpu")
     e.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     e.add_argument("--json", action="store_true", help="print JSON on stdout")
     i = sub.add_parser("inspect", help="per-layer sparsity and N:M validity of any checkpoint folder")
     i.add_argument("path")
-    i.add_argument("--n", type=int, default=2)
-    i.add_argument("--m", type=int, default=4)
+    i.add_argument("--pattern", default=None, help="the pattern to check (default: the report's, else 2:4)")
     i.add_argument("--json", action="store_true")
     for add in _EXTRA_COMMANDS:
         add(sub)
     return parser
+
+
+# export options and the targets that read them; any other combination is refused up front
+EXPORT_OPTIONS = {
+    "with_past": ("onnx",),
+    "polygraphy": ("onnx", "tensorrt"),
+    "max_shard_size": ("vllm", "compressed-tensors"),
+}
 
 
 def _add_export(sub) -> None:
@@ -159,28 +205,46 @@ def _add_export(sub) -> None:
     x.add_argument("target", choices=sorted(EXPORTERS))
     x.add_argument("src", help="a pruned Hugging Face folder (apt-sparse prune --out)")
     x.add_argument("out", help="output folder (written atomically)")
-    x.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    x.add_argument(
+        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float16 (onnx: float32)"
+    )
     x.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
     x.add_argument(
         "--with-past",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="onnx: the decoding graph with past/present keys and values",
     )
+    x.add_argument(
+        "--polygraphy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="onnx/tensorrt: also run polygraphy's independent sparsity inspection (minutes)",
+    )
+    x.add_argument("--max-shard-size", default=None, help="vllm/compressed-tensors: shard size (default 5GB)")
     x.set_defaults(handler=_export)
 
 
 def _export(args) -> None:
     from exporters import export
 
-    options = {"with_past": args.with_past} if args.target == "onnx" else {}
-    if args.with_past and args.target != "onnx":
-        raise InvalidInputError("--with-past applies to the onnx target only")
-    manifest = export(args.target, args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, **options)
+    options = {}
+    for option, targets in EXPORT_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.target not in targets:
+            flag = "--" + option.replace("_", "-")
+            raise InvalidInputError(f"{flag} applies to the {' and '.join(targets)} target(s), not {args.target}")
+        options[option] = value
+    if args.dtype:
+        options["dtype"] = args.dtype
+    manifest = export(args.target, args.src, args.out, overwrite=args.overwrite, **options)
     size = sum(f["bytes"] for f in manifest["files"])
+    check = manifest["pattern_check"]
     print(
         f"wrote {args.out}: {len(manifest['files'])} files, {size / 2**20:.1f} MiB; "
-        f"{len(manifest['pattern_check']['layers'])} weights checked 2:4"
+        f"{len(check['layers'])} pruned weights checked {check['pattern']} ({check['targets_from']})"
     )
     for key, value in manifest["validation"].items():
         print(f"  {key}: {value}")
@@ -192,6 +256,7 @@ def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="prune (apt and baselines) → export → bench → report on the offline model")
     d.add_argument("--out", required=True, help="output folder for checkpoints, artifacts, results.json, report.md")
     d.add_argument("--quick", action="store_true", help="small settings (CI): two methods, tiny calibration")
+    d.add_argument("--model", default="smollm2-135m", help="the model to run the chain on (default smollm2-135m)")
     d.add_argument(
         "--keep-results",
         default=None,
@@ -204,9 +269,10 @@ def _add_demo(sub) -> None:
 def _demo(args) -> None:
     from runtime_bench.demo import DemoConfig, copy_results_into_repository, run_demo, summary_line
 
-    config = DemoConfig.quick() if args.quick else DemoConfig()
-    report = run_demo(args.out, config)
-    print(f"accuracy ({'perplexity'}): {summary_line(report.parent / 'results.json')}")
+    config = replace(DemoConfig.quick() if args.quick else DemoConfig(), model=args.model)
+    command = " ".join(["apt-sparse demo", *sys.argv[2:]]) if sys.argv[1:2] == ["demo"] else "apt-sparse demo"
+    report = run_demo(args.out, config, command=command)
+    print(f"accuracy: {summary_line(report.parent / 'results.json')}")
     if args.keep_results:
         print(f"kept results in {copy_results_into_repository(report.parent, args.keep_results)}")
     print(f"report: {report}")
@@ -223,9 +289,11 @@ def main(argv=None) -> int:
     try:
         handler = _HANDLERS.get(args.command) or args.handler
         handler(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        # the job and the demo say what they leave behind; anything else writes atomically or not at all
         out = getattr(args, "out", None)
-        print(f"\ninterrupted: nothing was written{f' to {out}' if out else ''}", file=sys.stderr)
+        said = str(err) or f"nothing was written{f' to {out}' if out else ''}"
+        print(f"\ninterrupted: {said}", file=sys.stderr)
         return 130
     except AptError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,84 +1,124 @@
-"""What every exporter shares: reading a pruned folder, refusing weights that are not N:M, and the manifest."""
+"""What every exporter shares: the pruned source read one tensor at a time, the check that every pruned
+weight follows the pattern, and the manifest.
+
+Which weights were pruned, and with which pattern, comes from ``apt.targets`` (the folder's
+``prune_report.json``, else the family adapter): the same definition the run and the benchmark use.
+An exporter refuses, before writing anything, a folder with no pruned weights, a weight that breaks
+the pattern, and a pattern its target format cannot hold.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from apt.artifacts import file_listing, write_json_atomic
+from apt.checkpoint import CheckpointReader
 from apt.errors import InvalidInputError
-from apt.patterns import first_nm_violation, is_nm_sparse
-from apt.run import REPORT_NAME, versions
+from apt.job import versions
+from apt.patterns import Pattern, conforms, first_nm_violation
+from apt.targets import PrunedTargets, targets_of_folder
+
+# A pattern check of an export target: None where the target can hold the pattern, else the reason.
+PatternCheck = Callable[[Pattern], "str | None"]
+
+
+def any_pattern(_pattern: Pattern) -> str | None:
+    return None
+
+
+def only_2_4(why: str) -> PatternCheck:
+    def check(pattern: Pattern) -> str | None:
+        return None if (pattern.n, pattern.m) == (2, 4) else why
+
+    return check
 
 
 @dataclass(frozen=True)
-class PrunedCheckpoint:
-    """A pruned Hugging Face folder: its tensors (``name → tensor``), its config and the names of the
-    weights that were pruned (from ``prune_report.json``, or every 2-D weight inside the blocks)."""
+class PrunedSource:
+    """A pruned Hugging Face folder: its tensors behind a reader, its config, and what was pruned."""
 
     folder: Path
-    tensors: dict
+    reader: CheckpointReader
     config: dict
-    targets: tuple[str, ...]
-    report: dict | None
+    targets: PrunedTargets
 
 
-def read_checkpoint(folder: str | Path) -> PrunedCheckpoint:
-    from safetensors.torch import load_file
-
+def open_pruned(folder: str | Path, target: str, accepts: PatternCheck = any_pattern) -> PrunedSource:
+    """Open ``folder`` for the export ``target``; refuses (nothing written yet) a folder that is not a
+    model folder, has no pruned weights, or whose pattern ``target`` cannot hold."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not (folder / "config.json").is_file() or not files:
-        raise InvalidInputError(f"{folder} is not a Hugging Face folder with safetensors: export a pruned model folder")
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
-    report_path = folder / REPORT_NAME
-    report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if report:
-        targets = tuple(f"{r['name']}.weight" for r in report["layers"] if not r["skipped"])
-    else:
-        targets = tuple(n for n, t in tensors.items() if t.dim() == 2 and ".layers." in n and n.endswith(".weight"))
-    return PrunedCheckpoint(folder, tensors, json.loads((folder / "config.json").read_text()), targets, report)
+    if not (folder / "config.json").is_file():
+        raise InvalidInputError(f"{folder} is not a Hugging Face folder (no config.json): export a pruned model folder")
+    reader = CheckpointReader(folder)
+    targets = targets_of_folder(folder)
+    if not targets.tensors:
+        raise InvalidInputError(
+            f"{folder} has no pruned weights ({targets.source}): prune it first with apt-sparse prune"
+        )
+    reason = accepts(targets.pattern)
+    if reason:
+        raise InvalidInputError(f"the {target} export cannot hold pattern {targets.pattern}: {reason}")
+    config = json.loads((folder / "config.json").read_text())
+    return PrunedSource(folder, reader, config, targets)
 
 
-def verify_nm(checkpoint: PrunedCheckpoint, n: int = 2, m: int = 4) -> list[dict]:
-    """Per target weight ``{name, shape, nm_valid}``; raises naming the first weight that is not N:M."""
+def check_pattern(source: PrunedSource) -> list[dict]:
+    """Read every pruned weight once and check it against the pattern; raises naming the first that fails."""
     rows = []
-    for name in checkpoint.targets:
-        if name not in checkpoint.tensors:
-            raise InvalidInputError(f"{name} is listed in the prune report but missing from {checkpoint.folder}")
-        weight = checkpoint.tensors[name]
-        if not is_nm_sparse(weight, n, m):
-            where = first_nm_violation(weight, n, m)
+    pattern = source.targets.pattern
+    for name in source.targets.tensors:
+        if name not in source.reader:
             raise InvalidInputError(
-                f"{name} {tuple(weight.shape)} is not {n}:{m} sparse along its input dimension "
-                f"(row {where[0]}, columns {where[1]}..{where[1] + m - 1}): prune it first with apt-sparse prune"
+                f"{name} is listed as pruned ({source.targets.source}) but {source.folder} lacks it"
             )
-        rows.append({"name": name, "shape": list(weight.shape), "nm_valid": True})
+        weight = source.reader.read(name)
+        if weight.dim() != 2 or not conforms(weight, pattern):
+            raise InvalidInputError(
+                f"{name} {list(weight.shape)} is not {pattern} {_where(weight, pattern)}: "
+                "prune it first with apt-sparse prune"
+            )
+        rows.append({"name": name, "shape": list(weight.shape), "valid": True})
     return rows
 
 
-def positive_zeros(tensor: torch.Tensor) -> torch.Tensor:
-    """Stored zeros must be +0.0 (a stored -0.0 once produced garbage in vLLM's sparse path)."""
-    return torch.where(tensor == 0, torch.zeros((), dtype=tensor.dtype), tensor)
+def _where(weight: torch.Tensor, pattern: Pattern) -> str:
+    if weight.dim() != 2:
+        return "(it is not a 2-D weight)"
+    if pattern.is_nm:
+        row, col = first_nm_violation(weight, pattern.n, pattern.m)
+        return f"sparse along its input dimension (row {row}, columns {col}..{col + pattern.m - 1})"
+    row = int(((weight == 0).sum(dim=1)).argmin())
+    return f"(row {row} keeps {int((weight[row] != 0).sum())} of {weight.shape[1]})"
 
 
 def write_manifest(
-    folder: Path, *, source: Path, target: str, layers: list[dict], validation: dict, extra: dict | None = None
+    folder: Path,
+    *,
+    source: PrunedSource,
+    target: str,
+    layers: list[dict],
+    validation: dict,
+    extra: dict | None = None,
 ) -> dict:
     manifest = {
-        "schema": "apt-sparse/export-manifest/1",
+        "schema": "apt-sparse/export-manifest/2",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": str(source.resolve()),
+        "source": str(source.folder.resolve()),
         "target": target,
         "versions": versions(),
         "files": file_listing(folder),
-        "pattern_check": {"pattern": "2:4", "layers": layers, "all_valid": all(r["nm_valid"] for r in layers)},
+        "pattern_check": {
+            "pattern": str(source.targets.pattern),
+            "targets_from": source.targets.source,
+            "layers": layers,
+            "all_valid": bool(layers) and all(r["valid"] for r in layers),
+        },
         "validation": validation,
     } | (extra or {})
     write_json_atomic(folder / "manifest.json", manifest)

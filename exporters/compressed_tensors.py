@@ -1,30 +1,37 @@
 """The compressed-tensors ``sparse-24-bitmask`` format (vLLM 0.6.5–0.19.0 on Hopper, CUTLASS 2:4 GEMMs).
 
-Per 2:4 weight ``[rows, cols]``: ``<name>.compressed`` holds the kept values ``[rows, cols/2]`` in row
-order, ``<name>.bitmask`` the keep-mask as uint8 ``[rows, ceil(cols/8)]`` packed little-endian (bit j
-of byte k is column 8k+j), ``<name>.shape`` the int64 shape. Every group of 4 marks exactly 2 slots:
-the two largest |w| (a kept weight that happens to be zero still owns its slot). Other tensors stay
-dense under their own names. compressed-tensors removed its sparse compressors in 0.15; the decoder
-here reads the format back without it.
+Per 2:4 weight ``[rows, cols]`` of module ``M``: ``M.compressed`` holds the kept values
+``[rows, cols/2]`` in row order, ``M.bitmask`` the keep-mask as uint8 ``[rows, ceil(cols/8)]`` packed
+little-endian (bit j of byte k is column 8k+j), ``M.shape`` the int64 shape ``[2, 1]`` — the names and
+layouts compressed-tensors 0.14's ``Sparse24BitMaskCompressor`` writes and reads. Every group of 4
+marks exactly 2 slots: the two largest |w| (a kept weight that happens to be zero still owns its
+slot). Other tensors stay dense under their own names. ``quantization_config`` holds only
+``quant_method`` and ``sparsity_config``: any other top-level key makes compressed-tensors parse a
+quantization config, and fail.
+
+compressed-tensors removed its sparse compressors in 0.15. Where 0.14 is importable, the export is
+decoded by its own loader (``ModelCompressor.from_compression_config``, the path transformers and
+vLLM ≤ 0.19 take); the project's decoder here reads the format back either way.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
 from apt.artifacts import atomic_directory
+from apt.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
 from apt.errors import InvalidInputError
-from exporters.common import positive_zeros, read_checkpoint, verify_nm, write_manifest
-from exporters.vllm import DTYPES, copy_side_files, plain_config
+from exporters.common import check_pattern, only_2_4, open_pruned, write_manifest
+from exporters.vllm import DTYPES, cast_for_export, copy_side_files, plain_config
 
 FORMAT = "sparse-24-bitmask"
-
-
-def bytes_of_folder(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+PARTS = ("compressed", "bitmask", "shape")
+LEGACY_LOADER = "compressed-tensors 0.14.0.1"
+accepts = only_2_4("the sparse-24-bitmask format and vLLM's CUTLASS kernels hold 2:4 only")
 
 
 def keep_mask_24(weight: torch.Tensor) -> torch.Tensor:
@@ -55,95 +62,140 @@ def compress_24(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {
         "compressed": weight[mask].reshape(rows, cols // 2).contiguous(),
         "bitmask": pack_bitmask(mask),
-        "shape": torch.tensor([rows, cols], dtype=torch.int64),
+        "shape": torch.tensor([rows, cols], dtype=torch.int64).reshape(2, 1),
     }
 
 
 def decompress_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    rows, cols = (int(v) for v in shape.tolist())
+    rows, cols = (int(v) for v in shape.reshape(-1).tolist())
     mask = unpack_bitmask(bitmask, cols)
     out = torch.zeros(rows, cols, dtype=compressed.dtype)
     out[mask] = compressed.reshape(-1)
     return out
 
 
-def read_bitmask_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Decode a ``sparse-24-bitmask`` folder back to dense tensors ``name → tensor``."""
-    from safetensors.torch import load_file
+def _planned(name: str, tensor_dtype: torch.dtype, shape: tuple[int, ...], targets: set[str]) -> list[PlannedTensor]:
+    if name not in targets:
+        return [PlannedTensor(name, tensor_dtype, shape)]
+    module, (rows, cols) = name.removesuffix(".weight"), shape
+    return [
+        PlannedTensor(f"{module}.compressed", tensor_dtype, (rows, cols // 2)),
+        PlannedTensor(f"{module}.bitmask", torch.uint8, (rows, (cols + 7) // 8)),
+        PlannedTensor(f"{module}.shape", torch.int64, (2, 1)),
+    ]
 
-    stored = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        stored.update(load_file(str(file)))
-    dense = {}
-    for name, tensor in stored.items():
-        if name.endswith(".bitmask") or name.endswith(".shape"):
-            continue
-        if name.endswith(".compressed"):
-            base = name[: -len(".compressed")]
-            dense[base] = decompress_24(tensor, stored[f"{base}.bitmask"], stored[f"{base}.shape"])
+
+def read_bitmask_folder(folder: str | Path):
+    """Decode a ``sparse-24-bitmask`` folder back to dense tensors, yielding ``(name, tensor)`` one at a time."""
+    reader = CheckpointReader(folder)
+    names = set(reader.names())
+    for name in reader.names():
+        module, _, part = name.rpartition(".")
+        if part in PARTS and all(f"{module}.{p}" in names for p in PARTS):
+            if part == "compressed":
+                yield f"{module}.weight", decompress_24(*(reader.read(f"{module}.{p}") for p in PARTS))
         else:
-            dense[name] = tensor
-    return dense
+            yield name, reader.read(name)
+
+
+def compression_config(targets: set[str], dense_2d: list[str], sparsity: float) -> dict:
+    """The ``quantization_config`` of a sparse-only checkpoint, as llm-compressor writes it."""
+    return {
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {
+            "format": FORMAT,
+            "targets": sorted(n.removesuffix(".weight") for n in targets),
+            "ignore": sorted(n.removesuffix(".weight") for n in dense_2d),
+            "sparsity_structure": "2:4",
+            "global_sparsity": sparsity,
+        },
+    }
 
 
 def export_compressed_tensors(
-    src: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False
+    src: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False, max_shard_size: str = "5GB"
 ) -> dict:
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise InvalidInputError(f"compressed-tensors export dtype must be float16 or bfloat16, got {dtype!r}")
-    src = Path(src)
-    checkpoint = read_checkpoint(src)
-    layers = verify_nm(checkpoint)
-    targets = set(r["name"] for r in layers)
-    stored, expected = {}, {}
-    for name, tensor in checkpoint.tensors.items():
-        tensor = positive_zeros(tensor.to(DTYPES[dtype])).contiguous().clone()
-        expected[name] = tensor
-        if name in targets:
-            for key, value in compress_24(tensor).items():
-                stored[f"{name}.{key}"] = value
-        else:
-            stored[name] = tensor
-    total = sum(expected[n].numel() for n in targets)
-    zeros = sum(int((expected[n] == 0).sum()) for n in targets)
-    config = plain_config(checkpoint.config, dtype)
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
-        "format": "dense",
-        "sparsity_config": {
-            "format": FORMAT,
-            "targets": sorted(n[: -len(".weight")] for n in targets),
-            "ignore": sorted(
-                n[: -len(".weight")] for n, t in checkpoint.tensors.items() if t.dim() == 2 and n not in targets
-            ),
-            "sparsity_structure": "2:4",
-            "global_sparsity": zeros / max(total, 1),
-            "registry_requires_subclass": False,
-        },
+    source = open_pruned(src, "compressed-tensors", accepts)
+    layers = check_pattern(source)
+    reader, target_dtype = source.reader, DTYPES[dtype]
+    targets = set(source.targets.tensors)
+    out_dtype = {
+        n: target_dtype if reader.info(n).dtype.is_floating_point else reader.info(n).dtype for n in reader.names()
     }
+    plan = [p for n in reader.names() for p in _planned(n, out_dtype[n], reader.info(n).shape, targets)]
+    zeros = total = 0
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(stored, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        writer.create()
+        for name in reader.names():
+            tensor = cast_for_export(reader.read(name), out_dtype[name])
+            if name in targets:
+                zeros, total = zeros + int((tensor == 0).sum()), total + tensor.numel()
+                for part, value in compress_24(tensor).items():
+                    writer.write(f"{name.removesuffix('.weight')}.{part}", value)
+            else:
+                writer.write(name, tensor)
+        writer.write_index()
+        dense_2d = [n for n in reader.names() if n not in targets and len(reader.info(n).shape) == 2]
+        config = plain_config(source.config, dtype)
+        config["quantization_config"] = compression_config(targets, dense_2d, zeros / max(total, 1))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        copy_side_files(src, tmp)
-        decoded = read_bitmask_folder(tmp)
+        copy_side_files(source.folder, tmp)
         validation = {
-            "round_trip_bit_exact": decoded.keys() == expected.keys()
-            and all(torch.equal(decoded[k].view(torch.int16), expected[k].view(torch.int16)) for k in expected),
+            "round_trip_bit_exact": _round_trip(read_bitmask_folder(tmp), reader, out_dtype, "the project's decoder"),
+            "compressed_tensors_loader": legacy_loader_check(tmp, reader, out_dtype),
             "vllm_loaded": "not measured: vLLM 0.6.5–0.19.0 with a Hopper GPU is not available here",
         }
-        if not validation["round_trip_bit_exact"]:
-            raise InvalidInputError("the bitmask folder does not decode back to the source weights bit for bit")
         size = {
-            "bytes_on_disk": bytes_of_folder(tmp),
-            "dense_bytes_same_dtype": sum(t.numel() * t.element_size() for t in expected.values()),
+            "bytes_on_disk": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
+            "dense_bytes_same_dtype": sum(
+                reader.info(n).nbytes // reader.info(n).dtype.itemsize * out_dtype[n].itemsize for n in reader.names()
+            ),
         }
         return write_manifest(
             tmp,
-            source=src,
+            source=source,
             target="compressed-tensors",
             layers=layers,
             validation=validation,
             extra={"dtype": dtype, "format": FORMAT, "size": size},
         )
+
+
+def _round_trip(decoded, reader: CheckpointReader, out_dtype: dict, decoder: str) -> int:
+    """Compare every decoded tensor bit for bit with the source in the export dtype; returns how many."""
+    seen = set()
+    for name, tensor in decoded:
+        expected = cast_for_export(reader.read(name), out_dtype[name])
+        if tensor.dtype != expected.dtype or not torch.equal(tensor.view(torch.uint8), expected.view(torch.uint8)):
+            raise InvalidInputError(f"{decoder} does not give back {name} bit for bit: the export is broken")
+        seen.add(name)
+    if seen != set(reader.names()):
+        raise InvalidInputError(
+            f"{decoder} gives back {len(seen)} tensors, the source has {len(reader.names())}: "
+            f"missing {sorted(set(reader.names()) - seen)[:3]}"
+        )
+    return len(seen)
+
+
+def legacy_loader_check(folder: Path, reader: CheckpointReader, out_dtype: dict) -> dict | str:
+    """Decode the folder with compressed-tensors ≤ 0.14's own loader where it is importable."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        return (
+            "not measured: compressed-tensors is not installed; "
+            "pip install --no-deps compressed-tensors==0.14.0.1 loguru (into its own --target folder)"
+        )
+    import compressed_tensors
+    from compressed_tensors.compressors import ModelCompressor
+
+    version = compressed_tensors.__version__
+    if tuple(int(p) for p in version.split(".")[:2]) >= (0, 15):
+        return f"not measured: compressed-tensors {version} has no sparse compressors (removed in 0.15); use 0.14"
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    compressor = ModelCompressor.from_compression_config(config)
+    count = _round_trip(
+        compressor.sparsity_compressor.decompress(str(folder)), reader, out_dtype, f"compressed-tensors {version}"
+    )
+    return {"status": "ok", "loader": f"compressed-tensors {version} ModelCompressor", "tensors_bit_exact": count}

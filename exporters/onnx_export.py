@@ -1,13 +1,20 @@
 """ONNX models of pruned checkpoints, through PyTorch's dynamo exporter, validated by ONNX Runtime.
 
-Each pruned Linear lands as a MatMul whose constant initializer is ``[in, out]``: 2:4 along the input
-dimension is 2:4 along the MatMul B axis 0, as TensorRT reads it (for Gemm with ``transB=1``, along B
-axis 1). The exporter checks this on the written file, maps each eligible initializer back to its layer
-by content, and asks an independent tool (polygraphy's sparsity inspection) for its verdict.
+Each pruned Linear lands as a MatMul whose constant initializer is ``[in, out]``: N:M along the input
+dimension is N:M along the MatMul B axis 0, as TensorRT reads it (for Gemm with ``transB=1``, along
+B axis 1). The exporter checks this on the written file and maps each eligible initializer back to
+its layer by content. polygraphy's sparsity inspection, an independent reading of the same file,
+runs on request (``polygraphy=True``): it took over four minutes of one core on SmolLM2's graph,
+where the exporter's own check takes seconds.
+
+ONNX Runtime must load and run the written graph and match PyTorch in the same dtype; a graph it
+cannot load or run fails the export. The one exception is a bfloat16 graph where only the CPU
+provider is present: ONNX Runtime has no CPU kernels for it, so that parity is not measured.
 
 Inputs are ``input_ids`` and ``attention_mask`` ``[batch, seq]`` (int64, dynamic); the output is
 ``logits`` (causal LMs) or ``last_hidden_state`` (encoders). Weights go to external data
-(``model.onnx.data``), so models over 2 GB work.
+(``model.onnx.data``), so models over 2 GB work. The export holds the whole model in memory (the
+dynamo exporter traces a loaded model), about twice its size in the export dtype at the peak.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ from apt.artifacts import atomic_directory
 from apt.data import load_text, token_windows
 from apt.errors import InvalidInputError, MissingDependencyError
 from apt.families import family_for
-from exporters.common import positive_zeros, read_checkpoint, verify_nm, write_manifest
+from apt.patterns import Pattern, positive_zeros
+from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
 from exporters.vllm import copy_side_files
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 ABSOLUTE_TOLERANCE = {"float32": 1e-3}
 RELATIVE_TOLERANCE = 2e-2
 TOP1_AGREEMENT = 0.95
+KV_CACHE_FAMILIES = ("llama", "opt")
 
 
 def parity_verdict(ort_out: np.ndarray, reference: np.ndarray, dtype: str, causal: bool) -> dict:
@@ -92,9 +101,6 @@ class _LogitsWithPast(torch.nn.Module):
         return (out.logits, *present)
 
 
-KV_CACHE_FAMILIES = ("llama", "opt")
-
-
 def _past_names(layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
@@ -106,29 +112,56 @@ def _kv_shape(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def decode_parity(onnx_path: Path, model, tokenizer, dtype: str, prefix: int = 24) -> dict:
+def _require(package: str, extra: str = "onnx"):
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        raise MissingDependencyError(f"the ONNX exporter needs {package!r}: pip install 'apt-sparse[{extra}]'") from err
+
+
+def ort_session(onnx_path: Path, dtype: str):
+    """An ONNX Runtime session on the written graph, or the reason parity cannot be measured here (only
+    for a bfloat16 graph without a GPU provider). A graph ONNX Runtime cannot load is an error."""
+    ort = _require("onnxruntime")
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    if dtype == "bfloat16" and providers == ["CPUExecutionProvider"]:
+        return None, (
+            "not measured: ONNX Runtime's CPU provider has no bfloat16 kernels for this graph "
+            f"(onnxruntime {ort.__version__}); validate on a machine with CUDAExecutionProvider"
+        )
+    try:
+        return ort.InferenceSession(str(onnx_path), providers=providers), None
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise InvalidInputError(f"ONNX Runtime cannot load the exported {dtype} graph {onnx_path}: {err}") from err
+
+
+def _run(session, feed: dict, dtype: str):
+    try:
+        return session.run(None, feed)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise InvalidInputError(f"ONNX Runtime cannot run the exported {dtype} graph: {err}") from err
+
+
+def decode_parity(session, model, tokenizer, dtype: str, prefix: int = 24) -> dict:
     """One decoding step in ONNX Runtime (past from PyTorch's prefill of ``prefix`` tokens) against the
     last-position logits of PyTorch on the whole sequence, and a prefill with an empty past."""
-    ort = _require("onnxruntime")
-    try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as err:
-        return {"status": f"not measured: ONNX Runtime could not load the {dtype} model ({err.__class__.__name__})"}
     ids = token_windows(load_text("stdlib").evaluation, tokenizer, 1, prefix + 1)
     names = [i.name for i in session.get_inputs()][2:]
     kv_heads, head_dim = _kv_shape(model.config)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
     with torch.no_grad():
         reference = model(ids, use_cache=False).logits[:, -1].float().numpy()
         prefill = model(ids[:, :prefix], use_cache=True)
     past = [t for layer in prefill.past_key_values.layers for t in (layer.keys, layer.values)]
     mask = np.ones((1, prefix + 1), dtype=np.int64)
-    feed = {"input_ids": ids[:, prefix:].numpy(), "attention_mask": mask} | {
-        n: t.float().numpy().astype(np.float16 if dtype == "float16" else np.float32) for n, t in zip(names, past)
-    }
-    step = parity_verdict(session.run(None, feed)[0][:, -1], reference, dtype, causal=False)
-    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float16 if dtype == "float16" else np.float32)
+    feed = {"input_ids": ids[:, prefix:].numpy(), "attention_mask": mask}
+    feed |= {n: t.float().numpy().astype(np_dtype) for n, t in zip(names, past)}
+    step = parity_verdict(_run(session, feed, dtype)[0][:, -1], reference, dtype, causal=False)
+    empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np_dtype)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask} | {n: empty for n in names}
-    full = parity_verdict(session.run(None, feed)[0][:, -1], reference, dtype, causal=False)
+    full = parity_verdict(_run(session, feed, dtype)[0][:, -1], reference, dtype, causal=False)
     return {
         "status": "ok",
         "decode_step_max_abs_diff": step["max_abs_diff"],
@@ -140,13 +173,16 @@ def decode_parity(onnx_path: Path, model, tokenizer, dtype: str, prefix: int = 2
     }
 
 
-def _require(package: str, extra: str = "onnx"):
-    import importlib
-
-    try:
-        return importlib.import_module(package)
-    except ImportError as err:
-        raise MissingDependencyError(f"the ONNX exporter needs {package!r}: pip install 'apt-sparse[{extra}]'") from err
+def prefill_parity(session, model, tokenizer, causal: bool, dtype: str, batch: int = 2, seq_len: int = 64) -> dict:
+    """The graph in ONNX Runtime on held-out text against PyTorch in the same dtype."""
+    ids = token_windows(load_text("stdlib").evaluation, tokenizer, batch, seq_len)
+    mask = torch.ones_like(ids)
+    (ort_out,) = _run(session, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, dtype)
+    with torch.no_grad():
+        reference = _Logits(model, causal)(ids, mask).float().numpy()
+    return {"status": "ok", "inputs": f"{batch}x{seq_len} held-out stdlib tokens"} | parity_verdict(
+        ort_out, reference, dtype, causal
+    )
 
 
 def load_for_export(src: Path, dtype: str):
@@ -163,9 +199,10 @@ def load_for_export(src: Path, dtype: str):
     return model, family
 
 
-def sparse_initializers(onnx_path: Path, weights: dict[str, torch.Tensor]) -> dict:
-    """Scan every MatMul/Gemm whose B input is a 2-D constant initializer. Returns counts, the names
-    of 2:4-eligible initializers mapped to the pruned layer they came from, and any negative zeros."""
+def sparse_initializers(onnx_path: Path, weights: dict[str, torch.Tensor], pattern: Pattern) -> dict:
+    """Scan every MatMul/Gemm whose B input is a 2-D constant initializer. Returns the names of the
+    initializers that follow ``pattern`` along K, mapped to the pruned layer they came from (by
+    content), the others, and any that store a negative zero."""
     onnx = _require("onnx")
     from onnx import numpy_helper
 
@@ -186,13 +223,13 @@ def sparse_initializers(onnx_path: Path, weights: dict[str, torch.Tensor]) -> di
         array = numpy_helper.to_array(inits[node.input[1]])
         if array.ndim != 2:
             continue
-        # work on raw bits so float16/bfloat16 need no float semantics: zero is "all bits but the sign clear"
+        # raw bits, so float16/bfloat16 need no float semantics: zero is "all bits but the sign clear"
         bits = array.view(f"u{array.itemsize}")
         sign = np.array(1 << (8 * array.itemsize - 1), dtype=bits.dtype)
         nonzero = (bits & ~sign) != 0
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        along_k = nonzero if trans_b else nonzero.T  # [N, K]: groups of 4 along K
-        if along_k.shape[1] % 4 == 0 and (along_k.reshape(along_k.shape[0], -1, 4).sum(-1) <= 2).all():
+        along_k = nonzero if trans_b else nonzero.T  # [N, K]: groups along K
+        if _follows(along_k, pattern):
             eligible[node.input[1]] = by_content.get(array.tobytes())
             if (bits == sign).any():
                 negative_zero.append(node.input[1])
@@ -201,78 +238,40 @@ def sparse_initializers(onnx_path: Path, weights: dict[str, torch.Tensor]) -> di
     return {"eligible": eligible, "dense": dense, "negative_zero": negative_zero}
 
 
-def polygraphy_sparsity(onnx_path: Path) -> dict:
-    """Run ``polygraphy inspect sparsity`` (an independent implementation of the 2:4 check)."""
+def _follows(nonzero: np.ndarray, pattern: Pattern) -> bool:
+    rows, k = nonzero.shape
+    if pattern.is_nm:
+        return k % pattern.m == 0 and bool((nonzero.reshape(rows, -1, pattern.m).sum(-1) <= pattern.n).all())
+    return bool(((~nonzero).sum(-1) >= round(pattern.sparsity * k)).all())
+
+
+def polygraphy_sparsity(onnx_path: Path, eligible: dict) -> dict:
+    """``polygraphy inspect sparsity`` on the file (an independent implementation of the 2:4 check)."""
     exe = shutil.which("polygraphy") or str(Path(sys.executable).parent / "polygraphy")
     if not Path(exe).exists():
-        return {"status": "not measured: polygraphy is not installed (pip install polygraphy)"}
-    run = subprocess.run([exe, "inspect", "sparsity", str(onnx_path)], capture_output=True, text=True, timeout=1800)
+        raise MissingDependencyError("the independent check needs polygraphy: pip install polygraphy")
+    run = subprocess.run([exe, "inspect", "sparsity", str(onnx_path)], capture_output=True, text=True, timeout=3600)
+    if run.returncode != 0:
+        raise InvalidInputError(f"polygraphy inspect sparsity failed (exit {run.returncode}): {run.stderr[-500:]}")
     text = run.stdout + run.stderr
     sparse = re.findall(r"Found sparse tensor: (\S+)", text)
-    dense = re.findall(r"Found non-sparse tensor: (\S+)", text)
-    return {
-        "status": "ok" if run.returncode == 0 else f"failed (exit {run.returncode})",
-        "sparse": sparse,
-        "non_sparse": dense,
-    }
-
-
-def _agreement(report: dict, eligible: dict) -> dict:
-    if "sparse" in report:
-        report["agrees"] = set(report["sparse"]) >= set(eligible)
-        if not report["agrees"]:
-            report["note"] = "polygraphy did not confirm every eligible initializer (it cannot read bfloat16 ones)"
+    report = {"status": "ok", "sparse": sparse, "non_sparse": re.findall(r"Found non-sparse tensor: (\S+)", text)}
+    report["agrees"] = set(sparse) >= set(eligible)
+    if not report["agrees"]:
+        raise InvalidInputError(f"polygraphy does not find 2:4 structure in {sorted(set(eligible) - set(sparse))[:3]}")
     return report
 
 
-def onnxruntime_parity(
-    onnx_path: Path, model, tokenizer, causal: bool, dtype: str, batch: int = 2, seq_len: int = 64
-) -> dict:
-    """Run the file in ONNX Runtime (CPU) on held-out text and compare with PyTorch in the same dtype."""
-    ort = _require("onnxruntime")
-    try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own types
-        return {"status": f"not measured: ONNX Runtime could not load the {dtype} model ({err.__class__.__name__})"}
-    ids = token_windows(load_text("stdlib").evaluation, tokenizer, batch, seq_len)
-    mask = torch.ones_like(ids)
-    try:
-        (ort_out,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    except Exception as err:
-        return {"status": f"not measured: ONNX Runtime on CPU could not run the {dtype} model ({err})"}
-    with torch.no_grad():
-        reference = _Logits(model, causal)(ids, mask).float().numpy()
-    verdict = parity_verdict(ort_out, reference, dtype, causal)
-    return {"status": "ok", "inputs": f"{batch}x{seq_len} held-out stdlib tokens"} | verdict
+def _independent_check(path: Path, eligible: dict, pattern: Pattern, requested: bool) -> dict:
+    if not requested:
+        return {"status": "not requested (pass --polygraphy for polygraphy's independent sparsity inspection)"}
+    if (pattern.n, pattern.m) != (2, 4):
+        return {"status": f"not applicable: polygraphy inspects 2:4 only, this graph is {pattern}"}
+    return polygraphy_sparsity(path, eligible)
 
 
-def export_onnx(
-    src: str | Path,
-    out: str | Path,
-    dtype: str = "float32",
-    opset: int = 18,
-    overwrite: bool = False,
-    validate: bool = True,
-    with_past: bool = False,
-) -> dict:
-    """Write ``OUT/model.onnx`` (+ ``model.onnx.data``) and ``OUT/manifest.json``. ``with_past`` writes
-    the decoding graph with past and present keys/values (decoders with a KV cache)."""
-    import transformers
-
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"ONNX dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    _require("onnx")
-    _require("onnxscript")
-    src = Path(src)
-    checkpoint = read_checkpoint(src)
-    layers = verify_nm(checkpoint)
-    model, family = load_for_export(src, dtype)
-    if with_past and family.name not in KV_CACHE_FAMILIES:
-        raise InvalidInputError(
-            f"with_past needs a decoder with a key/value cache ({', '.join(KV_CACHE_FAMILIES)} families); "
-            f"{family.name} has none: export without it"
-        )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+def _trace(model, family, dtype: str, with_past: bool, path: Path, opset: int) -> tuple[list[str], list[str]]:
+    """Export the model (or its decoding graph) to ``path``; returns the input and output names."""
     ids = torch.randint(0, 100, (2, 16))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     if with_past:
@@ -289,51 +288,88 @@ def export_onnx(
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
         inputs = ["input_ids", "attention_mask"]
         outputs = ["logits" if family.causal else "last_hidden_state"]
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+        )
+    program.save(str(path), external_data=True)
+    return inputs, outputs
+
+
+def _check_initializers(path: Path, source: PrunedSource, dtype: str) -> dict:
+    """Every pruned layer must be found in the graph as an initializer that keeps the pattern along K."""
+    targets = {n: positive_zeros(source.reader.read(n).to(DTYPES[dtype])) for n in source.targets.tensors}
+    scan = sparse_initializers(path, targets, source.targets.pattern)
+    found = {v for v in scan["eligible"].values() if v}
+    missing = sorted(set(targets) - found)
+    if missing or scan["negative_zero"]:
+        raise InvalidInputError(
+            f"the written ONNX graph lost its {source.targets.pattern} structure: {len(missing)} pruned layers not "
+            f"found as such initializers (first: {missing[:3]}), negative zeros in {scan['negative_zero'][:3]}"
+        )
+    return scan
+
+
+def export_onnx(
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    opset: int = 18,
+    overwrite: bool = False,
+    with_past: bool = False,
+    polygraphy: bool = False,
+) -> dict:
+    """Write ``OUT/model.onnx`` (+ ``model.onnx.data``) and ``OUT/manifest.json``. ``with_past`` writes
+    the decoding graph with past and present keys/values (decoders with a KV cache); ``polygraphy``
+    adds polygraphy's independent sparsity inspection of the file."""
+    import transformers
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"ONNX dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _require("onnx")
+    _require("onnxscript")
+    _require("onnxruntime")
+    source = open_pruned(src, "onnx")
+    family = family_for(transformers.AutoConfig.from_pretrained(source.folder))
+    if with_past and family.name not in KV_CACHE_FAMILIES:
+        raise InvalidInputError(
+            f"with_past needs a decoder with a key/value cache ({', '.join(KV_CACHE_FAMILIES)} families); "
+            f"{family.name} has none: export without it"
+        )
+    layers = check_pattern(source)
+    model, family = load_for_export(source.folder, dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         path = tmp / "model.onnx"
-        with torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                args,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=dynamic,
-                input_names=inputs,
-                output_names=outputs,
-            )
-        program.save(str(path), external_data=True)
-        copy_side_files(src, tmp)
-        (tmp / "config.json").write_text(json.dumps(checkpoint.config, indent=2))
-        targets = {r["name"]: positive_zeros(checkpoint.tensors[r["name"]].to(DTYPES[dtype])) for r in layers}
-        scan = sparse_initializers(path, targets)
-        found = set(v for v in scan["eligible"].values() if v)
-        missing = sorted(set(targets) - found)
-        if missing or scan["negative_zero"]:
-            raise InvalidInputError(
-                f"the written ONNX graph lost 2:4 structure: {len(missing)} pruned layers not found as 2:4 "
-                f"initializers (first: {missing[:3]}), negative zeros in {scan['negative_zero'][:3]}"
-            )
+        inputs, outputs = _trace(model, family, dtype, with_past, path, opset)
+        copy_side_files(source.folder, tmp)
+        (tmp / "config.json").write_text(json.dumps(source.config, indent=2))
+        scan = _check_initializers(path, source, dtype)
+        session, reason = ort_session(path, dtype)
+        if session is None:
+            parity = {"status": reason}
+        elif with_past:
+            parity = decode_parity(session, model, tokenizer, dtype)
+        else:
+            parity = prefill_parity(session, model, tokenizer, family.causal, dtype)
+        if parity["status"] == "ok" and not parity["passed"]:
+            raise InvalidInputError(f"ONNX Runtime does not match PyTorch: {parity}")
         validation = {
             "eligible_initializers": len(scan["eligible"]),
-            "pruned_layers_found_2_4": len(found),
+            "pruned_layers_found_in_pattern": len({v for v in scan["eligible"].values() if v}),
             "dense_matmul_initializers": scan["dense"],
-            "polygraphy": _agreement(polygraphy_sparsity(path), scan["eligible"])
-            if validate
-            else {"status": "not measured: validate=False"},
-            "onnxruntime": (
-                decode_parity(path, model, tokenizer, dtype)
-                if with_past
-                else onnxruntime_parity(path, model, tokenizer, family.causal, dtype)
-            )
-            if validate
-            else {"status": "not measured: validate=False"},
+            "onnxruntime": parity,
+            "polygraphy": _independent_check(path, scan["eligible"], source.targets.pattern, polygraphy),
         }
-        parity = validation["onnxruntime"]
-        if parity.get("status") == "ok" and not parity["passed"]:
-            raise InvalidInputError(f"ONNX Runtime does not match PyTorch: {parity}")
         return write_manifest(
             tmp,
-            source=src,
+            source=source,
             target="onnx",
             layers=layers,
             validation=validation,

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from apt.artifacts import atomic_directory
 from apt.errors import InvalidInputError
-from exporters.common import read_checkpoint, verify_nm, write_manifest
+from exporters.common import check_pattern, only_2_4, open_pruned, write_manifest
 from exporters.onnx_export import export_onnx
+
+accepts = only_2_4("TensorRT's sparse tactics (SPARSE_WEIGHTS) take 2:4 weights only")
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +112,22 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile) -> dict:
 
 
 def export_tensorrt(
-    src: str | Path, out: str | Path, dtype: str = "float16", profile: Profile | None = None, overwrite: bool = False
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float16",
+    profile: Profile | None = None,
+    overwrite: bool = False,
+    polygraphy: bool = False,
 ) -> dict:
     """Write ``OUT/onnx/`` (the strongly typed graph), ``OUT/model.plan`` where TensorRT and a GPU are
     present, and ``OUT/manifest.json`` with the engine report or the reason it was not built."""
     if dtype not in ("float16", "bfloat16"):
         raise InvalidInputError(f"TensorRT's strongly typed build needs a float16 or bfloat16 graph, got {dtype!r}")
     profile = profile or Profile()
-    src = Path(src)
-    layers = verify_nm(read_checkpoint(src))
+    source = open_pruned(src, "tensorrt", accepts)
+    layers = check_pattern(source)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        onnx_manifest = export_onnx(src, tmp / "onnx", dtype=dtype)
+        onnx_manifest = export_onnx(source.folder, tmp / "onnx", dtype=dtype, polygraphy=polygraphy)
         command = trtexec_command("onnx/model.onnx", "model.plan", profile)
         reason = tensorrt_unavailable_reason()
         if reason:
@@ -135,7 +142,7 @@ def export_tensorrt(
         }
         return write_manifest(
             tmp,
-            source=src,
+            source=source,
             target="tensorrt",
             layers=layers,
             validation=validation,

@@ -1,7 +1,9 @@
 """Weights that current vLLM loads as a plain model: fp16/bf16 safetensors with the zeros in place.
 
 vLLM removed its 2:4 kernels (CompressedTensors24) in v0.19.1 and refuses checkpoints whose
-``quantization_config.sparsity_config`` lists targets, so this folder carries no sparsity config at all.
+``quantization_config.sparsity_config`` lists targets, so this folder carries no sparsity config at
+all. Tensors are read and written one at a time (shards of ``max_shard_size``), so the export needs
+memory for one tensor, whatever the model's size.
 """
 
 from __future__ import annotations
@@ -13,23 +15,28 @@ from pathlib import Path
 import torch
 
 from apt.artifacts import atomic_directory
+from apt.checkpoint import PlannedTensor, ShardedWriter, parse_size
 from apt.errors import InvalidInputError
-from apt.patterns import is_nm_sparse
-from exporters.common import positive_zeros, read_checkpoint, verify_nm, write_manifest
+from apt.patterns import conforms, positive_zeros
+from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = (
+SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
     "generation_config.json",
     "chat_template.jinja",
 )
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
+    for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
 
@@ -45,30 +52,67 @@ def plain_config(config: dict, dtype: str) -> dict:
     return config
 
 
-def export_vllm(src: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False) -> dict:
-    from safetensors.torch import load_file, save_file
+def cast_for_export(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors in the export dtype with ``+0.0`` zeros; integer tensors unchanged."""
+    return positive_zeros(tensor.to(dtype)) if tensor.is_floating_point() else tensor
+
+
+def export_vllm(
+    src: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False, max_shard_size: str = "5GB"
+) -> dict:
+    from safetensors import safe_open
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"vllm export dtype must be float16 or bfloat16, got {dtype!r}")
-    src = Path(src)
-    checkpoint = read_checkpoint(src)
-    layers = verify_nm(checkpoint)
-    # safetensors refuses tensors that share memory (tied embeddings): save each once, contiguously
-    tensors = {name: positive_zeros(t.to(DTYPES[dtype])).contiguous().clone() for name, t in checkpoint.tensors.items()}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(plain_config(checkpoint.config, dtype), indent=2))
-        copy_side_files(src, tmp)
-        written = load_file(str(tmp / "model.safetensors"))
-        config = json.loads((tmp / "config.json").read_text())
-        validation = {
-            "tensors_match_source": all(torch.equal(written[k], tensors[k]) for k in tensors),
-            "targets_still_2_4": all(is_nm_sparse(written[r["name"]], 2, 4) for r in layers),
-            "no_sparsity_config": "sparsity_config" not in json.dumps(config),
-            "vllm_loaded": "not measured: vLLM is not installed here (it needs a GPU)",
-        }
-        if not all(v for k, v in validation.items() if k != "vllm_loaded"):
-            raise InvalidInputError(f"the written vLLM folder failed validation: {validation}")
-        return write_manifest(
-            tmp, source=src, target="vllm", layers=layers, validation=validation, extra={"dtype": dtype}
+    source = open_pruned(src, "vllm")
+    layers = check_pattern(source)
+    reader, target_dtype = source.reader, DTYPES[dtype]
+    plan = [
+        PlannedTensor(
+            n, target_dtype if reader.info(n).dtype.is_floating_point else reader.info(n).dtype, reader.info(n).shape
         )
+        for n in reader.names()
+    ]
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, plan, parse_size(max_shard_size))
+        writer.create()
+        for name in reader.names():
+            writer.write(name, cast_for_export(reader.read(name), target_dtype))
+        writer.write_index()
+        (tmp / "config.json").write_text(json.dumps(plain_config(source.config, dtype), indent=2))
+        copy_side_files(source.folder, tmp)
+        validation = _validate(tmp, source, target_dtype, safe_open)
+        return write_manifest(
+            tmp, source=source, target="vllm", layers=layers, validation=validation, extra={"dtype": dtype}
+        )
+
+
+def _validate(folder: Path, source: PrunedSource, dtype: torch.dtype, safe_open) -> dict:
+    """Read the written shards back with the safetensors library (what transformers and vLLM use),
+    one tensor at a time, and compare with the source."""
+    import transformers
+
+    targets = set(source.targets.tensors)
+    matched = pattern_kept = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                written = f.get_tensor(name)
+                if not torch.equal(written, cast_for_export(source.reader.read(name), dtype)):
+                    raise InvalidInputError(f"the written {name} differs from the source: the vLLM export failed")
+                matched += 1
+                pattern_kept += name in targets and conforms(written, source.targets.pattern)
+    if matched != len(source.reader.names()) or pattern_kept != len(targets):
+        raise InvalidInputError(
+            f"the vLLM folder holds {matched} of {len(source.reader.names())} tensors, "
+            f"{pattern_kept} of {len(targets)} pruned ones in pattern"
+        )
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if getattr(config, "quantization_config", None) and "sparsity_config" in json.dumps(config.quantization_config):
+        raise InvalidInputError("the vLLM folder's config still carries a sparsity_config, which vLLM ≥ 0.19.1 refuses")
+    return {
+        "tensors_match_source": matched,
+        "pruned_tensors_in_pattern": pattern_kept,
+        "config_loads_without_sparsity_config": True,
+        "vllm_loaded": "not measured: vLLM is not installed here (it needs a GPU)",
+    }

@@ -1,36 +1,52 @@
 """The benchmark run: GEMM sweep, decode-safe check, end to end, accuracy and pruning cost → results.json.
 
-``results.json`` (schema ``apt-sparse/bench-results/1``):
+``run_bench`` is given how to obtain the dense and the pruned model (a folder, or a function that
+builds one) and loads each itself, one at a time, so it never converts a model its caller holds.
+
+``results.json`` (schema ``apt-sparse/bench-results/2``):
 
 - ``created``, ``machine`` (platform, CPU, threads, GPU name and driver/CUDA where present, library versions)
 - ``backends``: ``{name: {available, reason}}`` for every registered backend
-- ``gemm``: ``dtype``, ``device``, ``ceiling`` (2.0), ``records`` — per ``shape``/``in``/``out``/``m``:
-  ``dense_ms`` {median, min, max, n} and per sparse backend either ``{ms, speedup, max_abs_diff}`` or
-  the string ``"not measured: <reason>"``
+- ``gemm``: ``dtype``, ``device``, ``ceiling`` (2.0), ``sparse_backends`` (those measured), ``records`` —
+  per ``shape``/``in``/``out``/``m``: ``dense_ms`` {median, min, max, n} and per measured sparse
+  backend ``{ms, speedup, max_abs_diff}``
 - ``thresholds``: per ``"{in}x{out}"`` the M from which the decode-safe linear takes the sparse path (null: never)
-- ``decode_safe``: the check that the decode-safe model matches dense outputs, and how many layers got a sparse path
-- ``e2e``: ``prefill`` and ``decode`` rows ``{model, backend, batch, seq | prompt+new_tokens, result}``;
-  ``result`` is a timing summary or ``"not measured: <reason>"``
+- ``decode_safe``: how many layers got a sparse path and the largest output difference against dense
+  kernels (present where a sparse kernel ran)
+- ``e2e``: measured ``prefill`` and ``decode`` rows ``{model, backend, batch, seq | prompt+new_tokens, result}``
 - ``accuracy``: ``metric``, ``dense`` and ``methods`` (per method the pruned value)
 - ``pruning``: per method ``seconds``, ``peak_memory_bytes``, ``sum_relative_loss`` and per-layer ``relative_loss``
-- ``not_measured``: every "not measured" line of the run, collected
+- ``not_measured``: ``{what: reason}``, one entry for each backend or artifact that could not be
+  measured, stated once (the tables hold only what was measured)
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
+import os
 import platform
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from apt.targets import PrunedTargets
 from runtime_bench.backends import BACKENDS, availability
 from runtime_bench.decode_safe import make_decode_safe
 from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency
-from runtime_bench.gemm import LLAMA3_8B_SHAPES, GemmConfig, measure_gemm, model_shapes, sparse_thresholds
+from runtime_bench.gemm import (
+    LLAMA3_8B_SHAPES,
+    SPARSE_BACKENDS,
+    GemmConfig,
+    measure_gemm,
+    model_shapes,
+    sparse_thresholds,
+)
 
-SCHEMA = "apt-sparse/bench-results/1"
+SCHEMA = "apt-sparse/bench-results/2"
+ModelSpec = "str | Path | Callable[[], torch.nn.Module]"
 
 
 @dataclass(frozen=True)
@@ -43,14 +59,18 @@ class BenchConfig:
     decode: tuple[int, int, int] = (1, 128, 64)  # batch, prompt, new tokens
     e2e_repeats: int = 5
     sparse_backend: str = "torch-sparse-cusparselt"
-    extra_not_measured: tuple[str, ...] = field(default_factory=tuple)
+    not_measured: dict = field(default_factory=dict)  # extra {what: reason} from the caller (exports)
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self.device.startswith("cuda") else "float32"
 
 
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -65,8 +85,6 @@ def machine_info() -> dict:
             "memory_gib": round(props.total_memory / 2**30, 1),
         }
         try:
-            import subprocess
-
             info["gpu"]["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                 capture_output=True,
@@ -93,115 +111,103 @@ def pruning_record(report: dict) -> dict:
     }
 
 
-def _not_measured(reason: str) -> str:
-    return f"not measured: {reason}"
+def load_bench_model(spec, config: BenchConfig) -> torch.nn.Module:
+    """A fresh model for the benchmark, in its dtype on its device: from a folder, or built by ``spec()``."""
+    import transformers
+
+    if callable(spec):
+        model = spec()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=getattr(torch, config.dtype))
+    return model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
+
+
+def _release(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def decode_safe_section(pruned, thresholds: dict, config: BenchConfig, targets) -> tuple[dict | None, str | None]:
+    """Turn ``pruned`` (a model this run owns) decode-safe; returns the check, or why no sparse path ran."""
+    ids = torch.randint(10, pruned.config.vocab_size, (2, 64)).to(config.device)
+    with torch.no_grad():
+        before = pruned(input_ids=ids, use_cache=False).logits.float()
+    counts = make_decode_safe(pruned, thresholds, config.sparse_backend, targets)
+    if not counts["with_sparse_path"]:
+        status = BACKENDS[config.sparse_backend]()
+        return None, status.reason if not status.available else "no measured M where the sparse kernel was faster"
+    with torch.no_grad():
+        after = pruned(input_ids=ids, use_cache=False).logits.float()
+    return counts | {
+        "max_abs_diff_vs_dense_kernels": float((after - before).abs().max()),
+        "backend": config.sparse_backend,
+    }, None
+
+
+def _e2e_rows(model, label: str, backend: str, config: BenchConfig) -> dict:
+    rows = {"prefill": [], "decode": []}
+    for batch, seq in config.prefill:
+        result = prefill_latency(model, batch, seq, config.device, config.e2e_repeats)
+        rows["prefill"].append({"model": label, "backend": backend, "batch": batch, "seq": seq, "result": result})
+    batch, prompt, new = config.decode
+    result = decode_throughput(model, batch, prompt, new, config.device, config.e2e_repeats)
+    rows["decode"].append(
+        {"model": label, "backend": backend, "batch": batch, "prompt": prompt, "new_tokens": new, "result": result}
+    )
+    return rows
 
 
 def run_bench(
     config: BenchConfig,
-    dense_model,
-    pruned_model,
+    dense: ModelSpec,
+    pruned: ModelSpec,
     onnx_path: Path | None = None,
     accuracy: dict | None = None,
     pruning: dict | None = None,
+    targets: PrunedTargets | None = None,
 ) -> dict:
-    """Measure everything this machine can measure for ``pruned_model`` against ``dense_model``."""
-    device = config.device
-    dtype = "float16" if device.startswith("cuda") else "float32"
-    shapes = model_shapes(pruned_model) + (LLAMA3_8B_SHAPES if config.llama_shapes else ())
-    gemm = measure_gemm(
-        GemmConfig(shapes=shapes, ms=config.gemm_ms, dtype=dtype, device=device, repeats=config.gemm_repeats)
-    )
-    thresholds = sparse_thresholds(gemm, config.sparse_backend)
-
-    torch_dtype = getattr(torch, dtype)
-    dense_model = dense_model.to(device=device, dtype=torch_dtype).eval()
-    pruned_model = pruned_model.to(device=device, dtype=torch_dtype).eval()
-    ids = torch.randint(10, pruned_model.config.vocab_size, (2, 64)).to(device)
-    with torch.no_grad():
-        before = pruned_model(input_ids=ids, use_cache=False).logits.float()
-    counts = make_decode_safe(pruned_model, thresholds, config.sparse_backend)
-    with torch.no_grad():
-        after = pruned_model(input_ids=ids, use_cache=False).logits.float()
-    decode_safe = counts | {
-        "max_abs_diff_vs_dense_kernels": float((after - before).abs().max()),
-        "backend": config.sparse_backend,
-    }
-    sparse_status = BACKENDS[config.sparse_backend]()
-    sparse_reason = None
-    if not counts["with_sparse_path"]:
-        sparse_reason = sparse_status.reason if not sparse_status.available else "no measured M where sparse was faster"
-        decode_safe["note"] = _not_measured(f"no layer took a sparse path: {sparse_reason}")
-
+    """Measure everything this machine can measure for the pruned model against the dense one."""
+    not_measured = dict(config.not_measured)
     e2e = {"prefill": [], "decode": []}
-    for batch, seq in config.prefill:
-        e2e["prefill"].append(
-            {
-                "model": "dense",
-                "backend": "torch-dense",
-                "batch": batch,
-                "seq": seq,
-                "result": prefill_latency(dense_model, batch, seq, device, config.e2e_repeats),
-            }
+
+    model = load_bench_model(dense, config)
+    for kind, rows in _e2e_rows(model, "dense", "torch-dense", config).items():
+        e2e[kind] += rows
+    _release(model)
+
+    model = load_bench_model(pruned, config)
+    shapes = model_shapes(model, targets) + (LLAMA3_8B_SHAPES if config.llama_shapes else ())
+    gemm, unmeasured = measure_gemm(
+        GemmConfig(
+            shapes=shapes, ms=config.gemm_ms, dtype=config.dtype, device=config.device, repeats=config.gemm_repeats
         )
-        e2e["prefill"].append(
-            {
-                "model": "pruned",
-                "backend": f"decode-safe {config.sparse_backend}",
-                "batch": batch,
-                "seq": seq,
-                "result": prefill_latency(pruned_model, batch, seq, device, config.e2e_repeats)
-                if not sparse_reason
-                else _not_measured(f"sparse kernels unavailable: {sparse_reason}"),
-            }
-        )
-        if onnx_path is not None:
+    )
+    not_measured |= {f"{b} GEMM": reason for b, reason in unmeasured.items()}
+    thresholds = sparse_thresholds(gemm, config.sparse_backend)
+    decode_safe, reason = decode_safe_section(model, thresholds, config, targets)
+    if decode_safe is None:
+        not_measured[f"decode-safe {config.sparse_backend} end to end"] = reason
+    else:
+        for kind, rows in _e2e_rows(model, "pruned", f"decode-safe {config.sparse_backend}", config).items():
+            e2e[kind] += rows
+    vocab = model.config.vocab_size
+    _release(model)
+
+    if onnx_path is not None:
+        for batch, seq in config.prefill:
+            result = onnxruntime_prefill(onnx_path, vocab, batch, seq, config.e2e_repeats)
             e2e["prefill"].append(
-                {
-                    "model": "pruned",
-                    "backend": "onnxruntime",
-                    "batch": batch,
-                    "seq": seq,
-                    "result": onnxruntime_prefill(
-                        onnx_path, pruned_model.config.vocab_size, batch, seq, config.e2e_repeats
-                    ),
-                }
+                {"model": "pruned", "backend": "onnxruntime", "batch": batch, "seq": seq, "result": result}
             )
-        e2e["prefill"].append(
-            {
-                "model": "pruned",
-                "backend": "tensorrt",
-                "batch": batch,
-                "seq": seq,
-                "result": _not_measured(BACKENDS["tensorrt"]().reason)
-                if not BACKENDS["tensorrt"]().available
-                else _not_measured("engine timing not wired"),
-            }
-        )
-    batch, prompt, new = config.decode
-    e2e["decode"].append(
-        {
-            "model": "dense",
-            "backend": "torch-dense",
-            "batch": batch,
-            "prompt": prompt,
-            "new_tokens": new,
-            "result": decode_throughput(dense_model, batch, prompt, new, device, config.e2e_repeats),
-        }
+    else:
+        not_measured["onnxruntime end to end"] = "no exported ONNX graph was given"
+    trt = BACKENDS["tensorrt"]()
+    not_measured["tensorrt end to end"] = (
+        trt.reason if not trt.available else "timing TensorRT engines is not implemented here: use trtexec --loadEngine"
     )
-    e2e["decode"].append(
-        {
-            "model": "pruned",
-            "backend": f"decode-safe {config.sparse_backend}",
-            "batch": batch,
-            "prompt": prompt,
-            "new_tokens": new,
-            "result": decode_throughput(pruned_model, batch, prompt, new, device, config.e2e_repeats)
-            if not sparse_reason
-            else _not_measured(f"sparse kernels unavailable: {sparse_reason}"),
-        }
-    )
-    results = {
+    return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -212,19 +218,8 @@ def run_bench(
         "e2e": e2e,
         "accuracy": accuracy or {"metric": None, "dense": None, "methods": {}},
         "pruning": pruning or {},
+        "not_measured": not_measured,
     }
-    results["not_measured"] = sorted(set(_collect_not_measured(results)) | set(config.extra_not_measured))
-    return results
-
-
-def _collect_not_measured(obj) -> list[str]:
-    if isinstance(obj, str):
-        return [obj] if obj.startswith("not measured") else []
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in _collect_not_measured(v)]
-    if isinstance(obj, list):
-        return [s for v in obj for s in _collect_not_measured(v)]
-    return []
 
 
 def validate_results(results: dict) -> None:
@@ -251,53 +246,29 @@ def validate_results(results: dict) -> None:
     for name, status in results["backends"].items():
         need(set(status) == {"available", "reason"} and isinstance(status["available"], bool), f"backend {name}")
     need(results["gemm"]["records"], "gemm.records is empty")
+    measured = set(results["gemm"]["sparse_backends"])
+    for backend in SPARSE_BACKENDS:
+        need(
+            backend in measured or f"{backend} GEMM" in results["not_measured"],
+            f"gemm {backend}: neither measured nor listed as not measured",
+        )
     for record in results["gemm"]["records"]:
         need({"shape", "in", "out", "m", "dense_ms"} <= set(record), "gemm record keys")
         need(record["dense_ms"]["median"] > 0, "gemm dense_ms.median must be positive")
-        for backend in ("torch-sparse-cusparselt", "torch-sparse-cutlass"):
+        for backend in measured:
             entry = record.get(backend)
+            if entry is None:
+                need(backend in record.get("not_measured", {}), f"gemm {backend} at {record['shape']} M={record['m']}")
+                continue
             need(
-                isinstance(entry, dict)
-                and entry["speedup"] > 0
-                or isinstance(entry, str)
-                and entry.startswith("not measured: "),
-                f"gemm {backend} entry",
+                isinstance(entry, dict) and entry["speedup"] > 0 and entry["ms"]["median"] > 0,
+                f"gemm {backend} entry at {record['shape']} M={record['m']}",
             )
     for kind in ("prefill", "decode"):
         for row in results["e2e"][kind]:
             result = row["result"]
-            need(
-                isinstance(result, dict)
-                and result["median"] > 0
-                or isinstance(result, str)
-                and result.startswith("not measured: "),
-                f"e2e {kind} row {row}",
-            )
+            need(isinstance(result, dict) and result["median"] > 0, f"e2e {kind} row {row}")
+    for what, reason in results["not_measured"].items():
+        need(isinstance(reason, str) and reason, f"not_measured {what} needs a reason")
     for value in results["thresholds"].values():
         need(value is None or isinstance(value, int), "thresholds")
-
-
-def render_report_sections(results: dict) -> list[str]:
-    """The report's sections about exported artifacts and the demo run, where present."""
-    lines = []
-    if results.get("exports"):
-        lines += ["", "## Exported artifacts", "", "| target | size (MiB) | validation |", "|---|---|---|"]
-        for target, info in results["exports"].items():
-            checks = "; ".join(
-                f"{k}: {v if not isinstance(v, dict) else v.get('status', v)}"
-                for k, v in info["validation"].items()
-                if k != "dense_matmul_initializers"
-            )
-            lines.append(f"| {target} | {info['bytes'] / 2**20:.1f} | {checks} |")
-            if info.get("trtexec"):
-                lines.append(f"| | | `{info['trtexec']}` |")
-    if results.get("demo"):
-        d = results["demo"]
-        lines += [
-            "",
-            "## Demo run",
-            "",
-            f"Model {d['model']}; calibration {d['calibration']}; eval {d['eval']}; "
-            f"whole run {d['seconds'] / 60:.1f} min.",
-        ]
-    return lines

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from apt.patterns import is_nm_sparse
+from apt.targets import PrunedTargets, target_linears
 from runtime_bench.backends import BACKENDS, to_sparse
+
+
+def choose_path(tokens: int, threshold: int | None, has_sparse: bool) -> str:
+    """``"sparse"`` when a sparse copy exists and ``tokens`` reaches the measured threshold, else ``"dense"``."""
+    return "sparse" if has_sparse and threshold is not None and tokens >= threshold else "dense"
 
 
 class DecodeSafeLinear(torch.nn.Module):
@@ -33,7 +39,7 @@ class DecodeSafeLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
-        if self.sparse_weight is not None and tokens >= self.threshold:
+        if choose_path(tokens, self.threshold, self.sparse_weight is not None) == "sparse":
             out = F.linear(x.reshape(tokens, x.shape[-1]), self.sparse_weight)
             out = out.reshape(*x.shape[:-1], out.shape[-1])
             return out + self.bias if self.bias is not None else out
@@ -41,21 +47,23 @@ class DecodeSafeLinear(torch.nn.Module):
 
 
 def make_decode_safe(
-    model: torch.nn.Module, thresholds: dict[str, int | None], backend: str = "torch-sparse-cusparselt"
+    model: torch.nn.Module,
+    thresholds: dict[str, int | None],
+    backend: str = "torch-sparse-cusparselt",
+    targets: PrunedTargets | None = None,
 ) -> dict:
-    """Replace every 2:4 Linear inside the model's blocks by a ``DecodeSafeLinear`` with the threshold of
-    its ``"{in}x{out}"`` shape (a shape that was not measured stays dense). Returns counts."""
+    """Replace every pruned Linear (``apt.targets``: the folder's report, else the family adapter) that
+    is 2:4 by a ``DecodeSafeLinear`` with the threshold of its ``"{in}x{out}"`` shape (a shape that was
+    not measured stays dense). Returns counts."""
+    modules = dict(model.named_modules())
     replaced = sparse = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if (
-                isinstance(child, torch.nn.Linear)
-                and ".layers." in f".{name}.{child_name}"
-                and is_nm_sparse(child.weight.data)
-            ):
-                threshold = thresholds.get(f"{child.in_features}x{child.out_features}")
-                safe = DecodeSafeLinear(child, threshold, backend)
-                setattr(module, child_name, safe)
-                replaced += 1
-                sparse += safe.uses_sparse
+    for name, linear in target_linears(model, targets):
+        if not isinstance(linear, torch.nn.Linear) or not is_nm_sparse(linear.weight.data, 2, 4):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name in modules else model.get_submodule(parent_name)
+        safe = DecodeSafeLinear(linear, thresholds.get(f"{linear.in_features}x{linear.out_features}"), backend)
+        setattr(parent, child, safe)
+        replaced += 1
+        sparse += safe.uses_sparse
     return {"replaced": replaced, "with_sparse_path": sparse}

@@ -2,7 +2,8 @@
 bench → report. ``apt-sparse demo --out DIR [--quick]``; ``make demo`` runs it.
 
 Layout of DIR: ``pruned/<method>/`` (checkpoints with prune reports), ``export/<target>/`` (artifacts with
-manifests), ``results.json`` and ``report.md`` with its plots.
+manifests), ``results.json`` and ``report.md`` with its plots. Each step is written atomically; an
+interrupted demo says which steps were written and which were not.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from apt.artifacts import write_json_atomic
-from apt.data import load_text
-from apt.families import family_for
-from apt.models import load_model
-from apt.pipeline import RunConfig
-from apt.run import Accuracy, PruneJob, prune_model
+from apt.data import evaluation_documents
+from apt.job import Accuracy, PruneJob, prune_model
+from apt.models import load_tokenizer, source_folder
+from apt.sequential import RunConfig
 from apt.solver import PruneConfig
-from runtime_bench.bench import BenchConfig, pruning_record, render_report_sections, run_bench, validate_results
+from apt.streaming import LayeredModel
+from apt.targets import targets_of_folder
+from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
 from runtime_bench.report import render_report
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,15 @@ class DemoConfig:
     seq_len: int = 512
     eval_windows: int = 8
     targets: tuple[str, ...] = ("vllm", "compressed-tensors", "onnx", "tensorrt")
-    bench: BenchConfig = BenchConfig(
-        gemm_ms=(1, 8, 64, 512),
-        gemm_repeats=5,
-        llama_shapes=True,
-        prefill=((1, 512),),
-        decode=(1, 64, 32),
-        e2e_repeats=3,
+    bench: BenchConfig = field(
+        default_factory=lambda: BenchConfig(
+            gemm_ms=(1, 8, 64, 512),
+            gemm_repeats=5,
+            llama_shapes=True,
+            prefill=((1, 512),),
+            decode=(1, 64, 32),
+            e2e_repeats=3,
+        )
     )
 
     @classmethod
@@ -63,20 +67,44 @@ class DemoConfig:
         )
 
 
-def run_demo(out: str | Path, config: DemoConfig, progress=print) -> Path:
+class DemoInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the demo, with what was already written and what was not."""
+
+    def __init__(self, written: list[str], pending: list[str]):
+        super().__init__()
+        self.written, self.pending = written, pending
+
+    def __str__(self) -> str:
+        done = ", ".join(self.written) or "nothing"
+        return f"written: {done}; not written: {', '.join(self.pending)}"
+
+
+def run_demo(out: str | Path, config: DemoConfig, progress=print, command: str = "apt-sparse demo") -> Path:
+    out = Path(out)
+    steps = [f"pruned/{m}" for m in config.methods] + [f"export/{t}" for t in config.targets]
+    steps += ["results.json", "report.md"]
+    written: list[str] = []
+    try:
+        return _run(out, config, progress, command, written)
+    except KeyboardInterrupt as err:
+        raise DemoInterrupted(
+            [str(out / s) for s in written], [str(out / s) for s in steps if s not in written]
+        ) from err
+
+
+def _run(out: Path, config: DemoConfig, progress, command: str, written: list[str]) -> Path:
     from exporters import export
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    dense, tokenizer, _ = load_model(config.model)
-    family = family_for(dense.config)
-    text = load_text("stdlib")
-    meter = Accuracy(dense, tokenizer, text.evaluation, family.causal, config.eval_windows, config.seq_len)
-    dense_value = meter.measure(dense)[meter.metric]
+    _, dense_folder = source_folder(config.model)
+    dense = LayeredModel.from_folder(dense_folder)
+    documents, chosen = evaluation_documents("stdlib", "stdlib")
+    meter = Accuracy(dense, load_tokenizer(dense_folder), documents, config.eval_windows, config.seq_len)
+    dense_value = meter.measure(reference=True)[meter.metric]
     progress(f"dense {meter.metric}: {dense_value:.3f}")
 
-    accuracy = {"metric": meter.metric, "dense": dense_value, "methods": {}}
+    accuracy = {"metric": meter.metric, "dense": dense_value, "methods": {}, "data": chosen}
     pruning = {}
     for method in config.methods:
         folder = out / "pruned" / method
@@ -91,32 +119,45 @@ def run_demo(out: str | Path, config: DemoConfig, progress=print) -> Path:
                 overwrite=True,
             )
         )
-        pruned_model, _, _ = load_model(str(folder))
-        value = meter.measure(pruned_model)[meter.metric]
-        accuracy["methods"][method] = value
+        written.append(f"pruned/{method}")
+        meter.layered = LayeredModel.from_folder(folder)
+        accuracy["methods"][method] = meter.measure()[meter.metric]
         pruning[method] = pruning_record(report)
-        progress(f"{method:10s} {meter.metric} {value:10.3f}  pruned in {pruning[method]['seconds']:.0f} s")
+        progress(
+            f"{method:10s} {meter.metric} {accuracy['methods'][method]:10.3f}  "
+            f"pruned in {pruning[method]['seconds']:.0f} s"
+        )
 
     source = out / "pruned" / config.methods[0]
     exports = {}
     for target in config.targets:
         options = {"dtype": "float32"} if target == "onnx" else {}
-        manifest = export(target, source, out / "export" / target, overwrite=True, **options)
-        exports[target] = manifest
-        progress(f"exported {target}: {sum(f['bytes'] for f in manifest['files']) / 2**20:.1f} MiB")
+        exports[target] = export(target, source, out / "export" / target, overwrite=True, **options)
+        written.append(f"export/{target}")
+        progress(f"exported {target}: {sum(f['bytes'] for f in exports[target]['files']) / 2**20:.1f} MiB")
 
-    pruned_model, _, _ = load_model(str(source))
-    onnx_path = out / "export" / "onnx" / "model.onnx"
-    not_measured = [f"vLLM serving: {exports['vllm']['validation']['vllm_loaded']}"] if "vllm" in exports else []
+    not_measured = {}
+    if "vllm" in exports:
+        not_measured["vLLM serving"] = exports["vllm"]["validation"]["vllm_loaded"].removeprefix("not measured: ")
     if "tensorrt" in exports:
-        not_measured.append(f"TensorRT engine: {exports['tensorrt']['validation']['engine']['status']}")
+        not_measured["TensorRT engine"] = exports["tensorrt"]["validation"]["engine"]["status"]
+    # the benchmark times the fp32 graph where it was exported, else the fp16 graph inside the TensorRT export
+    onnx_path = next(
+        (
+            p
+            for p in (out / "export" / "onnx" / "model.onnx", out / "export" / "tensorrt" / "onnx" / "model.onnx")
+            if p.is_file()
+        ),
+        None,
+    )
     results = run_bench(
-        BenchConfig(**{**config.bench.__dict__, "extra_not_measured": tuple(not_measured)}),
-        dense,
-        pruned_model,
-        onnx_path=onnx_path if onnx_path.is_file() else None,
+        replace(config.bench, not_measured=not_measured),
+        dense_folder,
+        source,
+        onnx_path=onnx_path,
         accuracy=accuracy,
         pruning=pruning,
+        targets=targets_of_folder(source),
     )
     results["exports"] = {
         t: {"bytes": sum(f["bytes"] for f in m["files"]), "validation": m["validation"], "trtexec": m.get("trtexec")}
@@ -127,10 +168,13 @@ def run_demo(out: str | Path, config: DemoConfig, progress=print) -> Path:
         "calibration": f"{config.windows}x{config.seq_len} stdlib tokens",
         "eval": f"{config.eval_windows}x{config.seq_len} held-out stdlib tokens",
         "seconds": time.perf_counter() - started,
+        "command": command,
     }
     validate_results(results)
     write_json_atomic(out / "results.json", results)
-    report = render_report(results, out, render_report_sections(results))
+    written.append("results.json")
+    report = render_report(results, out)
+    written.append("report.md")
     progress(f"demo finished in {results['demo']['seconds'] / 60:.1f} min")
     return report
 
@@ -138,7 +182,9 @@ def run_demo(out: str | Path, config: DemoConfig, progress=print) -> Path:
 def copy_results_into_repository(out: Path, name: str) -> Path:
     """Keep a run's numbers in the repository (runtime_bench/results/NAME/): results.json, report and plots."""
     dest = Path(__file__).resolve().parent / "results" / name
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
     for file in [out / "results.json", out / "report.md", *out.glob("*.png")]:
         shutil.copy(file, dest / file.name)
     return dest

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from apt.patterns import Pattern
 from apt.solver import select_mask
+from apt.targets import PrunedTargets, target_linears
 from runtime_bench.backends import BACKENDS, to_sparse
 
 # (label, in = K, out = N)
@@ -41,13 +42,11 @@ class GemmConfig:
     sample_seconds: float = 1e-3
 
 
-def model_shapes(model) -> tuple[tuple[str, int, int], ...]:
-    """The distinct ``(label, in, out)`` of the model's Linear layers inside its blocks."""
+def model_shapes(model, targets: PrunedTargets | None = None) -> tuple[tuple[str, int, int], ...]:
+    """The distinct ``(label, in, out)`` of the model's pruned Linear layers (``apt.targets``)."""
     seen = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            key = (module.in_features, module.out_features)
-            seen.setdefault(key, name.split(".")[-1])
+    for name, module in target_linears(model, targets):
+        seen.setdefault((module.in_features, module.out_features), name.split(".")[-1])
     return tuple((f"model {label} {k}x{n}", k, n) for (k, n), label in seen.items())
 
 
@@ -78,42 +77,48 @@ def _summary(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
-def measure_gemm(config: GemmConfig) -> dict:
-    """Every shape × M: dense time, and per available sparse backend its time, speedup and max |Δ|."""
+def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
+    """Every shape × M: dense time, and per available sparse backend its time, speedup and max |Δ|.
+
+    Returns ``(gemm, unmeasured)``: ``gemm["records"]`` hold only what ran; ``unmeasured`` says once
+    why a sparse backend did not run at all. A backend that fails at one shape (a conversion or a kernel
+    that refuses it) records the reason in that record's ``not_measured``."""
     dtype = getattr(torch, config.dtype)
     device = config.device
     timed = _timer(device)
-    sparse_status = {b: BACKENDS[b]() for b in SPARSE_BACKENDS}
-    if not device.startswith("cuda"):
-        sparse_status = {
-            b: type(s)(False, s.reason if not s.available else "benchmark device is CPU")
-            for b, s in sparse_status.items()
-        }
+    unmeasured = {}
+    for backend in SPARSE_BACKENDS:
+        status = BACKENDS[backend]()
+        if not status.available:
+            unmeasured[backend] = status.reason
+        elif not device.startswith("cuda"):
+            unmeasured[backend] = "the benchmark device is the CPU"
+    runnable = [b for b in SPARSE_BACKENDS if b not in unmeasured]
     g = torch.Generator(device="cpu").manual_seed(0)
     records = []
     for label, k, n in config.shapes:
         weight = torch.randn(n, k, generator=g).to(dtype)
         weight = (weight * select_mask(weight.abs().float(), Pattern(2, 4))).to(device)
-        sparse_weights = {}
-        for backend, status in sparse_status.items():
-            if status.available:
-                try:
-                    sparse_weights[backend] = to_sparse(weight, backend)
-                except (RuntimeError, NotImplementedError) as err:
-                    sparse_status[backend] = type(status)(False, f"conversion failed: {err}")
+        sparse_weights, failed = {}, {}
+        for backend in runnable:
+            try:
+                sparse_weights[backend] = to_sparse(weight, backend)
+            except (RuntimeError, NotImplementedError) as err:
+                failed[backend] = f"conversion failed: {str(err).splitlines()[0]}"
         for m in config.ms:
             x = torch.randn(m, k, generator=g).to(dtype).to(device)
             runs = {"dense": lambda x=x, w=weight: F.linear(x, w)}
             for backend, w_sparse in sparse_weights.items():
                 runs[backend] = lambda x=x, w=w_sparse: F.linear(x, w)
             record = {"shape": label, "in": k, "out": n, "m": m}
+            skipped = dict(failed)
             reference = runs["dense"]()
             errors = {}
             for name, fn in list(runs.items())[1:]:
                 try:
                     errors[name] = float((fn().float() - reference.float()).abs().max())
                 except (RuntimeError, NotImplementedError) as err:
-                    record[name] = f"not measured: {err}".splitlines()[0]
+                    skipped[name] = str(err).splitlines()[0]
                     del runs[name]
             for fn in runs.values():  # warm-up, and the size of one sample
                 for _ in range(config.warmup):
@@ -126,25 +131,25 @@ def measure_gemm(config: GemmConfig) -> dict:
                     samples[name].append(timed(fn, inner))
             record["dense_ms"] = _summary(samples["dense"])
             for name in runs:
-                if name == "dense":
-                    continue
-                record[name] = {
-                    "ms": _summary(samples[name]),
-                    "max_abs_diff": errors[name],
-                    "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
-                }
-            for backend, status in sparse_status.items():
-                record.setdefault(backend, f"not measured: {status.reason}")
+                if name != "dense":
+                    record[name] = {
+                        "ms": _summary(samples[name]),
+                        "max_abs_diff": errors[name],
+                        "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
+                    }
+            if skipped:
+                record["not_measured"] = skipped
             record["tflops_dense"] = 2 * m * k * n / (record["dense_ms"]["median"] * 1e-3) / 1e12
             records.append(record)
-    return {
+    gemm = {
         "dtype": config.dtype,
         "device": device,
         "repeats": config.repeats,
         "ceiling": 2.0,
-        "backends": {b: s.as_dict() for b, s in sparse_status.items()},
+        "sparse_backends": runnable,
         "records": records,
     }
+    return gemm, unmeasured
 
 
 def sparse_thresholds(gemm: dict, backend: str, margin: float = 1.02) -> dict[str, int | None]:

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from apt.artifacts import write_json_atomic
-from apt.pipeline import RunConfig
-from apt.run import PruneJob, prune_model, versions
+from apt.job import PruneJob, prune_model, versions
+from apt.sequential import RunConfig
 from apt.solver import METHODS, PruneConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +37,7 @@ def compare_methods(model: str, methods, windows: int, seq_len: int, eval_window
         report = prune_model(job)
         accuracy = report["accuracy"]
         metric = accuracy["metric"]
-        dense = accuracy["dense"][metric]
+        dense = accuracy["dense"].get(metric)
         rows[method] = {
             metric: accuracy["pruned"][metric],
             "sum_relative_loss": report["totals"]["sum_relative_loss"],

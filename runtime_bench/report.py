@@ -24,11 +24,7 @@ def plot_gemm(results: dict, path: Path) -> None:
     plt = _plt()
     records = results["gemm"]["records"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    backends = [
-        b
-        for b in ("torch-sparse-cusparselt", "torch-sparse-cutlass")
-        if any(isinstance(r.get(b), dict) for r in records)
-    ]
+    backends = results["gemm"]["sparse_backends"]
     shapes = list(dict.fromkeys(r["shape"] for r in records))
     if backends:
         for backend in backends:
@@ -115,19 +111,10 @@ def plot_layer_loss(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def render_report(results: dict, folder: Path, extra_sections: list[str] | None = None) -> Path:
-    """Write ``report.md`` and ``*.png`` into ``folder``; returns the report's path."""
-    folder = Path(folder)
-    plots = {"gemm_speedup.png": plot_gemm, "e2e_prefill.png": plot_e2e}
-    if results["accuracy"].get("methods"):
-        plots["accuracy.png"] = plot_accuracy
-    if results["pruning"]:
-        plots["layer_loss.png"] = plot_layer_loss
-    for name, plot in plots.items():
-        plot(results, folder / name)
+def _header(results: dict) -> list[str]:
     m = results["machine"]
     gpu = m["gpu"]["name"] if m.get("gpu") else "none"
-    lines = [
+    return [
         "# apt-sparse benchmark report",
         "",
         f"Created {results['created']} on {m['platform']} ({m['processor']}, {m['torch_threads']} threads), "
@@ -137,49 +124,80 @@ def render_report(results: dict, folder: Path, extra_sections: list[str] | None 
         "",
         "| backend | available | detail |",
         "|---|---|---|",
-        *[f"| {n} | {'yes' if s['available'] else 'no'} | {s['reason']} |" for n, s in results["backends"].items()],
+        *[
+            f"| {names} | {'yes' if available else 'no'} | {reason} |"
+            for (available, reason), names in _backend_rows(results).items()
+        ],
     ]
+
+
+def _backend_rows(results: dict) -> dict[tuple[bool, str], str]:
+    """Backends that share availability and reason share a row, so each reason is stated once."""
+    rows: dict[tuple[bool, str], list[str]] = {}
+    for name, status in results["backends"].items():
+        rows.setdefault((status["available"], status["reason"]), []).append(name)
+    return {key: ", ".join(names) for key, names in rows.items()}
+
+
+def _accuracy_section(results: dict) -> list[str]:
     acc = results["accuracy"]
-    if acc.get("methods"):
+    if not acc.get("methods"):
+        return []
+    lines = [
+        "",
+        "## Accuracy (held-out text)",
+        "",
+        f"| method | {acc['metric']} | summed relative layer loss | pruning seconds | peak memory (GiB) |",
+        "|---|---|---|---|---|",
+        f"| dense | {acc['dense']:.3f} | | | |",
+    ]
+    for method, value in acc["methods"].items():
+        p = results["pruning"].get(method, {})
+        lines.append(
+            f"| {method} | {value:.3f} | {p.get('sum_relative_loss', float('nan')):.3f} | "
+            f"{p.get('seconds', float('nan')):.0f} | {p.get('peak_memory_bytes', 0) / 2**30:.2f} |"
+        )
+    return lines + ["", "![accuracy](accuracy.png)", "", "![per-layer loss](layer_loss.png)"]
+
+
+_LABELS = {"torch-sparse-cusparselt": "cuSPARSELt", "torch-sparse-cutlass": "CUTLASS"}
+
+
+def _gemm_section(results: dict) -> list[str]:
+    gemm = results["gemm"]
+    backends = gemm["sparse_backends"]  # only measured backends get a column
+    header = "| shape | M | dense ms | " + " | ".join(_LABELS.get(b, b) for b in backends) + " |"
+    lines = [
+        "",
+        f"## GEMM: dense vs 2:4 ({gemm['dtype']} on {gemm['device']})",
+        "",
+        header,
+        "|---|---|---|" + "---|" * len(backends),
+    ]
+    for r in gemm["records"]:
+        cells = []
+        for b in backends:
+            entry = r.get(b)
+            cells.append(
+                f"{entry['speedup']:.2f}× ({entry['ms']['median']:.3f} ms)"
+                if entry
+                else f"not measured: {r['not_measured'][b]}"
+            )
+        lines.append(f"| {r['shape']} | {r['m']} | {r['dense_ms']['median']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "![GEMM](gemm_speedup.png)"]
+    if backends:
         lines += [
             "",
-            "## Accuracy (held-out text, 2:4)",
-            "",
-            f"| method | {acc['metric']} | summed relative layer loss | pruning seconds | peak memory (GiB) |",
-            "|---|---|---|---|---|",
-            f"| dense | {acc['dense']:.3f} | | | |",
+            "Decode-safe thresholds (M from which the sparse path is used; none = always dense): "
+            + ", ".join(f"{k}: {v}" for k, v in results["thresholds"].items()),
         ]
-        for method, value in acc["methods"].items():
-            p = results["pruning"].get(method, {})
-            lines.append(
-                f"| {method} | {value:.3f} | {p.get('sum_relative_loss', float('nan')):.3f} | "
-                f"{p.get('seconds', float('nan')):.0f} | {p.get('peak_memory_bytes', 0) / 2**30:.2f} |"
-            )
-        lines += ["", "![accuracy](accuracy.png)", "", "![per-layer loss](layer_loss.png)"]
-    records = results["gemm"]["records"]
-    sparse = ("torch-sparse-cusparselt", "torch-sparse-cutlass")
-    # a backend that measured nothing is stated once, not in every cell
-    unmeasured = {b: records[0][b] for b in sparse if not any(isinstance(r[b], dict) for r in records)}
-    lines += ["", f"## GEMM: dense vs 2:4 ({results['gemm']['dtype']} on {results['gemm']['device']})", ""]
-    lines += [f"- {b}: {reason}" for b, reason in unmeasured.items()]
-    lines += ["", "| shape | M | dense ms | cuSPARSELt | CUTLASS |", "|---|---|---|---|---|"]
-    for r in records:
-        cells = []
-        for b in sparse:
-            entry = r[b]
-            if isinstance(entry, dict):
-                cells.append(f"{entry['speedup']:.2f}× ({entry['ms']['median']:.3f} ms)")
-            else:
-                cells.append("—" if b in unmeasured else entry)
-        lines.append(f"| {r['shape']} | {r['m']} | {r['dense_ms']['median']:.3f} | {cells[0]} | {cells[1]} |")
-    lines += [
-        "",
-        "![GEMM](gemm_speedup.png)",
-        "",
-        "Decode-safe thresholds (M from which the sparse path is used; "
-        "none = always dense): " + ", ".join(f"{k}: {v}" for k, v in results["thresholds"].items()),
-        "",
-        f"Decode-safe model: {results['decode_safe']}",
+    if results["decode_safe"]:
+        lines += ["", f"Decode-safe model: {results['decode_safe']}"]
+    return lines
+
+
+def _e2e_section(results: dict) -> list[str]:
+    lines = [
         "",
         "## End to end",
         "",
@@ -193,10 +211,64 @@ def render_report(results: dict, folder: Path, extra_sections: list[str] | None 
             f"| decode | {r['model']} | {r['backend']} | {r['batch']}×({r['prompt']}+{r['new_tokens']}) | "
             f"{_fmt(r['result'])} |"
         )
-    lines += ["", "![prefill](e2e_prefill.png)"]
-    lines += extra_sections or []
-    missing = [f"- {s}" for s in results["not_measured"]] or ["- (everything was measured)"]
-    lines += ["", "## Not measured", "", *missing]
+    return lines + ["", "![prefill](e2e_prefill.png)"]
+
+
+def _exports_section(results: dict) -> list[str]:
+    if not results.get("exports"):
+        return []
+    lines = ["", "## Exported artifacts", "", "| target | size (MiB) | validation |", "|---|---|---|"]
+    for target, info in results["exports"].items():
+        checks = "; ".join(
+            f"{k}: {v if not isinstance(v, dict) else v.get('status', v)}"
+            for k, v in info["validation"].items()
+            if k not in ("dense_matmul_initializers", "vllm_loaded")
+        )
+        lines.append(f"| {target} | {info['bytes'] / 2**20:.1f} | {checks} |")
+        if info.get("trtexec"):
+            lines.append(f"| | | `{info['trtexec']}` |")
+    return lines
+
+
+def _run_section(results: dict) -> list[str]:
+    if not results.get("demo"):
+        return []
+    d = results["demo"]
+    return [
+        "",
+        "## Demo run",
+        "",
+        f"Model {d['model']}; calibration {d['calibration']}; eval {d['eval']}; "
+        f"whole run {d['seconds'] / 60:.1f} min. Made by `{d['command']}`.",
+    ]
+
+
+def render_report(results: dict, folder: Path) -> Path:
+    """Write ``report.md`` and its ``*.png`` plots into ``folder``; returns the report's path. Each thing
+    that was not measured is stated once, with its reason, in the last section."""
+    folder = Path(folder)
+    plots = {"gemm_speedup.png": plot_gemm, "e2e_prefill.png": plot_e2e}
+    if results["accuracy"].get("methods"):
+        plots["accuracy.png"] = plot_accuracy
+    if results["pruning"]:
+        plots["layer_loss.png"] = plot_layer_loss
+    for name, plot in plots.items():
+        plot(results, folder / name)
+    # a backend's reason is in the Backends table already: say it once
+    stated = {reason: names for (available, reason), names in _backend_rows(results).items() if not available}
+    missing = [
+        f"- {what}: {f'unavailable: {stated[reason]} (see Backends)' if reason in stated else reason}"
+        for what, reason in results["not_measured"].items()
+    ]
+    lines = (
+        _header(results)
+        + _accuracy_section(results)
+        + _gemm_section(results)
+        + _e2e_section(results)
+        + _exports_section(results)
+        + _run_section(results)
+        + ["", "## Not measured", "", *(missing or ["- (everything was measured)"])]
+    )
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -17,12 +17,17 @@ def correlated_layer():
 
 
 @pytest.fixture(scope="session")
-def pruned_smollm2(tmp_path_factory):
-    """SmolLM2-135M pruned with apt 2:4 on a small calibration set, once per test session: ``(folder, report)``."""
-    from apt.run import PruneJob, prune_model
+def smollm2_demo(tmp_path_factory):
+    """``apt-sparse demo --quick`` on the real SmolLM2-135M, once per session: SmolLM2 pruned with apt and
+    magnitude, exported to every target, benchmarked and reported. ``(folder, printed output)``."""
+    from apt_sparse.cli import main
 
-    out = tmp_path_factory.mktemp("smollm2") / "apt"
-    report = prune_model(
-        PruneJob(model="smollm2-135m", out=str(out), num_calibration_samples=8, max_seq_length=128, num_eval_windows=4)
-    )
-    return out, report
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    capture = pytest.MonkeyPatch()
+    lines = []
+    capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(str(x) for x in a)))
+    try:
+        assert main(["demo", "--out", str(out), "--quick"]) == 0
+    finally:
+        capture.undo()
+    return out, "\n".join(lines)

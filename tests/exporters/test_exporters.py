@@ -1,29 +1,36 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from apt.checkpoint import CheckpointReader
 from apt.errors import InvalidInputError
-from apt.models import load_model
-from apt.patterns import Pattern, is_nm_sparse
-from apt.run import PruneJob, prune_model
-from apt.solver import select_mask
+from apt.job import PruneJob, prune_model
+from apt.models import resolve_model
+from apt.patterns import is_nm_sparse
+from apt.sequential import RunConfig
+from apt.solver import PruneConfig
 from apt_sparse.cli import main
 from exporters import export
-from exporters.compressed_tensors import compress_24, decompress_24, pack_bitmask, read_bitmask_folder, unpack_bitmask
+from exporters.compressed_tensors import pack_bitmask, read_bitmask_folder, unpack_bitmask
 
 from ..apt.tiny_models import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+LEGACY_COMPRESSED_TENSORS = REPO / ".venv" / "ct014"  # make install: compressed-tensors 0.14.0.1, isolated
+FAST = dict(num_calibration_samples=4, max_seq_length=32, evaluate=False)
 
 
 @pytest.fixture(scope="module")
 def pruned_llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("pruned")
     src = save_tiny_model("llama", root / "src")
-    prune_model(
-        PruneJob(model=str(src), out=str(root / "pruned"), num_calibration_samples=4, max_seq_length=32, evaluate=False)
-    )
+    prune_model(PruneJob(model=str(src), out=str(root / "pruned"), **FAST))
     return root / "pruned"
 
 
@@ -35,50 +42,112 @@ def test_bitmask_packing_is_little_endian():
     assert torch.equal(unpack_bitmask(packed, 12), mask)
 
 
-def test_bitmask_round_trip_is_bit_exact_on_real_weights():
-    model, _, _ = load_model("smollm2-135m")
-    layer = model.model.layers[5]
-    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
-        weight = linear.weight.data.to(torch.float16)
-        weight = weight * select_mask(weight.abs().float(), Pattern(2, 4))
-        weight = torch.where(weight == 0, torch.zeros((), dtype=weight.dtype), weight)
-        packed = compress_24(weight)
-        rows, cols = weight.shape
-        assert packed["compressed"].shape == (rows, cols // 2)
-        assert packed["bitmask"].shape == (rows, (cols + 7) // 8) and packed["bitmask"].dtype == torch.uint8
-        assert packed["shape"].tolist() == [rows, cols] and packed["shape"].dtype == torch.int64
-        back = decompress_24(**packed)
-        assert torch.equal(back.view(torch.int16), weight.view(torch.int16))
+LEGACY_LOADER = """
+import json, sys
+from pathlib import Path
+import torch, transformers
+import compressed_tensors
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import Sparse24BitMaskTensor
+from safetensors.torch import load_file
+
+folder, source = Path(sys.argv[1]), Path(sys.argv[2])
+config = json.loads((folder / "config.json").read_text())
+# the call transformers 4.x and vLLM <= 0.19 make on a checkpoint's quantization_config
+compressor = ModelCompressor.from_compression_config(config["quantization_config"])
+plain = transformers.AutoConfig.from_pretrained(folder)
+del plain.quantization_config
+model = transformers.AutoModelForCausalLM.from_config(plain, dtype=torch.float16)
+compressor.decompress(str(folder), model)  # every weight, read and decompressed by the library itself
+state = model.state_dict()
+stored = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+checked = same_bytes = with_ties = 0
+for f in sorted(source.glob("*.safetensors")):
+    for name, tensor in load_file(str(f)).items():
+        expected = tensor.to(torch.float16)
+        expected = torch.where(expected == 0, torch.zeros((), dtype=expected.dtype), expected)
+        assert torch.equal(state[name].view(torch.int16), expected.view(torch.int16)), name
+        checked += 1
+        module = name.removesuffix(".weight")
+        if f"{module}.compressed" not in stored:
+            continue
+        if ((expected.reshape(-1, 4) != 0).sum(-1) < 2).any():
+            with_ties += 1  # which zero owns a slot is arbitrary there (the library's topk vs our stable sort)
+            continue
+        # without ties the library's own compressor writes the same bytes
+        theirs = Sparse24BitMaskTensor.from_dense(expected, "2:4").dict(module)
+        for key in ("compressed", "bitmask", "shape"):
+            assert torch.equal(stored[f"{module}.{key}"], theirs[f"{module}.{key}"]), (module, key)
+        same_bytes += 1
+print(json.dumps({"version": compressed_tensors.__version__, "checked": checked, "same_bytes": same_bytes,
+                  "with_ties": with_ties}))
+"""
 
 
-def test_compressed_tensors_export(pruned_llama, tmp_path):
+def test_compressed_tensors_export_is_decoded_by_compressed_tensors_014(pruned_llama, tmp_path):
     out = tmp_path / "ct"
-    manifest = export("compressed-tensors", pruned_llama, out)
-    assert manifest["validation"]["round_trip_bit_exact"] is True
-    assert manifest["pattern_check"]["all_valid"] and len(manifest["pattern_check"]["layers"]) == 14
+    manifest = export("compressed-tensors", pruned_llama, out, max_shard_size="400KB")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(config) == {"quant_method", "sparsity_config"}  # any other key makes the loader parse a quant config
     sparsity = config["sparsity_config"]
     assert sparsity["format"] == "sparse-24-bitmask" and sparsity["sparsity_structure"] == "2:4"
-    assert len(sparsity["targets"]) == 14 and "lm_head" in sparsity["ignore"]
-    assert sparsity["global_sparsity"] >= 0.5
-    stored = load_file(str(out / "model.safetensors"))
-    assert "model.layers.0.mlp.up_proj.weight.bitmask" in stored
-    assert "model.layers.0.mlp.up_proj.weight" not in stored
-    assert manifest["size"]["bytes_on_disk"] < manifest["size"]["dense_bytes_same_dtype"] + 10_000
-    source = load_file(str(pruned_llama / "model.safetensors"))
-    decoded = read_bitmask_folder(out)
-    for name, tensor in source.items():
-        assert torch.equal(decoded[name], tensor.to(torch.float16)), name
-    listed = {f["path"] for f in manifest["files"]}
-    assert "model.safetensors" in listed and "config.json" in listed
+    assert len(sparsity["targets"]) == 14 and {"lm_head", "model.embed_tokens"} == set(sparsity["ignore"])
+    assert len(list(out.glob("*.safetensors"))) > 1
+    stored = CheckpointReader(out)
+    assert "model.layers.0.mlp.up_proj.bitmask" in stored and "model.layers.0.mlp.up_proj.weight" not in stored
+    assert stored.info("model.layers.0.mlp.up_proj.shape").shape == (2, 1)
+    assert manifest["validation"]["round_trip_bit_exact"] == len(CheckpointReader(pruned_llama).names())
+    assert manifest["size"]["bytes_on_disk"] < manifest["size"]["dense_bytes_same_dtype"]
+
+    assert LEGACY_COMPRESSED_TENSORS.is_dir(), "make install puts compressed-tensors 0.14.0.1 in .venv/ct014"
+    run = subprocess.run(
+        [sys.executable, "-c", LEGACY_LOADER, str(out), str(pruned_llama)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(LEGACY_COMPRESSED_TENSORS), "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["version"] == "0.14.0.1" and result["checked"] == len(CheckpointReader(pruned_llama).names())
+    assert result["same_bytes"] + result["with_ties"] == 14 and result["same_bytes"] >= 7
+
+
+def test_formats_that_hold_2_4_only_refuse_4_8(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    run = RunConfig(solver=PruneConfig(pattern="4:8"))
+    prune_model(PruneJob(model=str(src), out=str(tmp_path / "p48"), run=run, **FAST))
+    for target, reason in (("compressed-tensors", "hold 2:4 only"), ("tensorrt", "take 2:4 weights only")):
+        with pytest.raises(InvalidInputError, match=f"cannot hold pattern 4:8: .*{reason}"):
+            export(target, tmp_path / "p48", tmp_path / target)
+        assert not (tmp_path / target).exists()
+    manifest = export("vllm", tmp_path / "p48", tmp_path / "vllm")  # plain weights hold any pattern
+    assert manifest["pattern_check"]["pattern"] == "4:8" and manifest["pattern_check"]["all_valid"]
+
+
+def test_a_folder_without_pruned_weights_is_refused(tmp_path):
+    src = save_tiny_model("mamba", tmp_path / "src")
+    # only dt_proj, whose width is not a multiple of 4: every selected layer is skipped, none pruned
+    run = RunConfig(targets=r"dt_proj")
+    prune_model(PruneJob(model=str(src), out=str(tmp_path / "none"), run=run, **FAST))
+    with pytest.raises(InvalidInputError, match="has no pruned weights"):
+        export("vllm", tmp_path / "none", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_dense_encoder_without_report_is_refused_naming_a_layer(tmp_path):
+    minilm = Path(resolve_model("minilm-l6").location)
+    with pytest.raises(InvalidInputError, match=r"encoder\.layer\.0\.attention\.self\.query\.weight .* is not 2:4"):
+        export("vllm", minilm, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_vllm_export_is_plain_and_loads(pruned_llama, tmp_path):
     out = tmp_path / "vllm"
-    manifest = export("vllm", pruned_llama, out, dtype="float16")
+    manifest = export("vllm", pruned_llama, out, dtype="float16", max_shard_size="300KB")
     config = json.loads((out / "config.json").read_text())
     assert "sparsity_config" not in json.dumps(config) and config["torch_dtype"] == "float16"
     assert manifest["validation"]["vllm_loaded"].startswith("not measured")
+    assert (out / "model.safetensors.index.json").is_file()
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     reference = transformers.AutoModelForCausalLM.from_pretrained(pruned_llama).eval()
     for name, module in model.model.layers.named_modules():
@@ -90,7 +159,7 @@ def test_vllm_export_is_plain_and_loads(pruned_llama, tmp_path):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=2e-2, rtol=0)
 
 
-def test_non_24_weight_is_refused_with_its_name(pruned_llama, tmp_path):
+def test_non_2_4_weight_is_refused_with_its_name(pruned_llama, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in pruned_llama.iterdir():
@@ -99,9 +168,9 @@ def test_non_24_weight_is_refused_with_its_name(pruned_llama, tmp_path):
     tensors["model.layers.1.self_attn.k_proj.weight"] = torch.ones_like(
         tensors["model.layers.1.self_attn.k_proj.weight"]
     )
-    save_file(tensors, str(broken / "model.safetensors"))
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     for target in ("vllm", "compressed-tensors"):
-        with pytest.raises(InvalidInputError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight .* not 2:4"):
+        with pytest.raises(InvalidInputError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight .* is not 2:4"):
             export(target, broken, tmp_path / target)
         assert not (tmp_path / target).exists()
 
@@ -109,10 +178,18 @@ def test_non_24_weight_is_refused_with_its_name(pruned_llama, tmp_path):
 def test_interrupted_export_leaves_no_complete_looking_folder(pruned_llama, tmp_path, monkeypatch, capsys):
     import exporters.compressed_tensors as ct
 
-    def interrupted(_folder):  # the files are written; Ctrl-C arrives during validation
+    def interrupted(*_args):  # the files are written; Ctrl-C arrives during validation
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ct, "read_bitmask_folder", interrupted)
+    monkeypatch.setattr(ct, "legacy_loader_check", interrupted)
     code = main(["export", "compressed-tensors", str(pruned_llama), str(tmp_path / "ct")])
     assert code == 130 and "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists() and not list(tmp_path.glob(".ct.*"))
+
+
+def test_our_decoder_reads_the_bitmask_folder_back(pruned_llama, tmp_path):
+    export("compressed-tensors", pruned_llama, tmp_path / "ct", dtype="bfloat16")
+    decoded = dict(read_bitmask_folder(tmp_path / "ct"))
+    source = CheckpointReader(pruned_llama)
+    assert decoded.keys() == set(source.names())
+    assert all(torch.equal(decoded[n], source.read(n).to(torch.bfloat16)) for n in source.names())

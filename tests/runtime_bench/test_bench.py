@@ -1,15 +1,18 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from apt.job import PruneJob, prune_model
 from apt.patterns import Pattern
-from apt.run import PruneJob, prune_model
+from apt.sequential import RunConfig
 from apt.solver import select_mask
+from apt.targets import targets_of_folder
 from runtime_bench.backends import BACKENDS, availability
 from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
-from runtime_bench.decode_safe import DecodeSafeLinear, make_decode_safe
+from runtime_bench.decode_safe import DecodeSafeLinear, choose_path, make_decode_safe
 from runtime_bench.gemm import sparse_thresholds
 from runtime_bench.report import render_report
 
@@ -48,12 +51,12 @@ def _sparse_linear(k=128, n=64, dtype=torch.float32, device="cpu"):
     return linear.to(device)
 
 
-def test_decode_safe_linear_dense_path_is_exactly_dense():
-    linear = _sparse_linear()
-    safe = DecodeSafeLinear(linear, threshold=32)
-    x = torch.randn(3, 5, 128)
-    assert not safe.uses_sparse  # no sparse kernels on CPU: the dense path serves every M
-    assert torch.equal(safe(x), linear(x))
+def test_decode_safe_routing_takes_the_sparse_path_only_from_the_threshold():
+    assert choose_path(tokens=63, threshold=64, has_sparse=True) == "dense"
+    assert choose_path(tokens=64, threshold=64, has_sparse=True) == "sparse"
+    assert choose_path(tokens=4096, threshold=64, has_sparse=True) == "sparse"
+    assert choose_path(tokens=4096, threshold=None, has_sparse=True) == "dense"  # never faster: always dense
+    assert choose_path(tokens=4096, threshold=64, has_sparse=False) == "dense"  # no kernel here
 
 
 @pytest.mark.gpu
@@ -77,8 +80,6 @@ def tiny_results(tmp_path_factory):
     report = prune_model(
         PruneJob(model=str(src), out=str(root / "pruned"), num_calibration_samples=4, max_seq_length=32, evaluate=False)
     )
-    dense = transformers.AutoModelForCausalLM.from_pretrained(src)
-    pruned = transformers.AutoModelForCausalLM.from_pretrained(root / "pruned")
     config = BenchConfig(
         device="cpu",
         gemm_ms=(1, 8),
@@ -90,50 +91,115 @@ def tiny_results(tmp_path_factory):
     )
     pruning = {"apt": pruning_record(report)}
     accuracy = {"metric": "perplexity", "dense": 10.0, "methods": {"apt": 12.0}}
-    return run_bench(config, dense, pruned, accuracy=accuracy, pruning=pruning), root
+    return run_bench(
+        config, src, root / "pruned", accuracy=accuracy, pruning=pruning, targets=targets_of_folder(root / "pruned")
+    )
 
 
 def test_bench_on_cpu_writes_results_that_validate(tiny_results):
-    results, root = tiny_results
+    results = tiny_results
     validate_results(json.loads(json.dumps(results)))
     shapes = {(r["in"], r["out"]) for r in results["gemm"]["records"]}
     assert shapes == {(64, 64), (64, 32), (64, 128), (128, 64)}
     assert all(r["dense_ms"]["median"] > 0 for r in results["gemm"]["records"])
     if not torch.cuda.is_available():
-        assert any("not measured: " in s for s in results["not_measured"])
-        sparse_rows = [r for r in results["e2e"]["prefill"] if r["model"] == "pruned" and "decode-safe" in r["backend"]]
-        assert all(r["result"].startswith("not measured: ") for r in sparse_rows)
-    assert results["decode_safe"]["replaced"] == 14
-    assert results["decode_safe"]["max_abs_diff_vs_dense_kernels"] == 0.0 or torch.cuda.is_available()
+        assert results["gemm"]["sparse_backends"] == [] and results["decode_safe"] is None
+        assert {"torch-sparse-cusparselt GEMM", "torch-sparse-cutlass GEMM"} <= set(results["not_measured"])
+        assert [r["model"] for r in results["e2e"]["prefill"]] == ["dense"]  # only what was measured
+        assert "decode-safe torch-sparse-cusparselt end to end" in results["not_measured"]
 
 
 def test_validation_rejects_placeholder_numbers(tiny_results):
-    results, _ = tiny_results
-    broken = json.loads(json.dumps(results))
-    broken["gemm"]["records"][0]["torch-sparse-cutlass"] = 0
-    with pytest.raises(ValueError, match="gemm torch-sparse-cutlass"):
-        validate_results(broken)
+    results = tiny_results
     broken = json.loads(json.dumps(results))
     broken["e2e"]["decode"][0]["result"] = "n/a"
     with pytest.raises(ValueError, match="e2e decode"):
         validate_results(broken)
+    broken = json.loads(json.dumps(results))
+    del broken["not_measured"]["torch-sparse-cutlass GEMM"]
+    with pytest.raises(ValueError, match="torch-sparse-cutlass: neither measured nor listed"):
+        validate_results(broken)
 
 
-def test_report_renders_with_plots(tiny_results, tmp_path):
-    results, _ = tiny_results
+def test_report_renders_with_plots_and_states_each_reason_once(tiny_results, tmp_path):
+    results = tiny_results
     path = render_report(results, tmp_path)
     text = path.read_text()
     assert "## Not measured" in text and "| apt | 12.000 |" in text
+    for reason in set(results["not_measured"].values()) | {s["reason"] for s in results["backends"].values()}:
+        assert text.count(reason) == 1, reason
     for name in ("gemm_speedup.png", "e2e_prefill.png", "accuracy.png", "layer_loss.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
-def test_make_decode_safe_replaces_only_2_4_linears():
-    model = torch.nn.Module()
-    model.layers = torch.nn.ModuleList([torch.nn.Module()])
-    model.layers[0].sparse = _sparse_linear()
-    model.layers[0].dense = torch.nn.Linear(128, 64)
-    counts = make_decode_safe(model, {"128x64": 16})
-    assert counts["replaced"] == 1 and isinstance(model.layers[0].sparse, DecodeSafeLinear)
-    assert isinstance(model.layers[0].dense, torch.nn.Linear)
+def test_make_decode_safe_replaces_only_the_pruned_2_4_linears(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    prune_model(
+        PruneJob(
+            model=str(src),
+            out=str(tmp_path / "p"),
+            num_calibration_samples=2,
+            max_seq_length=16,
+            evaluate=False,
+            run=RunConfig(targets=r"mlp"),
+        )
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    counts = make_decode_safe(model, {"64x128": 16}, targets=targets_of_folder(tmp_path / "p"))
+    assert counts["replaced"] == 6  # gate, up, down of two blocks; attention was left dense
+    assert isinstance(model.model.layers[0].mlp.up_proj, DecodeSafeLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert model.model.layers[0].mlp.up_proj.threshold == 16 and model.model.layers[0].mlp.down_proj.threshold is None
+
+
+def test_ctrl_c_during_the_demo_says_what_was_written_and_what_was_not(tmp_path, capsys, monkeypatch):
+    import exporters
+    from apt_sparse.cli import main
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    real = exporters.export
+
+    def interrupt_the_second_export(target, *args, **kwargs):
+        if target == "compressed-tensors":
+            raise KeyboardInterrupt
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(exporters, "export", interrupt_the_second_export)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--model", str(src)]) == 130
+    err = capsys.readouterr().err
+    written, not_written = err.split("written: ", 1)[1].split("; not written: ")
+    assert [Path(p).relative_to(out).as_posix() for p in written.split(", ")] == [
+        "pruned/apt",
+        "pruned/magnitude",
+        "export/vllm",
+    ]
+    assert [Path(p).relative_to(out).as_posix() for p in not_written.strip().split(", ")] == [
+        "export/compressed-tensors",
+        "export/tensorrt",
+        "results.json",
+        "report.md",
+    ]
+    assert (out / "export" / "vllm" / "manifest.json").is_file() and not (
+        out / "export" / "compressed-tensors"
+    ).exists()
+
+
+def test_gguf_conversion_names_missing_and_unexpected_tensors():
+    from apt.errors import InvalidInputError
+    from apt.models import check_loaded_keys
+
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    state = model.state_dict()
+    state["model.layers.0.mlp.extra.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(
+        InvalidInputError,
+        match=r"missing \['model.layers.0.mlp.up_proj.weight'\], unexpected "
+        r"\['model.layers.0.mlp.extra.weight'\]",
+    ):
+        check_loaded_keys(model, model.load_state_dict(state, strict=False), "the dequantised x.gguf")

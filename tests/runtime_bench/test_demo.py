@@ -1,19 +1,29 @@
-"""`apt-sparse demo --quick`, the CI-sized whole chain on the real SmolLM2-135M."""
+"""`apt-sparse demo --quick` on the real SmolLM2-135M: prune → every exporter → ONNX Runtime parity → bench →
+report, run once; each test checks one of its artifacts with that artifact's real consumer."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
-from apt_sparse.cli import main
+from apt.checkpoint import CheckpointReader
+from apt.data import evaluation_documents, token_windows
+from apt.evaluate import perplexity
+from apt.models import load_tokenizer, source_folder
+from apt.patterns import is_nm_sparse
 from runtime_bench.bench import validate_results
+
+from ..exporters.test_exporters import LEGACY_COMPRESSED_TENSORS, LEGACY_LOADER
 
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
-    printed = capsys.readouterr().out
+def test_quick_demo_runs_the_whole_chain(smollm2_demo):
+    out, printed = smollm2_demo
     assert "report:" in printed and "apt" in printed
     results = json.loads((out / "results.json").read_text())
     validate_results(results)
@@ -21,11 +31,80 @@ def test_quick_demo_runs_the_whole_chain(tmp_path, capsys):
     assert set(acc["methods"]) == {"apt", "magnitude"}
     assert acc["dense"] < acc["methods"]["apt"] < acc["methods"]["magnitude"]
     assert set(results["exports"]) == {"vllm", "compressed-tensors", "tensorrt"}
-    assert results["exports"]["compressed-tensors"]["validation"]["round_trip_bit_exact"]
     assert all(p["peak_memory_bytes"] > 0 for p in results["pruning"].values())
+    assert results["demo"]["command"].startswith("apt-sparse demo")
     report = (out / "report.md").read_text()
     assert "## Not measured" in report and "trtexec" in report
     for png in ("gemm_speedup.png", "e2e_prefill.png", "accuracy.png", "layer_loss.png"):
         assert (out / png).stat().st_size > 5000
     for method in ("apt", "magnitude"):
-        assert json.loads((out / "pruned" / method / "prune_report.json").read_text())["totals"]["all_nm_valid"]
+        report = json.loads((out / "pruned" / method / "prune_report.json").read_text())
+        assert report["totals"]["all_nm_valid"] and report["totals"]["layers_pruned"] == 30 * 7
+
+
+def test_smollm2_streamed_perplexities_equal_the_in_memory_models(smollm2_demo):
+    out, _ = smollm2_demo
+    results = json.loads((out / "results.json").read_text())
+    _, dense_folder = source_folder("smollm2-135m")
+    documents, _ = evaluation_documents("stdlib", "stdlib")
+    windows = token_windows(documents, load_tokenizer(dense_folder), 2, 128)  # the demo's --quick eval windows
+    for folder, value in (
+        (dense_folder, results["accuracy"]["dense"]),
+        (out / "pruned" / "apt", results["accuracy"]["methods"]["apt"]),
+    ):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        assert perplexity(model, windows)["perplexity"] == pytest.approx(value, rel=1e-5), folder
+
+
+def test_smollm2_vllm_export_loads_in_transformers_and_keeps_every_target_2_4(smollm2_demo):
+    out, _ = smollm2_demo
+    manifest = json.loads((out / "export" / "vllm" / "manifest.json").read_text())
+    assert manifest["pattern_check"]["all_valid"] and len(manifest["pattern_check"]["layers"]) == 210
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "export" / "vllm", dtype=torch.float16).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out / "pruned" / "apt").eval()
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert is_nm_sparse(module.weight.data), name
+    # what transformers loads is the pruned model in fp16, tensor for tensor (the tied head included)
+    loaded, pruned = model.state_dict(), reference.state_dict()
+    assert loaded.keys() == pruned.keys()
+    for name, tensor in pruned.items():
+        expected = tensor.to(torch.float16)
+        expected = torch.where(expected == 0, torch.zeros((), dtype=torch.float16), expected)
+        assert torch.equal(loaded[name].view(torch.int16), expected.view(torch.int16)), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_smollm2_bitmask_export_is_decoded_by_compressed_tensors_014(smollm2_demo):
+    out, _ = smollm2_demo
+    run = subprocess.run(
+        [sys.executable, "-c", LEGACY_LOADER, str(out / "export" / "compressed-tensors"), str(out / "pruned" / "apt")],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(LEGACY_COMPRESSED_TENSORS), "HF_HUB_OFFLINE": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["checked"] == len(CheckpointReader(out / "pruned" / "apt").names())
+    assert result["same_bytes"] + result["with_ties"] == 210
+    size = json.loads((out / "export" / "compressed-tensors" / "manifest.json").read_text())["size"]
+    # 2:4 halves the values of 210 layers and adds a 1/16 bitmask; embeddings stay dense
+    assert 0.5 < size["bytes_on_disk"] / size["dense_bytes_same_dtype"] < 0.8
+
+
+def test_smollm2_tensorrt_export_passes_onnx_runtime_and_says_the_engine_was_not_built(smollm2_demo):
+    out, _ = smollm2_demo
+    manifest = json.loads((out / "export" / "tensorrt" / "manifest.json").read_text())
+    validation = manifest["validation"]
+    assert validation["onnx_eligible_initializers"] == 210
+    parity = validation["onnxruntime"]
+    assert parity["status"] == "ok" and parity["passed"] and parity["top1_agreement"] >= 0.95
+    from exporters.tensorrt import tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        assert validation["engine"]["status"].startswith(f"not built: {reason}")
+        assert not (out / "export" / "tensorrt" / "model.plan").exists()
+    assert "--sparsity=enable" in manifest["trtexec"]
+    onnx = Path(out / "export" / "tensorrt" / "onnx" / "manifest.json")
+    assert json.loads(onnx.read_text())["dtype"] == "float16"
