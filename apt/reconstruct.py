@@ -12,6 +12,11 @@ import torch
 
 from apt.patterns import Pattern
 
+# Rows are refitted in chunks of at most this many weights: CG keeps about ten [rows, in] temporaries,
+# which for a wide layer (Llama-3-70B's down_proj: 8192 × 28672) would be 9 GB at once; a chunk keeps
+# them at ~40 MB. SmolLM2's widest layer (576 × 1536) fits one chunk.
+CHUNK_ELEMENTS = 2**20
+
 
 def reconstruct(
     W: torch.Tensor,
@@ -20,6 +25,26 @@ def reconstruct(
     x0: torch.Tensor | None = None,
     tol: float = 1e-4,
     max_iter: int = 300,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, int, float]:
+    """Solve ``min_ŵ (ŵ − w) H (ŵ − w)ᵀ`` s.t. ``ŵ = 0`` where ``mask`` is False, for every row of ``W``,
+    in chunks of rows (each row's solve is independent of the others). See ``_conjugate_gradients``.
+    The result may be written into ``x0``'s memory."""
+    rows, cols = W.shape
+    step = max(1, chunk_elements // max(cols, 1))
+    if rows <= step:
+        return _conjugate_gradients(W, mask, H, x0, tol, max_iter)
+    out, iterations, residual = x0 if x0 is not None else torch.empty_like(W), 0, 0.0
+    for r0 in range(0, rows, step):
+        part = slice(r0, min(r0 + step, rows))
+        x, its, res = _conjugate_gradients(W[part], mask[part], H, None if x0 is None else x0[part], tol, max_iter)
+        out[part] = x
+        iterations, residual = max(iterations, its), max(residual, res)
+    return out, iterations, residual
+
+
+def _conjugate_gradients(
+    W: torch.Tensor, mask: torch.Tensor, H: torch.Tensor, x0: torch.Tensor | None, tol: float, max_iter: int
 ) -> tuple[torch.Tensor, int, float]:
     """Solve ``min_ŵ (ŵ − w) H (ŵ − w)ᵀ`` s.t. ``ŵ = 0`` where ``mask`` is False, for every row of ``W``.
 

@@ -22,7 +22,7 @@ import torch
 from apt.errors import InvalidInputError, SingularHessianError
 from apt.obs import LOOKAHEAD_MAX_CANDIDATES, joint_removal_sweep, sparsegpt_sweep
 from apt.patterns import Pattern, positive_zeros
-from apt.reconstruct import reconstruct, refine_mask
+from apt.reconstruct import CHUNK_ELEMENTS, reconstruct, refine_mask
 
 DEFAULT_DAMP = 0.01
 
@@ -130,17 +130,20 @@ class SolverStats:
 @dataclass(frozen=True)
 class PruneResult:
     """``weight`` ``[out, in]`` in the input dtype with ``+0.0`` at pruned places; ``mask`` bool, True = kept;
-    ``loss`` = ``tr((Ŵ−W) H (Ŵ−W)ᵀ)`` on the undamped ``H``; ``relative_loss`` = ``loss / L(0)``."""
+    ``loss`` = ``tr((Ŵ−W) H (Ŵ−W)ᵀ)`` on the undamped ``H``; ``zero_loss`` = L(0), the loss of pruning
+    everything; ``relative_loss`` = ``loss / zero_loss``."""
 
     weight: torch.Tensor
     mask: torch.Tensor
     loss: float
     relative_loss: float
     stats: SolverStats
+    zero_loss: float = 0.0
 
 
-# A method: (W [out, in], H [in, in], config) in the compute dtype → (Ŵ, keep-mask, stats fields).
-MethodFn = Callable[[torch.Tensor, torch.Tensor, PruneConfig], tuple[torch.Tensor, torch.Tensor, dict]]
+# A method: (W [out, in], H [in, in], config, may it damp H in place) in the compute dtype → (Ŵ, keep-mask,
+# stats fields). It never modifies W; it modifies H only by adding to its diagonal, and only when allowed.
+MethodFn = Callable[[torch.Tensor, torch.Tensor, PruneConfig, bool], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 @dataclass(frozen=True)
@@ -155,12 +158,16 @@ def prune_layer(
     method: str = "apt",
     pattern: str | Pattern = "2:4",
     config: PruneConfig | None = None,
+    consume_hessian: bool = False,
     **options,
 ) -> PruneResult:
     """Prune ``weight`` ``[out, in]`` given ``hessian`` ``[in, in]`` (= Σ x xᵀ over calibration tokens).
 
     Computes in float64 when ``weight`` is float64, else in float32, on the device of ``weight``.
     ``options`` are the remaining fields of :class:`PruneConfig`; pass ``config`` instead to reuse one.
+    With ``consume_hessian`` the solver damps and factorises in ``hessian``'s own memory (the caller
+    must not use it afterwards): one ``[in, in]`` matrix less at the peak, which is what bounds memory
+    on wide layers (in = 28 672 is 3.3 GB in float32).
     """
     if config is None:
         config = PruneConfig(method=method, pattern=Pattern.parse(pattern), **options)
@@ -169,20 +176,45 @@ def prune_layer(
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.to(dtype)
     H = hessian.to(device=weight.device, dtype=dtype)
-    W_hat, mask, info = METHODS[config.method].prune(W.clone(), H.clone(), config)
-
+    undamped = Quadratic(H, H.diagonal().clone())
+    # methods never modify W; they modify H only when it is theirs to consume
+    W_hat, mask, info = METHODS[config.method].prune(W, undamped.matrix, config, consume_hessian or H is not hessian)
     W_hat = torch.where(mask, W_hat, torch.zeros((), dtype=dtype, device=W_hat.device))
     out = positive_zeros(W_hat.to(weight.dtype))
-    loss = layer_loss(out.to(dtype), W, H)
-    base = layer_loss(torch.zeros_like(W), W, H)
+    loss = undamped.loss(out.to(dtype), W)
+    base = undamped.loss(None, W)
     stats = SolverStats(method=config.method, pattern=str(config.pattern), seconds=time.perf_counter() - start, **info)
-    return PruneResult(weight=out, mask=mask, loss=loss, relative_loss=loss / base if base > 0 else 0.0, stats=stats)
+    relative = loss / base if base > 0 else 0.0
+    return PruneResult(weight=out, mask=mask, loss=loss, relative_loss=relative, stats=stats, zero_loss=base)
 
 
 def layer_loss(W_hat: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((Ŵ − W) H (Ŵ − W)ᵀ)`` for ``[out, in]`` weights and ``[in, in]`` H, summed in float64."""
     D = W_hat - W
     return float(((D @ H) * D).sum(dtype=torch.float64))
+
+
+class Quadratic:
+    """The layer loss on the undamped ``H``, still exact once a solver has damped ``H`` in place: the
+    damping only adds to the diagonal, so ``tr(D H Dᵀ) = tr(D H_damped Dᵀ) − Σ_j (H_damped − H)_jj ‖D_:j‖²``
+    with the undamped diagonal kept aside. Rows are summed in chunks (float64 sums need a float64
+    copy of what they sum), so a loss costs a few MB, not several copies of the weight."""
+
+    def __init__(self, matrix: torch.Tensor, diagonal: torch.Tensor):
+        self.matrix, self.diagonal = matrix, diagonal
+
+    def loss(self, W_hat: torch.Tensor | None, W: torch.Tensor) -> float:
+        """``tr((Ŵ − W) H (Ŵ − W)ᵀ)``; ``W_hat=None`` is the all-zero weight."""
+        extra = self.matrix.diagonal() - self.diagonal  # zero until the matrix is damped in place
+        damped = bool((extra != 0).any())
+        step = max(1, CHUNK_ELEMENTS // max(W.shape[1], 1))
+        value = torch.zeros((), dtype=torch.float64, device=W.device)
+        for r0 in range(0, W.shape[0], step):
+            D = -W[r0 : r0 + step] if W_hat is None else W_hat[r0 : r0 + step] - W[r0 : r0 + step]
+            value += ((D @ self.matrix) * D).sum(dtype=torch.float64)
+            if damped:
+                value -= ((D * D).sum(dim=0, dtype=torch.float64) * extra.to(torch.float64)).sum()
+        return float(value)
 
 
 def select_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -200,20 +232,30 @@ def select_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
 
 
 def inverse_hessian_factor(
-    H: torch.Tensor, damp: float, max_retries: int
+    H: torch.Tensor, damp: float, max_retries: int, dead: torch.Tensor | None = None, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """Damp ``H`` and return ``(H_damped, U, damp_used, retries)`` with ``U`` the upper Cholesky factor of
-    ``H_damped⁻¹`` (``H⁻¹ = Uᵀ U``). Retries with λ×10; never falls back to the identity."""
-    mean_diag = H.diagonal().mean()
+    ``H_damped⁻¹`` (``H⁻¹ = Uᵀ U``). ``dead`` columns get a unit diagonal first. Retries with λ×10;
+    never falls back to the identity. ``U`` is computed in one buffer (Cholesky, inverse and Cholesky
+    again, each in place); with ``in_place`` the damping is added to ``H`` itself. So the peak is
+    three ``[in, in]`` matrices, or two in place (it was five)."""
+    diagonal = H.diagonal().clone()
+    if dead is not None:
+        diagonal[dead] = 1.0
+    mean_diag = diagonal.mean()
     lam = damp
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
     for attempt in range(max_retries + 1):
-        H_damped = H.clone()
-        H_damped.diagonal().add_(lam * mean_diag)
-        L, info = torch.linalg.cholesky_ex(H_damped)
+        H_damped = H if in_place else H.clone()
+        H_damped.diagonal().copy_(diagonal + lam * mean_diag)
+        F = H_damped.clone()
+        torch.linalg.cholesky_ex(F, out=(F, info))  # L
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return H_damped, U, lam, attempt
+            torch.cholesky_inverse(F, out=F)  # H_damped⁻¹
+            torch.linalg.cholesky_ex(F, upper=True, out=(F, info))  # U
+            if int(info) == 0 and bool(torch.isfinite(F).all()):
+                return H_damped, F, lam, attempt
+        del F
         lam = lam * 10.0 if lam > 0 else 1e-4
     raise SingularHessianError(
         f"the Hessian [{H.shape[0]}x{H.shape[0]}] is not positive definite even with damping "
@@ -221,45 +263,49 @@ def inverse_hessian_factor(
     )
 
 
-def _magnitude(W, H, config):
+def _magnitude(W, H, config, may_overwrite_H):
     return W, select_mask(W.abs(), config.pattern), {}
 
 
-def _wanda(W, H, config):
+def _wanda(W, H, config, may_overwrite_H):
     # Sun et al. 2023: |w_ij| · ‖x_j‖₂, with ‖x_j‖² = H_jj.
     return W, select_mask(W.abs() * H.diagonal().clamp_min(0).sqrt().unsqueeze(0), config.pattern), {}
 
 
-def _factorised(W, H, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """Shared by the OBS methods: dead columns (zero diagonal: no calibration token reached them, so
-    they do not affect the loss) are zeroed and given a unit diagonal, as in SparseGPT; then H is
-    damped and factorised."""
+def _factorised(W, H, config, may_overwrite_H) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Shared by the OBS methods: a copy of ``W`` with dead columns (zero diagonal: no calibration token
+    reached them, so they do not affect the loss) zeroed, and the damped Hessian with a unit diagonal
+    there, as in SparseGPT, with its factor."""
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    W = W.clone()
     W[:, dead] = 0.0
-    H_damped, U, damp, retries = inverse_hessian_factor(H, config.damp_value, config.max_damp_retries)
+    H_damped, U, damp, retries = inverse_hessian_factor(
+        H, config.damp_value, config.max_damp_retries, dead, in_place=may_overwrite_H
+    )
     return W, H_damped, U, {"dead_columns": int(dead.sum()), "damp": damp, "damp_retries": retries}
 
 
-def _sparsegpt(W, H, config):
-    W, _, U, info = _factorised(W, H, config)
+def _sparsegpt(W, H, config, may_overwrite_H):
+    W, _, U, info = _factorised(W, H, config, may_overwrite_H)
     W_hat, mask = sparsegpt_sweep(W, U, config.pattern, config.blocksize)
     return W_hat, mask, info
 
 
-def _apt(W, H, config):
+def _apt(W, H, config, may_overwrite_H):
     """Joint removal per N:M group, then the exact refit of the kept weights, then (optionally) swaps.
     On unstructured ratios: SparseGPT's adaptive mask, then the exact refit."""
-    W_target, H_damped, U, info = _factorised(W.clone(), H.clone(), config)
+    undamped = Quadratic(H, H.diagonal().clone())
+    W_target, H_damped, U, info = _factorised(W, H, config, may_overwrite_H)
     pattern = config.pattern
     lookahead = config.use_lookahead
     if pattern.is_nm:
         W_hat, mask = joint_removal_sweep(W_target.clone(), U, pattern, config.blocksize, lookahead)
     else:
         W_hat, mask = sparsegpt_sweep(W_target.clone(), U, pattern, config.blocksize)
+    del U  # the refit needs only the damped Hessian
     info["lookahead"] = lookahead
     if config.use_reconstruct:
-        info["loss_before_reconstruction"] = layer_loss(W_hat, W, H)
+        info["loss_before_reconstruction"] = undamped.loss(W_hat, W)
         W_hat, info["iterations"], info["residual"] = reconstruct(
             W_target, mask, H_damped, x0=W_hat, tol=config.tol, max_iter=config.max_iter
         )

