@@ -38,6 +38,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ import torch
 from apt.artifacts import write_json_atomic
 from apt.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
 from apt.data import evaluation_documents, load_text, token_windows
+from apt.distributed import BroadcastReader, Collective, check_same_job
 from apt.errors import AptError, InvalidInputError
 from apt.evaluate import (
     embedding_cosine,
@@ -56,7 +58,9 @@ from apt.evaluate import (
     streaming_sentence_embeddings,
     text_batches,
 )
+from apt.model_card import model_card
 from apt.models import DTYPES, load_tokenizer, source_folder
+from apt.portable import copy_side_files, write_config
 from apt.sequential import RunConfig, layer_plan, prune_blocks
 from apt.streaming import ActivationStore, LayeredModel
 
@@ -65,18 +69,6 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "prune_report.json"
 RESUME_NAME = "resume.json"
 SCHEMA = "apt-sparse/prune-report/2"
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 ACTIVATION_PLACES = ("host", "device", "disk")
 
 
@@ -135,6 +127,7 @@ class PruneJob:
             "activation_dir",
         ):
             options.pop(key)
+        options["run"]["device"] = options["run"]["device"].split(":")[0]  # cuda:LOCAL_RANK differs per rank
         return json.loads(json.dumps(options, default=str))
 
 
@@ -166,8 +159,11 @@ class Accuracy:
     """Held-out accuracy, computed block by block: perplexity for causal LMs; for encoders, embedding
     fidelity to the dense model and half-document retrieval (scored for dense and pruned alike)."""
 
-    def __init__(self, layered: LayeredModel, tokenizer, documents, num_windows: int | None, seq_len: int, seed=0):
+    def __init__(
+        self, layered: LayeredModel, tokenizer, documents, num_windows: int | None, seq_len: int, seed=0, coll=None
+    ):
         self.layered = layered
+        self.coll = coll or Collective()
         self.causal = layered.family.causal
         if self.causal:
             self.windows = token_windows(documents, tokenizer, num_windows, seq_len, seed)
@@ -186,7 +182,7 @@ class Accuracy:
         """Accuracy of the checkpoint ``reader`` holds (default: the source). The encoder's reference
         embeddings are those of the first checkpoint measured with ``reference=True``."""
         if self.causal:
-            return streaming_perplexity(self.layered, self.windows, reader)
+            return streaming_perplexity(self.layered, self.windows, reader, coll=self.coll)
         embed = lambda batches: streaming_sentence_embeddings(self.layered, batches, reader)  # noqa: E731
         result = retrieval_accuracy(embed(self.queries), embed(self.corpus))
         embeddings = embed(self.batches)
@@ -218,32 +214,46 @@ class JobInterrupted(KeyboardInterrupt):
     """Ctrl-C during a run, with what it leaves behind."""
 
 
-def prune_model(job: PruneJob) -> dict:
+def prune_model(job: PruneJob, coll: Collective | None = None) -> dict:
     """Run the whole job and return the report (also written to ``OUT/prune_report.json``).
 
     Interrupted or failed, the job leaves no ``OUT``; the blocks it finished stay in ``.OUT.partial``
-    for ``--resume`` (a run that finished no block leaves nothing at all)."""
+    for ``--resume`` (a run that finished no block leaves nothing at all). Under torchrun, pass the
+    process group's ``coll`` (``apt.distributed.collective_for``): every rank runs this with the same
+    job, and rank 0 writes."""
     started = time.perf_counter()
+    coll = coll or Collective()
     out = Path(job.out).resolve()
-    work = _check_out(out, job)
+    work = partial_folder(out)
+    # rank 0 owns the output folder: it decides, the others follow its verdict
+    refusal = None
+    if coll.is_writer:
+        try:
+            _check_out(out, job)
+        except InvalidInputError as err:
+            refusal = str(err)
+    refusal = coll.broadcast_object(refusal)
+    if refusal:
+        raise InvalidInputError(refusal)
     progress = {"blocks_done": 0, "blocks": None}
     try:
-        return _prune(job, out, work, started, progress)
+        return _prune(job, out, work, started, progress, coll)
     except BaseException as err:
         done, total = progress["blocks_done"], progress["blocks"]
         if done == 0 and not job.resume:
-            shutil.rmtree(work, ignore_errors=True)
+            if coll.is_writer:
+                shutil.rmtree(work, ignore_errors=True)
             note = f"nothing was written to {out}"
         else:
             note = f"{out} was not written; {done} of {total} blocks are saved in {work}: rerun with --resume"
         if isinstance(err, KeyboardInterrupt):
-            raise JobInterrupted(note) from err
+            raise JobInterrupted(f"{err}; {note}" if str(err) else note) from err
         if isinstance(err, AptError):
             raise type(err)(f"{err} ({note})") from err
         raise
 
 
-def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict) -> dict:
+def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict, coll: Collective) -> dict:
     peak = PeakMemory(job.run.device)
     source, folder = source_folder(job.model, job.trust_remote_code)
     layered = LayeredModel.from_folder(folder, DTYPES[job.dtype], job.run.device, job.trust_remote_code)
@@ -257,70 +267,98 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict)
     log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], calibration.source)
 
     reader = layered.reader
+    layout = {name: (reader.info(name).dtype, reader.info(name).shape) for name in reader.names()}
     writer = ShardedWriter(
         work,
-        [PlannedTensor(name, reader.info(name).dtype, reader.info(name).shape) for name in reader.names()],
+        [PlannedTensor(name, dtype, shape) for name, (dtype, shape) in layout.items()],
         parse_size(job.max_shard_size),
     )
     identity = {"model": job.model, "folder": str(folder), "files": reader.identity()}
-    state = _start_or_resume(work, writer, layered, job, identity)
+    check_same_job(coll, job.fingerprint(), identity)
+    state = _start_or_resume(work, writer, layered, job, identity) if coll.is_writer else None
+    state = coll.broadcast_object(state)
     done = progress["blocks_done"] = state["blocks_done"]
+    written = BroadcastReader(coll, CheckpointReader(work) if coll.is_writer else None, layout)
     store = ActivationStore(
         DTYPES[job.activation_dtype or job.dtype],
         device=job.run.device if job.activations == "device" else "cpu",
         spill_to=(job.activation_dir or work) if job.activations == "disk" else None,
     )
+    seconds = {"forward": 0.0}
     try:
         batch = job.run.batch_size
-        layered.block_inputs([{"input_ids": windows[s : s + batch]} for s in range(0, len(windows), batch)], store)
+        batches = coll.share([{"input_ids": windows[s : s + batch]} for s in range(0, len(windows), batch)])
+        clock = time.perf_counter()
+        layered.block_inputs(batches, store)
         if done:
             log.info("resuming at block %d: recomputing its inputs from the %d blocks written", done, done)
-            layered.run_blocks(store, range(done), CheckpointReader(work))
+            layered.run_blocks(store, range(done), written)
+        seconds["forward"] += time.perf_counter() - clock
 
         def write_block(index: int, records: list[dict]) -> None:
-            for name in layered.parameter_names(layered.block_prefix(index)):
-                writer.write(layered.checkpoint_key(name), layered.stored_tensor(name))
             for record in records:
                 record["tensor"] = layered.checkpoint_key(f"{record['name']}.weight")
+            progress["blocks_done"] = index + 1
+            if not coll.is_writer:
+                return
+            for name in layered.parameter_names(layered.block_prefix(index)):
+                writer.write(layered.checkpoint_key(name), layered.stored_tensor(name))
             writer.sync()  # the data is on disk before the state says so
-            state["blocks_done"] = progress["blocks_done"] = index + 1
+            state["blocks_done"] = index + 1
             state["layers"] += records
-            state["seconds_pruning"] += time.perf_counter() - clock[0]
-            clock[0] = time.perf_counter()
+            state["seconds_pruning"] += time.perf_counter() - block_clock[0]
+            block_clock[0] = time.perf_counter()
             write_json_atomic(work / RESUME_NAME, state)
 
-        clock = [time.perf_counter()]
-        prune_blocks(layered, store, job.run, start=done, on_block_done=write_block)
+        block_clock = [time.perf_counter()]
+        layers = prune_blocks(layered, store, job.run, start=done, on_block_done=write_block, coll=coll)
     finally:
         store.close()
+    if not coll.is_writer:
+        state["layers"] += layers
 
     accuracy = None
     if job.evaluate:
         documents, chosen = evaluation_documents(job.eval_data, job.calibration_data, job.seed)
-        meter = Accuracy(layered, tokenizer, documents, job.num_eval_windows, job.max_seq_length, job.seed)
+        meter = Accuracy(layered, tokenizer, documents, job.num_eval_windows, job.max_seq_length, job.seed, coll)
         accuracy = {"metric": meter.metric, "data": chosen, "dense": meter.measure(reference=True)}
-        accuracy["pruned"] = meter.measure(CheckpointReader(work))
+        accuracy["pruned"] = meter.measure(written)
 
-    report = build_report(
-        job=job,
-        source=source,
-        folder=folder,
-        layered=layered,
-        calibration={"source": calibration.source, "windows": windows},
-        layers=state["layers"],
-        seconds_pruning=state["seconds_pruning"],
-        started=started,
-        checkpoint={
-            "source_files": identity["files"],
-            "shards": [p.name for p in writer.files],
-            "max_shard_size": job.max_shard_size,
-            "resumed_at_block": done or None,
-        },
-        peak=peak.read(),
-        accuracy=accuracy,
+    ranks = coll.gather_objects(
+        {
+            "rank": coll.rank,
+            "host": socket.gethostname(),
+            "device": job.run.device,
+            "calibration_batches": len(batches),
+            "seconds": time.perf_counter() - started,
+            "seconds_in_collectives": coll.seconds,
+            "bytes_sent": coll.bytes_moved,
+            "peak_memory": peak.read(),
+        }
     )
-    _finish_folder(work, out, folder, writer, report, job.overwrite)
-    return report
+    report = None
+    if coll.is_writer:
+        report = build_report(
+            job=job,
+            source=source,
+            folder=folder,
+            layered=layered,
+            calibration={"source": calibration.source, "windows": windows},
+            layers=state["layers"],
+            seconds_pruning=state["seconds_pruning"],
+            started=started,
+            checkpoint={
+                "source_files": identity["files"],
+                "shards": [p.name for p in writer.files],
+                "max_shard_size": job.max_shard_size,
+                "resumed_at_block": done or None,
+            },
+            peak=ranks[0]["peak_memory"],
+            accuracy=accuracy,
+        )
+        report["distributed"] = {"world_size": coll.world, "backend": coll.backend, "ranks": ranks}
+        _finish_folder(work, out, folder, writer, report, job.overwrite)
+    return coll.broadcast_object(report)
 
 
 def _start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, job: PruneJob, identity: dict) -> dict:
@@ -368,11 +406,10 @@ def _start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, j
 def _finish_folder(work: Path, out: Path, source: Path, writer: ShardedWriter, report: dict, overwrite: bool) -> None:
     """Index, config, tokenizer and report beside the shards; then one rename makes the folder appear."""
     writer.write_index()
-    shutil.copy(source / "config.json", work / "config.json")
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, work / name)
+    write_config(json.loads((source / "config.json").read_text()), work)
+    copy_side_files(source, work)
     write_json_atomic(work / REPORT_NAME, report)
+    (work / "README.md").write_text(model_card(report))
     os.unlink(work / RESUME_NAME)
     if out.exists():
         if not overwrite:

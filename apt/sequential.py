@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from apt.distributed import Collective
 from apt.errors import InvalidInputError
 from apt.families import block_groups
 from apt.patterns import Pattern, conforms, positive_zeros, sparsity_of
 from apt.solver import PruneConfig, prune_layer
-from apt.streaming import ActivationStore, LayeredModel, _Stop, to_device
+from apt.streaming import ActivationStore, LayeredModel, _Stop, give_back_memory, to_device
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,15 @@ def layer_plan(layered: LayeredModel, config: RunConfig) -> list[list[list[tuple
 
 
 def collect_hessians(
-    block: torch.nn.Module, store: ActivationStore, groups, device: str, stop_after_last: bool = True
+    block: torch.nn.Module,
+    store: ActivationStore,
+    groups,
+    device: str,
+    coll: Collective,
+    stop_after_last: bool = True,
 ) -> list[torch.Tensor | None]:
-    """One pass of ``block`` over the stored batches; ``H = Σ x xᵀ`` (float32) at the input of each group."""
+    """One pass of ``block`` over this rank's stored batches; ``H = Σ x xᵀ`` (float32) at the input of each
+    group, summed over ranks. ``None`` where no calibration token reached a group."""
     hessians: list[torch.Tensor | None] = [None] * len(groups)
     handles = []
     for i, group in enumerate(groups):
@@ -92,7 +99,18 @@ def collect_hessians(
     finally:
         for handle in handles:
             handle.remove()
-    return hessians
+    if coll.world == 1:
+        return hessians
+    reached = torch.tensor([h is not None for h in hessians], dtype=torch.float64)
+    coll.sum_(reached)
+    summed = []
+    for (group, hessian), seen in zip(zip(groups, hessians), reached.tolist()):
+        if not seen:
+            summed.append(None)
+            continue
+        width = group[0][1].in_features
+        summed.append(coll.sum_(hessian if hessian is not None else torch.zeros(width, width, device=device)))
+    return summed
 
 
 def prune_blocks(
@@ -101,13 +119,17 @@ def prune_blocks(
     config: RunConfig,
     start: int = 0,
     on_block_done: BlockDone | None = None,
+    coll: Collective | None = None,
 ) -> list[dict]:
     """Prune blocks ``start..`` of ``layered`` on the calibration activations in ``store`` (which must hold
-    the inputs of block ``start``). Returns one record per layer (see ``prune_group``)."""
+    the inputs of block ``start``). Returns one record per layer (see ``prune_group``). Under several
+    ranks (``coll``), each holds its share of the batches and solves its share of every layer's rows."""
+    coll = coll or Collective()
     plans = layer_plan(layered, config)
     n_blocks = len(layered.blocks)
     records: list[dict] = []
-    bar = tqdm(total=sum(len(g) for plan in plans[start:] for g in plan), desc="pruning", unit="layer", disable=None)
+    total = sum(len(g) for plan in plans[start:] for g in plan)
+    bar = tqdm(total=total, desc="pruning", unit="layer", disable=None if coll.is_writer else True)
     try:
         for index in range(start, n_blocks):
             names = layered.parameter_names(layered.block_prefix(index))
@@ -117,12 +139,14 @@ def prune_blocks(
                 block_records = []
                 if config.true_sequential:
                     for group in groups:
-                        (hessian,) = collect_hessians(block, store, [group], layered.device)
-                        block_records += prune_group(group, hessian, layered, config, bar, index, n_blocks)
+                        (hessian,) = collect_hessians(block, store, [group], layered.device, coll)
+                        block_records += prune_group(group, hessian, layered, config, bar, index, coll)
                 else:
-                    hessians = collect_hessians(block, store, groups, layered.device)
-                    for group, hessian in zip(groups, hessians):
-                        block_records += prune_group(group, hessian, layered, config, bar, index, n_blocks)
+                    hessians = collect_hessians(block, store, groups, layered.device, coll)
+                    for i, group in enumerate(groups):
+                        hessian, hessians[i] = hessians[i], None  # freed as soon as its group is pruned
+                        block_records += prune_group(group, hessian, layered, config, bar, index, coll)
+                        del hessian
                 try:
                     layered.run_block(index, store)
                 except FloatingPointError as err:
@@ -135,15 +159,16 @@ def prune_blocks(
     return records
 
 
-def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, index, n_blocks) -> list[dict]:
+def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, index, coll=None) -> list[dict]:
     """Prune every layer of one group on its shared Hessian; the layer's weight is replaced in place by the
     pruned one as the checkpoint will store it. A record holds ``name, shape, skipped, nm_valid,
     sparsity, relative_loss, loss, damp, seconds`` and the solver's stats."""
+    coll = coll or Collective()
     records = []
     pattern: Pattern = config.solver.pattern
     prefix = f"{layered.block_path}.{index}."
-    for name, linear in group:
-        bar.set_description(f"block {index + 1}/{n_blocks} · {name[len(prefix) :]}")
+    for position, (name, linear) in enumerate(group):
+        bar.set_description(f"block {index + 1}/{len(layered.blocks)} · {name[len(prefix) :]}")
         weight = linear.weight.data
         record = {"name": name, "shape": list(weight.shape), "skipped": None}
         skip = None
@@ -156,26 +181,60 @@ def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, i
             record.update(skipped=skip, nm_valid=False, sparsity=sparsity_of(weight))
             record.update(relative_loss=None, loss=None, damp=None, seconds=0.0)
         else:
-            try:
-                result = prune_layer(weight, hessian.to(weight.device), config=config.solver)
-            except InvalidInputError as err:
-                raise InvalidInputError(f"{name}: {err}") from err
+            # the group's last layer may damp the shared Hessian in place: nobody reads it afterwards
+            pruned, summary = _solve_rows(name, weight, hessian, config, coll, consume=position == len(group) - 1)
             # round to the stored dtype now: later blocks calibrate on the model as it will be written
-            stored = positive_zeros(result.weight.to(layered.stored_dtype(f"{name}.weight")))
+            stored = positive_zeros(pruned.to(layered.stored_dtype(f"{name}.weight")))
             linear.weight.data.copy_(stored.to(weight.dtype))
-            stats = result.stats
             record.update(
                 nm_valid=conforms(stored, pattern) if pattern.is_nm else None,
                 sparsity=sparsity_of(stored),
-                relative_loss=result.relative_loss,
-                loss=result.loss,
-                damp=stats.damp,
-                seconds=stats.seconds,
-                solver=asdict(stats),
+                **summary,
             )
         records.append(record)
         bar.update(1)
+        give_back_memory()  # the solver's temporaries of this layer
     return records
+
+
+def _solve_rows(name, weight, hessian, config: RunConfig, coll: Collective, consume: bool) -> tuple[torch.Tensor, dict]:
+    """This rank's slice of the layer's rows, solved with the full Hessian, gathered with the others'."""
+    rows = coll.row_slice(weight.shape[0])
+    try:
+        result = prune_layer(weight[rows], hessian.to(weight.device), config=config.solver, consume_hessian=consume)
+    except InvalidInputError as err:
+        raise InvalidInputError(f"{name}: {err}") from err
+    stats = asdict(result.stats)
+    if coll.world == 1:
+        return result.weight, {
+            "relative_loss": result.relative_loss,
+            "loss": result.loss,
+            "damp": result.stats.damp,
+            "seconds": result.stats.seconds,
+            "solver": stats,
+        }
+    pruned = coll.gather_rows(result.weight, weight.shape[0])
+    losses = coll.sum_(torch.tensor([result.loss, result.zero_loss], dtype=torch.float64))
+    ranks = coll.gather_objects(stats)
+    loss, zero = float(losses[0]), float(losses[1])
+    stats |= {
+        "seconds": max(r["seconds"] for r in ranks),
+        "iterations": max(r["iterations"] for r in ranks),
+        "residual": max((r["residual"] for r in ranks if r["residual"] is not None), default=None),
+        "refine_swaps": sum(r["refine_swaps"] for r in ranks),
+        "refine_rounds": max(r["refine_rounds"] for r in ranks),
+        "loss_before_reconstruction": None
+        if stats["loss_before_reconstruction"] is None
+        else sum(r["loss_before_reconstruction"] for r in ranks),
+        "ranks": len(ranks),
+    }
+    return pruned, {
+        "relative_loss": loss / zero if zero > 0 else 0.0,
+        "loss": loss,
+        "damp": stats["damp"],
+        "seconds": stats["seconds"],
+        "solver": stats,
+    }
 
 
 def calibrate_and_prune(model, windows: torch.Tensor, config: RunConfig) -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from dataclasses import replace
 
@@ -67,9 +69,16 @@ def _add_prune(sub) -> None:
         default=False,
         help="continue an interrupted run of the same job from the last block it wrote",
     )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        help="under torchrun: seconds a rank waits for the others before the job fails (default 1800)",
+    )
 
 
 def _prune(args) -> None:
+    from apt.distributed import collective_for
     from apt.job import PruneJob, prune_model
     from apt.sequential import RunConfig
     from apt.solver import PruneConfig
@@ -82,6 +91,7 @@ def _prune(args) -> None:
         lookahead=args.lookahead,
         reconstruct=args.reconstruct,
     )
+    coll, device = collective_for(args.device, args.dist_timeout)  # a process group under torchrun
     job = PruneJob(
         model=args.model,
         out=args.out,
@@ -90,7 +100,7 @@ def _prune(args) -> None:
             targets=args.targets,
             ignore=args.ignore,
             true_sequential=args.true_sequential,
-            device=args.device,
+            device=device,
             batch_size=args.batch_size,
         ),
         calibration_data=args.calibration_data,
@@ -109,7 +119,9 @@ def _prune(args) -> None:
         overwrite=args.overwrite,
         resume=args.resume,
     )
-    report = prune_model(job)
+    report = prune_model(job, coll)
+    if not coll.is_writer:
+        return
     totals = report["totals"]
     print(
         f"pruned {totals['layers_pruned']} layers ({totals['layers_skipped']} skipped) with {args.method} "
@@ -123,12 +135,27 @@ def _prune(args) -> None:
         line = f"{metric}: dense {dense:.4f} → pruned " if dense is not None else f"{metric} to dense: "
         print(line + f"{acc['pruned'][metric]:.4f}")
     print(f"peak memory {report['peak_memory']['bytes'] / 2**30:.2f} GiB ({report['peak_memory']['kind']})")
+    if coll.world > 1:
+        ranks = report["distributed"]["ranks"]
+        print(
+            f"{coll.world} ranks ({coll.backend}): "
+            + "; ".join(
+                f"rank {r['rank']} {r['seconds']:.0f} s, {r['seconds_in_collectives']:.0f} s in collectives, "
+                f"peak {r['peak_memory']['bytes'] / 2**30:.2f} GiB"
+                for r in ranks
+            )
+        )
     print(f"wrote {args.out} (report: {args.out}/prune_report.json)")
 
 
 def _eval(args) -> None:
     from apt.job import evaluate_model
 
+    if args.tasks:
+        return _eval_tasks(args)
+    for option in ("num_fewshot", "limit", "include_path", "dense"):
+        if getattr(args, option) is not None:
+            raise InvalidInputError(f"--{option.replace('_', '-')} applies to --tasks only")
     result = evaluate_model(
         args.model,
         eval_data=args.eval_data,
@@ -145,6 +172,31 @@ def _eval(args) -> None:
         for metric in (result["metric"], "retrieval_top1"):
             if key in result and metric in result[key]:
                 print(f"{key:7s} {metric} {result[key][metric]:.4f}")
+
+
+def _eval_tasks(args) -> None:
+    from apt.harness import evaluate_tasks
+
+    if args.eval_data != "stdlib" or args.num_eval_windows is not None:
+        raise InvalidInputError("--eval-data and --num-eval-windows are for perplexity; --tasks runs lm-eval tasks")
+    result = evaluate_tasks(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path,
+        dense=args.dense,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"lm-eval {result['lm_eval']}: {result['pruned']} against {result['dense']}")
+    print(f"{'task':24s} {'metric':14s} {'dense':>9s} {'pruned':>9s} {'retained':>9s}")
+    for row in result["rows"]:
+        retained = f"{row['retained']:.3f}" if row["retained"] is not None else "-"
+        print(f"{row['task']:24s} {row['metric']:14s} {row['dense']:9.4f} {row['pruned']:9.4f} {retained:>9s}")
 
 
 def _inspect(args) -> None:
@@ -181,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     e.add_argument("--json", action="store_true", help="print JSON on stdout")
+    e.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (needs apt-sparse[eval])")
+    e.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples (default: each task's)")
+    e.add_argument("--limit", type=int, default=None, help="--tasks: at most this many examples per task")
+    e.add_argument("--include-path", default=None, help="--tasks: a folder of lm-eval task YAML files (offline)")
+    e.add_argument("--dense", default=None, help="--tasks: the dense source (default: the report's)")
+    e.add_argument("--batch-size", type=int, default=8, help="--tasks: lm-eval's batch size")
     i = sub.add_parser("inspect", help="per-layer sparsity and N:M validity of any checkpoint folder")
     i.add_argument("path")
     i.add_argument("--pattern", default=None, help="the pattern to check (default: the report's, else 2:4)")
@@ -279,13 +337,62 @@ def _demo(args) -> None:
 
 
 _HANDLERS = {"prune": _prune, "eval": _eval, "inspect": _inspect}
-_EXTRA_COMMANDS: list = [_add_export, _add_demo]
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="how much faster and how much worse a pruned folder is than its dense source")
+    b.add_argument("folder", help="a pruned Hugging Face folder (ours, or any whose pruned weights are N:M)")
+    b.add_argument("--dense", default=None, help="the dense source (default: the one named in prune_report.json)")
+    b.add_argument("--backends", default=None, help="comma-separated backends to run (default: every one)")
+    b.add_argument("--out", default=None, help="where results.json and report.md go (default: FOLDER-bench)")
+    b.add_argument("--onnx", default=None, help="an apt-sparse export onnx folder of this model")
+    b.add_argument("--tensorrt", default=None, help="an apt-sparse export tensorrt folder of this model")
+    b.add_argument("--quick", action="store_true", help="a short sweep (M in 1, 16, 256; one prefill shape)")
+    b.set_defaults(handler=_bench)
+
+
+def _bench(args) -> None:
+    from runtime_bench.bench import BenchConfig
+    from runtime_bench.folder_bench import bench_folder
+
+    config = BenchConfig()
+    if args.quick:
+        config = replace(
+            config,
+            gemm_ms=(1, 16, 256),
+            gemm_repeats=5,
+            llama_shapes=False,
+            prefill=((1, 128),),
+            decode=(1, 32, 16),
+            e2e_repeats=3,
+        )
+    backends = tuple(b.strip() for b in args.backends.split(",")) if args.backends else None
+    out = args.out or f"{args.folder.rstrip('/')}-bench"
+    report = bench_folder(
+        args.folder, out, dense=args.dense, backends=backends, onnx=args.onnx, tensorrt=args.tensorrt, config=config
+    )
+    results = json.loads((report.parent / "results.json").read_text())
+    for row in results["e2e"]["prefill"] + results["e2e"]["decode"]:
+        unit = "ms" if "seq" in row else "tokens/s"
+        shape = f"{row['batch']}×{row.get('seq', row.get('prompt'))}"
+        print(f"{row['model']:6s} {row['backend']:34s} {shape:>9s}  {row['result']['median']:.2f} {unit}")
+    for what, reason in results["not_measured"].items():
+        print(f"not measured: {what}: {reason}")
+    print(f"report: {report}")
+
+
+_EXTRA_COMMANDS: list = [_add_export, _add_demo, _add_bench]
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    who = f"rank {rank}: " if rank is not None else ""
+    if rank is not None:
+        # torchrun stops the other ranks with SIGTERM when one fails: say so, and leave the partial run intact
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
         handler = _HANDLERS.get(args.command) or args.handler
         handler(args)
@@ -293,12 +400,16 @@ def main(argv=None) -> int:
         # the job and the demo say what they leave behind; anything else writes atomically or not at all
         out = getattr(args, "out", None)
         said = str(err) or f"nothing was written{f' to {out}' if out else ''}"
-        print(f"\ninterrupted: {said}", file=sys.stderr)
+        print(f"\n{who}interrupted: {said}", file=sys.stderr)
         return 130
     except AptError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{who}error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stopped_by_launcher(_signum, _frame):
+    raise KeyboardInterrupt("stopped by the launcher (SIGTERM), usually because another rank failed")
 
 
 if __name__ == "__main__":

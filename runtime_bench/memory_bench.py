@@ -43,7 +43,7 @@ LLAMA_1B = dict(
     num_attention_heads=32,
     num_key_value_heads=4,
     max_position_embeddings=4096,
-    rope_theta=100000.0,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     tie_word_embeddings=False,
 )
 
@@ -95,6 +95,12 @@ def prune_in_child(src: Path, out: Path, args, cgroup: Path | None = None) -> di
         "seconds_pruning": report["totals"]["seconds_pruning"],
         "accuracy": report["accuracy"],
         "stdout": run.stdout.strip().splitlines()[-6:],
+        # per layer: the solver's seconds at these shapes (runtime_bench.scaling_model fits on them)
+        "per_layer": [
+            {"name": r["name"], "shape": r["shape"], "seconds": r["seconds"]}
+            for r in report["layers"]
+            if not r["skipped"]
+        ],
     }
 
 
@@ -109,24 +115,39 @@ def check_output(out: Path) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     loaded = str(model.dtype)
     del model
-    return {"targets": len(targets), "targets_2_4": valid, "stored_dtypes": dtypes, "from_pretrained_dtype": loaded,
-            "shards": len(list(out.glob("*.safetensors")))}
+    return {
+        "targets": len(targets),
+        "targets_2_4": valid,
+        "stored_dtypes": dtypes,
+        "from_pretrained_dtype": loaded,
+        "shards": len(list(out.glob("*.safetensors"))),
+    }
 
 
-def make_cgroup(limit_bytes: int) -> tuple[Path | None, str]:
-    root = Path("/sys/fs/cgroup")
-    if not (root / "cgroup.controllers").is_file():
-        return None, "no cgroup v2 hierarchy at /sys/fs/cgroup"
-    group = root / f"apt-sparse-memory-bench-{os.getpid()}"
+def make_cgroup(limit_bytes: int) -> tuple[Path | None, str, dict]:
+    """A memory-limited cgroup this process may put a child in (v2, or v1's memory controller); returns
+    ``(folder, status, file names)``."""
+    name = f"apt-sparse-memory-bench-{os.getpid()}"
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
     try:
-        if "memory" not in (root / "cgroup.subtree_control").read_text():
-            (root / "cgroup.subtree_control").write_text("+memory")
-        group.mkdir()
-        (group / "memory.max").write_text(str(limit_bytes))
-        (group / "memory.swap.max").write_text("0")
+        if (v2 / "cgroup.controllers").is_file():
+            if "memory" not in (v2 / "cgroup.subtree_control").read_text():
+                (v2 / "cgroup.subtree_control").write_text("+memory")
+            group = v2 / name
+            group.mkdir()
+            (group / "memory.max").write_text(str(limit_bytes))
+            (group / "memory.swap.max").write_text("0")
+            return group, "ok", {"peak": "memory.peak", "limit": "memory.max"}
+        if (v1 / "memory.limit_in_bytes").is_file():
+            group = v1 / name
+            group.mkdir()
+            (group / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            if (group / "memory.memsw.limit_in_bytes").is_file():  # no swapping around the limit either
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+            return group, "ok", {"peak": "memory.max_usage_in_bytes", "limit": "memory.limit_in_bytes"}
     except OSError as err:
-        return None, f"cannot create a memory-limited cgroup here ({err.strerror})"
-    return group, "ok"
+        return None, f"cannot create a memory-limited cgroup here ({err.strerror})", {}
+    return None, "no cgroup memory controller is mounted", {}
 
 
 def main(argv=None) -> None:
@@ -135,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--method", default="apt")
-    parser.add_argument("--limit-gib", type=float, default=None, help="also run inside a cgroup with this memory.max")
+    parser.add_argument("--limit-gib", type=float, default=None, help="also run inside a cgroup with this memory limit")
     parser.add_argument("--work", type=Path, default=None, help="folder for the model and outputs (default: temp)")
     parser.add_argument("--out", type=Path, default=RESULTS / "memory_bench.json")
     parser.add_argument("extra", nargs="*", help="more prune options, after --")
@@ -149,8 +170,10 @@ def main(argv=None) -> None:
         reader = CheckpointReader(src)
         parameters = sum(reader.info(n).nbytes // 2 for n in reader.names())
         sizes = {"parameters": parameters, "bytes_bf16": 2 * parameters, "bytes_fp32": 4 * parameters}
-    print(f"model: {sizes['parameters'] / 1e9:.2f} B parameters, {sizes['bytes_bf16'] / 2**30:.2f} GiB in bf16",
-          flush=True)
+    print(
+        f"model: {sizes['parameters'] / 1e9:.2f} B parameters, {sizes['bytes_bf16'] / 2**30:.2f} GiB in bf16",
+        flush=True,
+    )
     result = {"schema": "apt-sparse/memory-bench/1", "model": LLAMA_1B | sizes, "runs": {}}
     run = prune_in_child(src, out, args)
     run["output"] = check_output(out)
@@ -159,15 +182,20 @@ def main(argv=None) -> None:
     print(json.dumps({k: v for k, v in run.items() if k != "stdout"}, indent=2), flush=True)
     if args.limit_gib:
         limit = int(args.limit_gib * 2**30)
-        group, status = make_cgroup(limit)
+        group, status, files = make_cgroup(limit)
         if group is None:
             result["runs"]["limited"] = {"memory_max_bytes": limit, "status": f"not measured: {status}"}
         else:
             try:
                 limited = prune_in_child(src, work / "pruned-limited", args, cgroup=group)
-                limited["memory_max_bytes"] = limit
-                limited["cgroup_memory_peak_bytes"] = int((group / "memory.peak").read_text())
+                limited["memory_limit_bytes"] = int((group / files["limit"]).read_text())
+                # the cgroup's figure counts the page cache of the files read too (reclaimable)
+                limited["cgroup_memory_peak_bytes"] = int((group / files["peak"]).read_text())
                 limited["output"] = check_output(work / "pruned-limited")
+                limited["output"]["same_shards_as_unlimited"] = all(
+                    (out / p.name).read_bytes() == p.read_bytes()
+                    for p in (work / "pruned-limited").glob("*.safetensors")
+                )
                 result["runs"]["limited"] = limited
             finally:
                 group.rmdir()
