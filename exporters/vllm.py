@@ -9,7 +9,6 @@ memory for one tensor, whatever the model's size.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,27 +17,10 @@ from apt.artifacts import atomic_directory
 from apt.checkpoint import PlannedTensor, ShardedWriter, parse_size
 from apt.errors import InvalidInputError
 from apt.patterns import conforms, positive_zeros
+from apt.portable import copy_side_files, write_config
 from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "generation_config.json",
-    "chat_template.jinja",
-)
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
 
 
 def plain_config(config: dict, dtype: str) -> dict:
@@ -79,7 +61,7 @@ def export_vllm(
         for name in reader.names():
             writer.write(name, cast_for_export(reader.read(name), target_dtype))
         writer.write_index()
-        (tmp / "config.json").write_text(json.dumps(plain_config(source.config, dtype), indent=2))
+        write_config(plain_config(source.config, dtype), tmp)
         copy_side_files(source.folder, tmp)
         validation = _validate(tmp, source, target_dtype, safe_open)
         return write_manifest(

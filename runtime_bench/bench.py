@@ -60,6 +60,10 @@ class BenchConfig:
     e2e_repeats: int = 5
     sparse_backend: str = "torch-sparse-cusparselt"
     not_measured: dict = field(default_factory=dict)  # extra {what: reason} from the caller (exports)
+    backends: tuple[str, ...] | None = None  # None: every registered backend; torch-dense always runs
+
+    def runs(self, backend: str) -> bool:
+        return backend == "torch-dense" or self.backends is None or backend in self.backends
 
     @property
     def dtype(self) -> str:
@@ -186,7 +190,10 @@ def run_bench(
     )
     not_measured |= {f"{b} GEMM": reason for b, reason in unmeasured.items()}
     thresholds = sparse_thresholds(gemm, config.sparse_backend)
-    decode_safe, reason = decode_safe_section(model, thresholds, config, targets)
+    if config.runs(config.sparse_backend):
+        decode_safe, reason = decode_safe_section(model, thresholds, config, targets)
+    else:
+        decode_safe, reason = None, "not selected (--backends)"
     if decode_safe is None:
         not_measured[f"decode-safe {config.sparse_backend} end to end"] = reason
     else:
@@ -204,9 +211,12 @@ def run_bench(
     else:
         not_measured["onnxruntime end to end"] = "no exported ONNX graph was given"
     trt = BACKENDS["tensorrt"]()
-    not_measured["tensorrt end to end"] = (
-        trt.reason if not trt.available else "timing TensorRT engines is not implemented here: use trtexec --loadEngine"
-    )
+    if not config.runs("tensorrt"):
+        not_measured["tensorrt end to end"] = "not selected (--backends)"
+    else:
+        not_measured["tensorrt end to end"] = (
+            trt.reason if not trt.available else "timing TensorRT engines is not implemented: use trtexec --loadEngine"
+        )
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -15,16 +15,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from apt.artifacts import write_json_atomic
 from apt.data import evaluation_documents
 from apt.job import Accuracy, PruneJob, prune_model
 from apt.models import load_tokenizer, source_folder
 from apt.sequential import RunConfig
 from apt.solver import PruneConfig
 from apt.streaming import LayeredModel
-from apt.targets import targets_of_folder
-from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
-from runtime_bench.report import render_report
+from runtime_bench.bench import BenchConfig, pruning_record
+from runtime_bench.folder_bench import bench_folder
 
 log = logging.getLogger(__name__)
 
@@ -141,41 +139,37 @@ def _run(out: Path, config: DemoConfig, progress, command: str, written: list[st
         not_measured["vLLM serving"] = exports["vllm"]["validation"]["vllm_loaded"].removeprefix("not measured: ")
     if "tensorrt" in exports:
         not_measured["TensorRT engine"] = exports["tensorrt"]["validation"]["engine"]["status"]
-    # the benchmark times the fp32 graph where it was exported, else the fp16 graph inside the TensorRT export
-    onnx_path = next(
-        (
-            p
-            for p in (out / "export" / "onnx" / "model.onnx", out / "export" / "tensorrt" / "onnx" / "model.onnx")
-            if p.is_file()
-        ),
-        None,
-    )
-    results = run_bench(
-        replace(config.bench, not_measured=not_measured),
-        dense_folder,
+    extra = {
+        "exports": {
+            target: {
+                "bytes": sum(f["bytes"] for f in manifest["files"]),
+                "validation": manifest["validation"],
+                "trtexec": manifest.get("trtexec"),
+            }
+            for target, manifest in exports.items()
+        },
+        "demo": {
+            "model": config.model,
+            "calibration": f"{config.windows}x{config.seq_len} stdlib tokens",
+            "eval": f"{config.eval_windows}x{config.seq_len} held-out stdlib tokens",
+            "seconds": time.perf_counter() - started,
+            "command": command,
+        },
+    }
+    exported = out / "export"
+    report = bench_folder(
         source,
-        onnx_path=onnx_path,
+        out,
+        dense=config.model,
+        onnx=str(exported / "onnx") if "onnx" in exports else None,
+        tensorrt=str(exported / "tensorrt") if "tensorrt" in exports else None,
+        config=replace(config.bench, not_measured=not_measured),
         accuracy=accuracy,
         pruning=pruning,
-        targets=targets_of_folder(source),
+        extra=extra,
     )
-    results["exports"] = {
-        t: {"bytes": sum(f["bytes"] for f in m["files"]), "validation": m["validation"], "trtexec": m.get("trtexec")}
-        for t, m in exports.items()
-    }
-    results["demo"] = {
-        "model": config.model,
-        "calibration": f"{config.windows}x{config.seq_len} stdlib tokens",
-        "eval": f"{config.eval_windows}x{config.seq_len} held-out stdlib tokens",
-        "seconds": time.perf_counter() - started,
-        "command": command,
-    }
-    validate_results(results)
-    write_json_atomic(out / "results.json", results)
-    written.append("results.json")
-    report = render_report(results, out)
-    written.append("report.md")
-    progress(f"demo finished in {results['demo']['seconds'] / 60:.1f} min")
+    written += ["results.json", "report.md"]
+    progress(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min")
     return report
 
 

@@ -40,6 +40,7 @@ class GemmConfig:
     repeats: int = 20
     warmup: int = 3
     sample_seconds: float = 1e-3
+    sparse_backends: tuple[str, ...] = ("torch-sparse-cusparselt", "torch-sparse-cutlass")
 
 
 def model_shapes(model, targets: PrunedTargets | None = None) -> tuple[tuple[str, int, int], ...]:
@@ -89,7 +90,9 @@ def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
     unmeasured = {}
     for backend in SPARSE_BACKENDS:
         status = BACKENDS[backend]()
-        if not status.available:
+        if backend not in config.sparse_backends:
+            unmeasured[backend] = "not selected (--backends)"
+        elif not status.available:
             unmeasured[backend] = status.reason
         elif not device.startswith("cuda"):
             unmeasured[backend] = "the benchmark device is the CPU"
