@@ -50,7 +50,7 @@ bench-solver: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.solver_bench
 
 bench-memory: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.memory_bench --limit-gib 1.4 -- --batch-size 2
+	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.memory_bench --limit-gib 1.4 --limited-only -- --batch-size 2 --dtype bfloat16
 
 clean:
 	rm -rf $(VENV) $(COMPAT) demo_out .pytest_cache
