@@ -166,7 +166,7 @@ _LABELS = {"torch-sparse-cusparselt": "cuSPARSELt", "torch-sparse-cutlass": "CUT
 def _gemm_section(results: dict) -> list[str]:
     gemm = results["gemm"]
     backends = gemm["sparse_backends"]  # only measured backends get a column
-    header = "| shape | M | dense ms | " + " | ".join(_LABELS.get(b, b) for b in backends) + " |"
+    header = "| " + " | ".join(["shape", "M", "dense ms", *(_LABELS.get(b, b) for b in backends)]) + " |"
     lines = [
         "",
         f"## GEMM: dense vs 2:4 ({gemm['dtype']} on {gemm['device']})",
@@ -183,7 +183,7 @@ def _gemm_section(results: dict) -> list[str]:
                 if entry
                 else f"not measured: {r['not_measured'][b]}"
             )
-        lines.append(f"| {r['shape']} | {r['m']} | {r['dense_ms']['median']:.3f} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([r["shape"], str(r["m"]), f"{r['dense_ms']['median']:.3f}", *cells]) + " |")
     lines += ["", "![GEMM](gemm_speedup.png)"]
     if backends:
         lines += [

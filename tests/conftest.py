@@ -27,7 +27,8 @@ def smollm2_demo(tmp_path_factory):
     lines = []
     capture.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(str(x) for x in a)))
     try:
-        assert main(["demo", "--out", str(out), "--quick"]) == 0
+        code = main(["demo", "--out", str(out), "--quick"])
     finally:
         capture.undo()
+    assert code == 0, "\n".join(lines[-20:])  # the demo's own error message
     return out, "\n".join(lines)

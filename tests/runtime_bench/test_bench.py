@@ -128,6 +128,13 @@ def test_report_renders_with_plots_and_states_each_reason_once(tiny_results, tmp
     assert "## Not measured" in text and "| apt | 12.000 |" in text
     for reason in set(results["not_measured"].values()) | {s["reason"] for s in results["backends"].values()}:
         assert text.count(reason) == 1, reason
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line.count("|"))
+        elif current:
+            tables, current = tables + [current], []
+    assert tables and all(len(set(table)) == 1 for table in tables), tables  # every row as wide as its header
     for name in ("gemm_speedup.png", "e2e_prefill.png", "accuracy.png", "layer_loss.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name

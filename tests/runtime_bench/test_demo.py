@@ -108,3 +108,36 @@ def test_smollm2_tensorrt_export_passes_onnx_runtime_and_says_the_engine_was_not
     assert "--sparsity=enable" in manifest["trtexec"]
     onnx = Path(out / "export" / "tensorrt" / "onnx" / "manifest.json")
     assert json.loads(onnx.read_text())["dtype"] == "float16"
+
+
+def test_bench_command_measures_the_smollm2_folder_against_its_dense_source(smollm2_demo, tmp_path, capsys):
+    from apt_sparse.cli import main
+
+    out, _ = smollm2_demo
+    folder = out / "pruned" / "apt"
+    argv = ["bench", str(folder), "--quick", "--backends", "torch-dense", "--out", str(tmp_path / "bench")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    measured = {(r["model"], r["backend"]) for r in results["e2e"]["prefill"] if isinstance(r["result"], dict)}
+    assert ("dense", "torch-dense") in measured  # the dense source named by the folder's report, loaded and timed
+    assert results["not_measured"]["torch-sparse-cusparselt"] == "not selected (--backends)"
+    assert "no CUDA GPU" in results["not_measured"]["torch-sparse-cusparselt GEMM"]
+    shapes = {r["shape"] for r in results["gemm"]["records"]}
+    assert {"model q_proj 576x576", "model down_proj 1536x576"} <= shapes  # SmolLM2's own shapes
+    # the demo prunes without evaluating (it evaluates every method itself): the folder's report holds no accuracy
+    assert json.loads((folder / "prune_report.json").read_text())["accuracy"] is None
+    assert "run apt-sparse eval on it" in results["not_measured"]["accuracy"]
+    assert (tmp_path / "bench" / "report.md").is_file() and f"report: {tmp_path / 'bench' / 'report.md'}" in printed
+
+
+def test_bench_refuses_what_it_cannot_measure(tmp_path, capsys):
+    from apt_sparse.cli import main
+
+    from ..apt.tiny_models import save_tiny_model
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    assert main(["bench", str(src), "--quick"]) == 2  # a dense folder without a report
+    assert "pass --dense with the dense model" in capsys.readouterr().err
+    assert main(["bench", str(src), "--dense", str(src), "--backends", "no-such-kernel"]) == 2
+    assert "unknown backends ['no-such-kernel']" in capsys.readouterr().err

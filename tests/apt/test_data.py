@@ -1,0 +1,41 @@
+"""Data sources: the papers' evaluation protocols, mixes of sources, and the offline corpora."""
+
+from pathlib import Path
+
+import pytest
+
+from apt.data import C4_EVAL_DOCUMENTS, evaluation_documents, load_text, protocol_documents
+
+
+def test_papers_protocols_build_one_document_in_order():
+    rows = [" = Title = ", "", " first paragraph ", " second "]
+    assert protocol_documents("wikitext2", rows) == (" = Title = \n\n\n\n first paragraph \n\n second ",)
+    many = [f"doc{i}" for i in range(C4_EVAL_DOCUMENTS + 5)]
+    (c4,) = protocol_documents("c4", many)
+    assert c4.split(" ") == many[:C4_EVAL_DOCUMENTS] and C4_EVAL_DOCUMENTS == 1100
+    assert protocol_documents("some/other", ["a", "b"]) == ("a", "b")
+
+
+needs_licenses = pytest.mark.skipif(
+    not Path("/usr/share/common-licenses").is_dir(), reason="no /usr/share/common-licenses on this machine"
+)
+
+
+@needs_licenses
+def test_a_mix_is_the_union_of_its_parts_under_one_split():
+    stdlib, licenses = load_text("stdlib"), load_text("licenses")
+    assert len(licenses.whole) >= 5 and all(doc.strip() for doc in licenses.whole)
+    mix = load_text("stdlib+licenses")
+    assert mix.calibration == stdlib.calibration + licenses.calibration
+    assert mix.evaluation == stdlib.evaluation + licenses.evaluation
+    assert not set(mix.calibration) & set(mix.evaluation)
+
+
+@needs_licenses
+def test_evaluation_holds_out_only_what_calibrated_the_model():
+    stdlib, licenses = load_text("stdlib"), load_text("licenses")
+    docs, described = evaluation_documents("stdlib+licenses", calibration_source="stdlib")
+    assert docs == stdlib.evaluation + licenses.whole  # licenses never calibrated: all of it
+    assert "held-out" in described and "every document" in described
+    docs, _ = evaluation_documents("licenses", calibration_source="stdlib+licenses")
+    assert docs == licenses.evaluation  # part of the calibration mix: only its held-out share
