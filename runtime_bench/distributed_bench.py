@@ -23,6 +23,7 @@ from pathlib import Path
 
 from apt.artifacts import write_json_atomic
 from apt.checkpoint import CheckpointReader
+from runtime_bench import command_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
         f"speedup {summary['speedup']:.2f}×"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary["command"] = command_line("runtime_bench.distributed_bench", argv)
     write_json_atomic(args.out, summary)
     print(f"wrote {args.out}")
 

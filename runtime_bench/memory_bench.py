@@ -34,6 +34,7 @@ from apt.artifacts import write_json_atomic
 from apt.checkpoint import CheckpointReader
 from apt.models import source_folder
 from apt.patterns import is_nm_sparse
+from runtime_bench import command_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_1B = dict(
@@ -210,6 +211,7 @@ def main(argv=None) -> None:
         shown = {k: v for k, v in result["runs"]["limited"].items() if k not in ("stdout", "per_layer")}
         print(json.dumps(shown, indent=2), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = command_line("runtime_bench.memory_bench", argv)
     write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
     if args.work is None:

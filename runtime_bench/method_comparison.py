@@ -17,6 +17,7 @@ from apt.artifacts import write_json_atomic
 from apt.job import PruneJob, prune_model, versions
 from apt.sequential import RunConfig
 from apt.solver import METHODS, PruneConfig
+from runtime_bench import command_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,6 +80,7 @@ def main(argv=None) -> None:
         root = args.keep or Path(tmp)
         summary = compare_methods(args.model, args.methods, args.windows, args.seq_len, args.eval_windows, root)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary["command"] = command_line("runtime_bench.method_comparison", argv)
     write_json_atomic(args.out, summary)
     print(f"wrote {args.out}")
 

@@ -119,6 +119,7 @@ def _header(results: dict) -> list[str]:
         "",
         f"Created {results['created']} on {m['platform']} ({m['processor']}, {m['torch_threads']} threads), "
         f"GPU: {gpu}; torch {m['torch']}, transformers {m['transformers']}, onnxruntime {m['onnxruntime']}.",
+        *([f"Made by `{results['demo']['command']}`."] if results.get("demo", {}).get("command") else []),
         "",
         "## Backends",
         "",

@@ -22,6 +22,7 @@ from apt.artifacts import write_json_atomic
 from apt.data import load_text, token_windows
 from apt.families import block_groups, family_for, find_blocks
 from apt.models import load_model
+from runtime_bench import command_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -126,6 +127,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     summary = run(args.model, args.windows, args.seq_len, args.methods, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary["command"] = command_line("runtime_bench.solver_bench", argv)
     write_json_atomic(args.out, summary)
     print(f"wrote {args.out}")
 
