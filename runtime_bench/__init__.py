@@ -1,8 +1,14 @@
 """Benchmarks: what 2:4 pruning buys (speed) and costs (accuracy), measured."""
 
 import sys
+from pathlib import Path
 
 
-def command_line(module: str, argv) -> str:
-    """The command that reproduces a benchmark run, recorded in the results it writes."""
-    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+def save_results(path: Path, results: dict, module: str, argv) -> None:
+    """Write a benchmark's results atomically to ``path``, with the command that reproduces them."""
+    from apt.artifacts import write_json_atomic  # here: importing the package stays free of apt and torch
+
+    results["command"] = " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, results)
+    print(f"wrote {path}")

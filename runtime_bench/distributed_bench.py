@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from apt.artifacts import write_json_atomic
 from apt.checkpoint import CheckpointReader
-from runtime_bench import command_line
+from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -123,10 +122,7 @@ def main(argv=None) -> None:
         f"mask agreement {summary['mask_agreement']:.4f}, perplexity ratio {summary['perplexity_ratio']:.4f}, "
         f"speedup {summary['speedup']:.2f}×"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary["command"] = command_line("runtime_bench.distributed_bench", argv)
-    write_json_atomic(args.out, summary)
-    print(f"wrote {args.out}")
+    save_results(args.out, summary, "runtime_bench.distributed_bench", argv)
 
 
 if __name__ == "__main__":

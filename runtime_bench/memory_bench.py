@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import write_json_atomic
 from apt.checkpoint import CheckpointReader
 from apt.models import source_folder
 from apt.patterns import is_nm_sparse
-from runtime_bench import command_line
+from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_1B = dict(
@@ -210,10 +209,7 @@ def main(argv=None) -> None:
                 group.rmdir()
         shown = {k: v for k, v in result["runs"]["limited"].items() if k not in ("stdout", "per_layer")}
         print(json.dumps(shown, indent=2), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result["command"] = command_line("runtime_bench.memory_bench", argv)
-    write_json_atomic(args.out, result)
-    print(f"wrote {args.out}")
+    save_results(args.out, result, "runtime_bench.memory_bench", argv)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

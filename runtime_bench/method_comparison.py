@@ -13,11 +13,10 @@ import logging
 import tempfile
 from pathlib import Path
 
-from apt.artifacts import write_json_atomic
 from apt.job import PruneJob, prune_model, versions
 from apt.sequential import RunConfig
 from apt.solver import METHODS, PruneConfig
-from runtime_bench import command_line
+from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,10 +78,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         summary = compare_methods(args.model, args.methods, args.windows, args.seq_len, args.eval_windows, root)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary["command"] = command_line("runtime_bench.method_comparison", argv)
-    write_json_atomic(args.out, summary)
-    print(f"wrote {args.out}")
+    save_results(args.out, summary, "runtime_bench.method_comparison", argv)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import write_json_atomic
-from runtime_bench import command_line
+from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2 = {"hidden": 576, "intermediate": 1536, "kv": 192}
@@ -168,10 +167,7 @@ def main(argv=None) -> None:
                 f"{row['forward_s_per_block']:6.2f} s  comm {row['comm_s_per_block']:6.3f} s "
                 f"({row['bytes_moved_per_rank_per_block'] / 1e9:5.1f} GB)  total {row['hours_total']:6.2f} h"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result["command"] = command_line("runtime_bench.scaling_model", argv)
-    write_json_atomic(args.out, result)
-    print(f"wrote {args.out}")
+    save_results(args.out, result, "runtime_bench.scaling_model", argv)
 
 
 if __name__ == "__main__":

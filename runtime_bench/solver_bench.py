@@ -18,11 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from apt import PruneConfig, prune_layer
-from apt.artifacts import write_json_atomic
 from apt.data import load_text, token_windows
 from apt.families import block_groups, family_for, find_blocks
 from apt.models import load_model
-from runtime_bench import command_line
+from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -126,10 +125,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     summary = run(args.model, args.windows, args.seq_len, args.methods, args.threads)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary["command"] = command_line("runtime_bench.solver_bench", argv)
-    write_json_atomic(args.out, summary)
-    print(f"wrote {args.out}")
+    save_results(args.out, summary, "runtime_bench.solver_bench", argv)
 
 
 if __name__ == "__main__":
