@@ -205,31 +205,25 @@ def _solve_rows(name, weight, hessian, config: RunConfig, coll: Collective, cons
     except InvalidInputError as err:
         raise InvalidInputError(f"{name}: {err}") from err
     stats = asdict(result.stats)
-    if coll.world == 1:
-        return result.weight, {
-            "relative_loss": result.relative_loss,
-            "loss": result.loss,
-            "damp": result.stats.damp,
-            "seconds": result.stats.seconds,
-            "solver": stats,
+    pruned, loss, zero = result.weight, result.loss, result.zero_loss
+    if coll.world > 1:
+        pruned = coll.gather_rows(result.weight, weight.shape[0])
+        losses = coll.sum_(torch.tensor([loss, zero], dtype=torch.float64))
+        loss, zero = float(losses[0]), float(losses[1])
+        ranks = coll.gather_objects(stats)
+        stats |= {
+            "seconds": max(r["seconds"] for r in ranks),
+            "iterations": max(r["iterations"] for r in ranks),
+            "residual": max((r["residual"] for r in ranks if r["residual"] is not None), default=None),
+            "refine_swaps": sum(r["refine_swaps"] for r in ranks),
+            "refine_rounds": max(r["refine_rounds"] for r in ranks),
+            "loss_before_reconstruction": None
+            if stats["loss_before_reconstruction"] is None
+            else sum(r["loss_before_reconstruction"] for r in ranks),
+            "ranks": len(ranks),
         }
-    pruned = coll.gather_rows(result.weight, weight.shape[0])
-    losses = coll.sum_(torch.tensor([result.loss, result.zero_loss], dtype=torch.float64))
-    ranks = coll.gather_objects(stats)
-    loss, zero = float(losses[0]), float(losses[1])
-    stats |= {
-        "seconds": max(r["seconds"] for r in ranks),
-        "iterations": max(r["iterations"] for r in ranks),
-        "residual": max((r["residual"] for r in ranks if r["residual"] is not None), default=None),
-        "refine_swaps": sum(r["refine_swaps"] for r in ranks),
-        "refine_rounds": max(r["refine_rounds"] for r in ranks),
-        "loss_before_reconstruction": None
-        if stats["loss_before_reconstruction"] is None
-        else sum(r["loss_before_reconstruction"] for r in ranks),
-        "ranks": len(ranks),
-    }
     return pruned, {
-        "relative_loss": loss / zero if zero > 0 else 0.0,
+        "relative_loss": loss / zero if zero > 0 else 0.0,  # as prune_layer computes it, over all rows
         "loss": loss,
         "damp": stats["damp"],
         "seconds": stats["seconds"],
