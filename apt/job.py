@@ -285,11 +285,15 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
         spill_to=(job.activation_dir or work) if job.activations == "disk" else None,
     )
     seconds = {"forward": 0.0}
+    dense = None
     try:
         batch = job.run.batch_size
         batches = coll.share([{"input_ids": windows[s : s + batch]} for s in range(0, len(windows), batch)])
         clock = time.perf_counter()
         layered.block_inputs(batches, store)
+        if job.run.correction:  # the dense model's activations, beside the pruned model's
+            dense = store.copy()
+            layered.run_blocks(dense, range(done))
         if done:
             log.info("resuming at block %d: recomputing its inputs from the %d blocks written", done, done)
             layered.run_blocks(store, range(done), written)
@@ -311,9 +315,11 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
             write_json_atomic(work / RESUME_NAME, state)
 
         block_clock = [time.perf_counter()]
-        layers = prune_blocks(layered, store, job.run, start=done, on_block_done=write_block, coll=coll)
+        layers = prune_blocks(layered, store, job.run, start=done, on_block_done=write_block, coll=coll, dense=dense)
     finally:
         store.close()
+        if dense is not None:
+            dense.close()
     if not coll.is_writer:
         state["layers"] += layers
 

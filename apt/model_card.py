@@ -38,13 +38,14 @@ def command_of(config: dict) -> str:
     pattern = _pattern_text(solver["pattern"])
     if pattern != "2:4":
         parts += ["--pattern", pattern]
-    if solver.get("damp") is not None:
-        parts += ["--damp", str(solver["damp"])]
-    for option in ("refine", "lookahead", "reconstruct"):
+    for option in ("damp", "refit_damp", "refine"):
+        if solver.get(option) is not None:
+            parts += [f"--{option.replace('_', '-')}", str(solver[option])]
+    for option in ("lookahead", "reconstruct"):
         if solver.get(option) is not None:
             parts.append(f"--{'' if solver[option] else 'no-'}{option}")
     run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    for key in ("targets", "ignore", "true_sequential", "device", "batch_size"):
+    for key in ("targets", "ignore", "true_sequential", "correction", "device", "batch_size"):
         value = config["run"].get(key)
         if key == "device" and value:
             value = value.split(":")[0]

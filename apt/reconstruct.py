@@ -106,6 +106,8 @@ def refine_mask(
     max_iter: int,
     max_rounds: int,
     row_chunk_elements: int = 2**25,
+    scoring: str = "exact",
+    window: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Swap a kept and a pruned weight inside an N:M group while it lowers the loss, alternated with
     reconstruction, until no swap helps.
@@ -126,7 +128,6 @@ def refine_mask(
     single = torch.zeros(rows, dtype=torch.bool, device=dev)
     losses = row_losses(W_hat, W, H)
     stats = {"rounds": 0, "swaps": 0, "iterations": 0, "residual": None}
-    chunk = max(1, row_chunk_elements // max(n_kept * n_kept, 1))
     for _ in range(max_rounds):
         # every row keeps exactly N per group, so kept/pruned columns sorted ascending fall into
         # consecutive runs of N (and M−N) per group
@@ -134,24 +135,14 @@ def refine_mask(
         kept_idx = order[:, :n_kept].sort(dim=1).values
         pruned_idx = order[:, n_kept:].sort(dim=1).values
         grad = (W_hat - W) @ H
-        delta = torch.empty(rows, groups, n, m - n, dtype=W.dtype, device=dev)
-        new_value = torch.empty_like(delta)
-        for r0 in range(0, rows, chunk):
-            K, P = kept_idx[r0 : r0 + chunk], pruned_idx[r0 : r0 + chunk]
-            H_KK = H[K.unsqueeze(-1), K.unsqueeze(-2)]
-            H_KP = H[K.unsqueeze(-1), P.unsqueeze(-2)]
-            M = torch.cholesky_inverse(torch.linalg.cholesky(H_KK))
-            V = M @ H_KP  # [c, |K|, |P|]
-            s = H.diagonal()[P] - (H_KP * V).sum(dim=1)  # Schur complement of each pruned column
-            M_kk = M.diagonal(dim1=1, dim2=2)
-            x_k = W_hat.gather(1, K)
-            c = K.shape[0]
-            V_blocks = V.view(c, groups, n, groups, m - n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-            scale = (x_k / M_kk).view(c, groups, n, 1)
-            g_after = grad.gather(1, P)[r0 : r0 + chunk].view(c, groups, 1, m - n) - scale * V_blocks
-            s_after = s.view(c, groups, 1, m - n) + V_blocks**2 / M_kk.view(c, groups, n, 1)
-            delta[r0 : r0 + chunk] = (x_k**2 / M_kk).view(c, groups, n, 1) - g_after**2 / s_after
-            new_value[r0 : r0 + chunk] = -g_after / s_after
+        moves = None
+        if scoring == "exact" or cols <= window:
+            delta, new_value = _exact_swap_scores(W_hat, H, kept_idx, pruned_idx, grad, n, m, row_chunk_elements)
+        elif scoring == "window":
+            offset = (stats["rounds"] % 2) * (window // 2) // m * m  # alternate so no group stays at an edge
+            delta, new_value = _window_swap_scores(W_hat, H, mask, grad, pattern, window, offset)
+        else:
+            delta, moves = _local_swap_scores(W_hat, H, kept_idx, pruned_idx, grad, n, m)
         threshold = -1e-9 * losses.clamp_min(0).view(rows, 1)
         flat = delta.view(rows, groups, n * (m - n))
         best_val, best = flat.min(dim=-1)
@@ -165,17 +156,31 @@ def refine_mask(
         stats["rounds"] += 1
         k_col = kept_idx.view(rows, groups, n).gather(-1, (best // (m - n)).unsqueeze(-1)).squeeze(-1)
         p_col = pruned_idx.view(rows, groups, m - n).gather(-1, (best % (m - n)).unsqueeze(-1)).squeeze(-1)
-        t = new_value.view(rows, groups, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
         r_sel, g_sel = apply.nonzero(as_tuple=True)
         new_mask = mask.clone()
         start = W_hat.clone()
         new_mask[r_sel, k_col[r_sel, g_sel]] = False
         new_mask[r_sel, p_col[r_sel, g_sel]] = True
         start[r_sel, k_col[r_sel, g_sel]] = 0.0
-        start[r_sel, p_col[r_sel, g_sel]] = t[r_sel, g_sel]
-        candidate, iters, residual = reconstruct(W, new_mask, H, x0=start, tol=tol, max_iter=max_iter)
+        if moves is None:
+            t = new_value.view(rows, groups, -1).gather(-1, best.unsqueeze(-1)).squeeze(-1)
+            start[r_sel, p_col[r_sel, g_sel]] = t[r_sel, g_sel]
+        else:  # the group's other kept weights and the added one move by the local optimum
+            columns, steps = moves
+            pick = best.view(rows, groups, 1, 1).expand(-1, -1, 1, n)
+            cols_sel = columns.view(rows, groups, -1, n).gather(2, pick).squeeze(2)[r_sel, g_sel]
+            steps_sel = steps.view(rows, groups, -1, n).gather(2, pick).squeeze(2)[r_sel, g_sel]
+            start.index_put_((r_sel.unsqueeze(1).expand_as(cols_sel), cols_sel), steps_sel, accumulate=True)
+        # only the rows that swapped are refitted
+        changed = apply.any(dim=1).nonzero(as_tuple=True)[0]
+        refit, iters, residual = reconstruct(
+            W[changed], new_mask[changed], H, x0=start[changed], tol=tol, max_iter=max_iter
+        )
+        candidate = W_hat.clone()
+        candidate[changed] = refit
         stats["iterations"] += iters
-        new_losses = row_losses(candidate, W, H)
+        new_losses = losses.clone()
+        new_losses[changed] = row_losses(refit, W[changed], H)
         better = new_losses < losses
         stats["swaps"] += int(apply[better].sum())
         W_hat = torch.where(better.unsqueeze(1), candidate, W_hat)
@@ -184,3 +189,127 @@ def refine_mask(
         single |= ~better & apply.any(dim=1)
         stats["residual"] = residual
     return W_hat, mask, stats
+
+
+def _exact_swap_scores(W_hat, H, kept_idx, pruned_idx, grad, n, m, row_chunk_elements, which=None):
+    """Every in-group swap's exact loss change, the whole row compensating: ``[rows, groups, n, m−n]``
+    changes and the added weight's new value. ``H`` is one ``[in, in]`` matrix for every row, or one
+    per row ``[B, in, in]`` picked by ``which`` ``[rows]``."""
+    rows, n_kept = kept_idx.shape
+    groups = n_kept // n
+    delta = torch.empty(rows, groups, n, m - n, dtype=W_hat.dtype, device=W_hat.device)
+    new_value = torch.empty_like(delta)
+    chunk = max(1, row_chunk_elements // max(n_kept * n_kept, 1))
+    for r0 in range(0, rows, chunk):
+        K, P = kept_idx[r0 : r0 + chunk], pruned_idx[r0 : r0 + chunk]
+        if which is None:
+            H_KK = H[K.unsqueeze(-1), K.unsqueeze(-2)]
+            H_KP = H[K.unsqueeze(-1), P.unsqueeze(-2)]
+            H_PP = H.diagonal()[P]
+        else:
+            b = which[r0 : r0 + chunk].view(-1, 1, 1)
+            H_KK = H[b, K.unsqueeze(-1), K.unsqueeze(-2)]
+            H_KP = H[b, K.unsqueeze(-1), P.unsqueeze(-2)]
+            H_PP = H[b.view(-1, 1), P, P]
+        M = torch.cholesky_inverse(torch.linalg.cholesky(H_KK))
+        V = M @ H_KP  # [c, |K|, |P|]
+        s = H_PP - (H_KP * V).sum(dim=1)  # Schur complement of each pruned column
+        M_kk = M.diagonal(dim1=1, dim2=2)
+        x_k = W_hat.gather(1, K)
+        c = K.shape[0]
+        V_blocks = V.view(c, groups, n, groups, m - n).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+        scale = (x_k / M_kk).view(c, groups, n, 1)
+        g_after = grad.gather(1, P)[r0 : r0 + chunk].view(c, groups, 1, m - n) - scale * V_blocks
+        s_after = s.view(c, groups, 1, m - n) + V_blocks**2 / M_kk.view(c, groups, n, 1)
+        delta[r0 : r0 + chunk] = (x_k**2 / M_kk).view(c, groups, n, 1) - g_after**2 / s_after
+        new_value[r0 : r0 + chunk] = -g_after / s_after
+    return delta, new_value
+
+
+def _local_swap_scores(W_hat, H, kept_idx, pruned_idx, grad, n, m, chunk_elements=CHUNK_ELEMENTS):
+    """Every in-group swap (drop kept k, add pruned p) scored with only the group itself compensating:
+    the other kept weights J of the group and p move to their joint optimum, everything else stays.
+
+    With ``g = (ŵ − w) H`` and S = J ∪ {p}, setting ŵ_k = 0 and moving S by δ changes the loss by
+    ``ŵ_k² H_kk − 2 ŵ_k g_k + 2 δ·b + δᵀ H_SS δ`` with ``b = g_S − ŵ_k H_Sk``, least at
+    ``δ = −H_SS⁻¹ b``: ``Δ = ŵ_k² H_kk − 2 ŵ_k g_k − bᵀ H_SS⁻¹ b``. That point is feasible for the
+    swapped mask, so Δ bounds the swap's change from above (the refit can only lower it), at the cost
+    of an N×N solve per candidate: O(out·in) per round instead of O(out·in³).
+
+    Returns ``Δ`` ``[rows, groups, n, m−n]`` and ``(columns, steps)`` ``[rows, groups, n, m−n, n]``:
+    the columns of S (J then p) and δ on them.
+    """
+    rows, n_kept = kept_idx.shape
+    groups = n_kept // n
+    dev = W_hat.device
+    H_groups = H.view(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, m, m]
+    others = torch.tensor([[j for j in range(n) if j != a] for a in range(n)], device=dev, dtype=torch.long)
+    delta = torch.empty(rows, groups, n, m - n, dtype=W_hat.dtype, device=dev)
+    columns = torch.empty(rows, groups, n, m - n, n, dtype=torch.long, device=dev)
+    steps = torch.empty(rows, groups, n, m - n, n, dtype=W_hat.dtype, device=dev)
+    g_index = torch.arange(groups, device=dev).view(1, groups, 1, 1)
+    step = max(1, chunk_elements // max(groups * n * (m - n) * n * n, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        c = r1 - r0
+        kept = kept_idx[r0:r1].view(c, groups, n) % m  # positions inside the group
+        pruned = pruned_idx[r0:r1].view(c, groups, m - n) % m
+        J = kept[:, :, others]  # [c, G, n, n−1]: the kept ones other than candidate k
+        S = torch.cat(
+            [
+                J.unsqueeze(3).expand(c, groups, n, m - n, n - 1),
+                pruned.view(c, groups, 1, m - n, 1).expand(c, groups, n, m - n, 1),
+            ],
+            dim=-1,
+        )  # [c, G, n, m−n, n]
+        k = kept.view(c, groups, n, 1).expand(c, groups, n, m - n)
+        H_SS = H_groups[g_index[..., None, None], S[..., :, None], S[..., None, :]]
+        H_Sk = H_groups[g_index[..., None], S, k[..., None]]
+        H_kk = H_groups[g_index, k, k]
+        g_rows = grad[r0:r1].view(c, groups, m)
+        w_rows = W_hat[r0:r1].view(c, groups, m)
+        g_S = g_rows.gather(2, S.reshape(c, groups, -1)).view(S.shape)
+        w_k = w_rows.gather(2, kept).view(c, groups, n, 1)
+        g_k = g_rows.gather(2, kept).view(c, groups, n, 1)
+        b = g_S - w_k.unsqueeze(-1) * H_Sk
+        d = -torch.linalg.solve(H_SS, b.unsqueeze(-1)).squeeze(-1)
+        delta[r0:r1] = w_k**2 * H_kk - 2 * w_k * g_k + (b * d).sum(-1)
+        columns[r0:r1] = S + (torch.arange(groups, device=dev) * m).view(1, groups, 1, 1, 1)
+        steps[r0:r1] = d
+    return delta, (columns, steps)
+
+
+def _window_swap_scores(W_hat, H, mask, grad, pattern: Pattern, window: int, offset: int):
+    """Every in-group swap scored exactly as if only the weights of its window of ``window`` columns
+    could compensate (the rest of the row held still): the same Schur-complement score as the exact
+    one on the window's ``H`` block, with the row's true gradient. The moved point is feasible for the
+    swapped mask, so the score bounds the swap's change from above; it costs O(out·in·window²) per
+    round instead of O(out·in³). Windows start at ``offset``; the columns before it form a shorter
+    first window, and so may the last ones."""
+    rows, cols = W_hat.shape
+    n, m = pattern.n, pattern.m
+    groups = cols // m
+    delta = torch.empty(rows, groups, n, m - n, dtype=W_hat.dtype, device=W_hat.device)
+    new_value = torch.empty_like(delta)
+    edges = sorted({0, cols, *range(offset, cols, window)})
+    # windows of equal width are scored together: every row's slice of each such window is one problem
+    spans = [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+    for width in sorted({b - a for a, b in spans}):
+        starts = torch.tensor([a for a, b in spans if b - a == width], device=W_hat.device)
+        cols_idx = starts.view(-1, 1) + torch.arange(width, device=W_hat.device)  # [w, width]
+        blocks = H[cols_idx.unsqueeze(-1), cols_idx.unsqueeze(-2)]  # [w, width, width]
+        count = len(starts)
+
+        def part(t, cols_idx=cols_idx, count=count, width=width):
+            return t[:, cols_idx].reshape(rows * count, width)
+
+        sub_mask = part(mask)
+        n_kept = width // m * n
+        order = sub_mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)
+        K, P = order[:, :n_kept].sort(dim=1).values, order[:, n_kept:].sort(dim=1).values
+        which = torch.arange(len(starts), device=W_hat.device).repeat(rows)
+        d, v = _exact_swap_scores(part(W_hat), blocks, K, P, part(grad), n, m, 2**25, which)
+        g0 = (starts // m).view(-1, 1) + torch.arange(width // m, device=W_hat.device)  # the windows' groups
+        delta[:, g0.reshape(-1)] = d.view(rows, -1, n, m - n)
+        new_value[:, g0.reshape(-1)] = v.view(rows, -1, n, m - n)
+    return delta, new_value

@@ -24,7 +24,7 @@ from apt.errors import InvalidInputError
 from apt.families import block_groups
 from apt.patterns import Pattern, conforms, positive_zeros, sparsity_of
 from apt.solver import PruneConfig, prune_layer
-from apt.streaming import ActivationStore, LayeredModel, _Stop, give_back_memory, to_device
+from apt.streaming import ActivationStore, LayeredModel, _Stop, first_output, give_back_memory, to_device
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,13 @@ class RunConfig:
     true_sequential: bool = False
     device: str = "cpu"
     batch_size: int = 8
+    correction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (0.0 <= self.correction <= 1.0):
+            raise InvalidInputError(f"--correction must lie in [0, 1], got {self.correction}")
+        if self.correction and self.true_sequential:
+            raise InvalidInputError("--correction and --true-sequential cannot be combined")
         if self.batch_size < 1:
             raise InvalidInputError(f"--batch-size must be at least 1, got {self.batch_size}")
 
@@ -113,6 +118,55 @@ def collect_hessians(
     return summed
 
 
+def collect_corrected(
+    block: torch.nn.Module, store: ActivationStore, dense: ActivationStore, groups, device: str, coll: Collective
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Like ``collect_hessians``, and also ``G = Σ x_d x_pᵀ`` between the dense model's input ``x_d`` to each
+    group (the block, still dense, on the dense model's activations ``dense``) and the pruned model's
+    ``x_p``; ``dense`` is advanced to the block's dense output on the way."""
+    hessians: list[torch.Tensor | None] = [None] * len(groups)
+    crosses: list[torch.Tensor | None] = [None] * len(groups)
+    captured: list[torch.Tensor | None] = [None] * len(groups)
+    phase = {"dense": True}
+    handles = []
+    for i, group in enumerate(groups):
+
+        def hook(_module, inputs, _output, i=i):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if phase["dense"]:
+                captured[i] = x
+                return
+            if hessians[i] is None:
+                hessians[i] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                crosses[i] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            hessians[i].addmm_(x.T, x)
+            crosses[i].addmm_(captured[i].T, x)
+            if i == len(groups) - 1:
+                raise _Stop
+
+        handles.append(group[0][1].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(len(store)):
+                phase["dense"] = True
+                out = first_output(block(dense.hidden(i).to(device), **to_device(dense.kwargs(i), device)))
+                phase["dense"] = False
+                try:
+                    block(store.hidden(i).to(device), **to_device(store.kwargs(i), device))
+                except _Stop:
+                    pass
+                dense.replace(i, out)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if coll.world > 1:  # a rank without batches adds zeros
+        widths = [group[0][1].in_features for group in groups]
+        zeros = lambda w: torch.zeros(w, w, device=device)  # noqa: E731
+        hessians = [coll.sum_(h if h is not None else zeros(w)) for h, w in zip(hessians, widths)]
+        crosses = [coll.sum_(c if c is not None else zeros(w)) for c, w in zip(crosses, widths)]
+    return hessians, crosses
+
+
 def prune_blocks(
     layered: LayeredModel,
     store: ActivationStore,
@@ -120,15 +174,24 @@ def prune_blocks(
     start: int = 0,
     on_block_done: BlockDone | None = None,
     coll: Collective | None = None,
+    dense: ActivationStore | None = None,
 ) -> list[dict]:
     """Prune blocks ``start..`` of ``layered`` on the calibration activations in ``store`` (which must hold
     the inputs of block ``start``). Returns one record per layer (see ``prune_group``). Under several
-    ranks (``coll``), each holds its share of the batches and solves its share of every layer's rows."""
+    ranks (``coll``), each holds its share of the batches and solves its share of every layer's rows.
+    With ``config.correction``, ``dense`` holds the dense model's activations entering block ``start``
+    (a copy of ``store`` when ``start`` is 0)."""
     coll = coll or Collective()
     plans = layer_plan(layered, config)
     n_blocks = len(layered.blocks)
     records: list[dict] = []
     total = sum(len(g) for plan in plans[start:] for g in plan)
+    if config.correction and dense is None:
+        if start:
+            raise ValueError("error-correcting targets from a later block need the dense model's activations there")
+        dense = store.copy()
+    elif not config.correction:
+        dense = None
     bar = tqdm(total=total, desc="pruning", unit="layer", disable=None if coll.is_writer else True)
     try:
         for index in range(start, n_blocks):
@@ -142,11 +205,16 @@ def prune_blocks(
                         (hessian,) = collect_hessians(block, store, [group], layered.device, coll)
                         block_records += prune_group(group, hessian, layered, config, bar, index, coll)
                 else:
-                    hessians = collect_hessians(block, store, groups, layered.device, coll)
+                    if dense is not None:
+                        hessians, crosses = collect_corrected(block, store, dense, groups, layered.device, coll)
+                    else:
+                        hessians = collect_hessians(block, store, groups, layered.device, coll)
+                        crosses = [None] * len(groups)
                     for i, group in enumerate(groups):
                         hessian, hessians[i] = hessians[i], None  # freed as soon as its group is pruned
-                        block_records += prune_group(group, hessian, layered, config, bar, index, coll)
-                        del hessian
+                        cross, crosses[i] = crosses[i], None
+                        block_records += prune_group(group, hessian, layered, config, bar, index, coll, cross)
+                        del hessian, cross
                 try:
                     layered.run_block(index, store)
                 except FloatingPointError as err:
@@ -159,7 +227,9 @@ def prune_blocks(
     return records
 
 
-def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, index, coll=None) -> list[dict]:
+def prune_group(
+    group, hessian, layered: LayeredModel, config: RunConfig, bar, index, coll=None, cross=None
+) -> list[dict]:
     """Prune every layer of one group on its shared Hessian; the layer's weight is replaced in place by the
     pruned one as the checkpoint will store it. A record holds ``name, shape, skipped, nm_valid,
     sparsity, relative_loss, loss, damp, seconds`` and the solver's stats."""
@@ -182,7 +252,10 @@ def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, i
             record.update(relative_loss=None, loss=None, damp=None, seconds=0.0)
         else:
             # the group's last layer may damp the shared Hessian in place: nobody reads it afterwards
-            pruned, summary = _solve_rows(name, weight, hessian, config, coll, consume=position == len(group) - 1)
+            target = weight
+            if cross is not None:
+                target = corrected_target(weight, hessian, cross, config.correction, config.solver.damp_value)
+            pruned, summary = _solve_rows(name, target, hessian, config, coll, consume=position == len(group) - 1)
             # round to the stored dtype now: later blocks calibrate on the model as it will be written
             stored = positive_zeros(pruned.to(layered.stored_dtype(f"{name}.weight")))
             linear.weight.data.copy_(stored.to(weight.dtype))
@@ -195,6 +268,18 @@ def prune_group(group, hessian, layered: LayeredModel, config: RunConfig, bar, i
         bar.update(1)
         give_back_memory()  # the solver's temporaries of this layer
     return records
+
+
+def corrected_target(weight, hessian, cross, alpha: float, damp: float) -> torch.Tensor:
+    """``W + α (W G H⁻¹ − W)``: at α = 1 the weight whose output on the pruned model's inputs best matches
+    the dense layer's output on the dense model's inputs."""
+    H = hessian.to(torch.float64).clone()
+    dead = H.diagonal() == 0
+    H.diagonal()[dead] = 1.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    W = weight.to(torch.float64)
+    full = torch.linalg.solve(H, (W @ cross.to(torch.float64)).T).T
+    return (W + alpha * (full - W)).to(weight.dtype)
 
 
 def _solve_rows(name, weight, hessian, config: RunConfig, coll: Collective, consume: bool) -> tuple[torch.Tensor, dict]:

@@ -349,6 +349,7 @@ class ActivationStore:
         self._memory: list[torch.Tensor] = []
         self._file = None
         self._offsets: list[int] = []
+        self._spill_to = spill_to
         if spill_to is not None:
             Path(spill_to).mkdir(parents=True, exist_ok=True)
             fd, path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=spill_to)
@@ -376,6 +377,13 @@ class ActivationStore:
 
     def kwargs(self, i: int) -> dict:
         return self._kwargs[i]
+
+    def copy(self) -> ActivationStore:
+        """Another store holding the same batches (in a file of its own when this one spills)."""
+        other = ActivationStore(self.dtype, self.device, self._spill_to)
+        for i in range(len(self)):
+            other.append(self.hidden(i), self.kwargs(i))
+        return other
 
     def hidden(self, i: int) -> torch.Tensor:
         if self._file is None:

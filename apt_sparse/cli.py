@@ -29,7 +29,26 @@ def _add_prune(sub) -> None:
     p.add_argument("--pattern", default="2:4", help="2:4 (default), 4:8, or an unstructured ratio such as 50%%")
     # apt's and sparsegpt's options default to None: an option the chosen method does not read is refused
     p.add_argument("--damp", type=float, default=None, help="sparsegpt/apt: Hessian damping λ (default 0.01)")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None, help="apt: swap refinement")
+    p.add_argument(
+        "--refit-damp",
+        type=float,
+        default=None,
+        help="apt: ridge μ of the exact refit, H + μ·diag(H), pulling kept weights toward the dense ones",
+    )
+    p.add_argument(
+        "--refine",
+        default=None,
+        choices=["off", "local", "window", "exact"],
+        help="apt: swap refinement of the mask, scored with the group (local), a 64-column window, or the "
+        "whole row (exact, O(out·in³)) compensating; default off",
+    )
+    p.add_argument(
+        "--correction",
+        type=float,
+        default=0.0,
+        help="error-correcting targets α in [0, 1]: fit W + α(W G H⁻¹ − W), the dense model's outputs from the "
+        "pruned model's inputs (default 0)",
+    )
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="apt: one-group lookahead")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None, help="apt: exact refit")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
@@ -87,6 +106,7 @@ def _prune(args) -> None:
         method=args.method,
         pattern=args.pattern,
         damp=args.damp,
+        refit_damp=args.refit_damp,
         refine=args.refine,
         lookahead=args.lookahead,
         reconstruct=args.reconstruct,
@@ -100,6 +120,7 @@ def _prune(args) -> None:
             targets=args.targets,
             ignore=args.ignore,
             true_sequential=args.true_sequential,
+            correction=args.correction,
             device=device,
             batch_size=args.batch_size,
         ),

@@ -120,10 +120,10 @@ KILL_RANK_1 = """
 import os, signal, sys
 import apt.sequential as sequential
 real = sequential.prune_group
-def prune_group(group, hessian, layered, config, bar, index, coll=None):
+def prune_group(group, hessian, layered, config, bar, index, *rest):
     if index == 2 and os.environ["RANK"] == "1":  # rank 1 dies (SIGKILL) in block 2
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(group, hessian, layered, config, bar, index, coll)
+    return real(group, hessian, layered, config, bar, index, *rest)
 sequential.prune_group = prune_group
 from apt_sparse.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -173,7 +173,7 @@ def test_existing_output_is_not_overwritten_without_asking(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--refine", "--pattern", "50%"], "refine swaps weights inside N:M groups"),
+        (["--refine", "local", "--pattern", "50%"], "refine swaps weights inside N:M groups"),
         (["--method", "magnitude", "--damp", "0.1"], "damp is not an option of method 'magnitude'"),
         (["--method", "sparsegpt", "--no-reconstruct"], "reconstruct is not an option of method 'sparsegpt'"),
         (["--lookahead", "--pattern", "4:8"], "it applies to 2:4"),
@@ -235,17 +235,19 @@ KILL_AT_BLOCK = """
 import os, signal, sys
 import apt.sequential as sequential
 real = sequential.prune_group
-def prune_group(group, hessian, layered, config, bar, index, n_blocks):
+def prune_group(group, hessian, layered, config, bar, index, *rest):
     if index == {block}:  # a crash (SIGKILL: no handler runs) while pruning this block
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(group, hessian, layered, config, bar, index, n_blocks)
+    return real(group, hessian, layered, config, bar, index, *rest)
 sequential.prune_group = prune_group
 from apt_sparse.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_resume_after_sigkill_gives_a_bit_identical_folder(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--correction", "0.5"]], ids=["plain", "error-correcting"])
+def test_resume_after_sigkill_gives_a_bit_identical_folder(tmp_path, capsys, extra):
+    # with error-correcting targets the resumed run must also rebuild the dense model's activations
     src = save_tiny_model("llama", tmp_path / "src", num_hidden_layers=4)
     argv = [
         "--num-calibration-samples",
@@ -256,6 +258,7 @@ def test_resume_after_sigkill_gives_a_bit_identical_folder(tmp_path, capsys):
         "2",
         "--max-shard-size",
         "300KB",
+        *extra,
     ]
     assert main(["prune", "--model", str(src), "--out", str(tmp_path / "whole"), *argv]) == 0
     out = tmp_path / "resumed"

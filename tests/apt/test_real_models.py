@@ -25,7 +25,9 @@ def test_apt_beats_sparsegpt_on_smollm2_layers():
     ]
     assert len(layers) == 28
     losses = {m: sum(prune_layer(w, h, method=m).relative_loss for _, w, h in layers) for m in ("sparsegpt", "apt")}
-    assert losses["apt"] <= 0.75 * losses["sparsegpt"], losses
+    # on the calibration tokens themselves; the default refit ridge gives up a little of this loss
+    # for text of other kinds (runtime_bench.method_comparison measures both)
+    assert losses["apt"] <= 0.8 * losses["sparsegpt"], losses
 
 
 def test_minilm_encoder_keeps_its_embeddings_and_its_retrieval(tmp_path):
