@@ -6,6 +6,7 @@ out-of-domain evaluation text that never needs a network.
   machine that has them. Rendered once into the cache folder.
 - ``debian-doc``: the READMEs and Markdown/text documents packages install under /usr/share/doc.
 - ``licenses``: the license texts in /usr/share/common-licenses (legal English prose).
+- ``info``: the GNU manuals in /usr/share/info (coreutils, find, diff, ...), one document per node.
 
 Each returns documents in a fixed order; a corpus that is absent here raises ``InvalidInputError``
 naming what is missing.
@@ -99,4 +100,20 @@ def licenses(root: Path = Path("/usr/share/common-licenses")) -> tuple[str, ...]
     return docs
 
 
-CORPORA = {"man": man_pages, "debian-doc": debian_docs, "licenses": licenses}
+def info_manuals(root: Path = Path("/usr/share/info")) -> tuple[str, ...]:
+    files = sorted(p for p in root.glob("*.info*") if p.is_file())
+    docs = []
+    for path in files:
+        for node in _read_maybe_gz(path).split("\x1f"):
+            lines = node.strip("\n").splitlines()
+            if not lines or not lines[0].startswith("File:"):
+                continue  # the tag table and the file's preamble
+            text = _clean("\n".join(line for line in lines[1:] if not line.startswith("* Menu:")))
+            if len(text) >= MIN_CHARACTERS:
+                docs.append(text)
+    if not docs:
+        raise InvalidInputError(f"no GNU info manuals under {root} on this machine")
+    return tuple(dict.fromkeys(docs))
+
+
+CORPORA = {"man": man_pages, "debian-doc": debian_docs, "licenses": licenses, "info": info_manuals}

@@ -5,7 +5,7 @@ Sources (``--calibration-data`` / ``--eval-data``):
 - ``stdlib`` (default): the docstrings of the Python standard library — real English prose present on
   every machine. Each distinct docstring goes to calibration or evaluation by a seeded hash of its
   text, so the two splits never share a document.
-- ``man``, ``debian-doc``, ``licenses``: other offline text of this machine (``apt.corpora``), and any
+- ``man``, ``debian-doc``, ``licenses``, ``info``: other offline text of this machine (``apt.corpora``), and any
   mix of sources joined by ``+`` (``stdlib+licenses``).
 - a path to a ``.txt`` file (documents separated by blank lines) or a ``.jsonl`` file (one object per
   line with a ``"text"`` field). The same hash split applies, so one file can serve both roles.
@@ -100,6 +100,17 @@ def stdlib_docstrings() -> tuple[str, ...]:
 def _is_eval(doc: str, seed: int) -> bool:
     digest = hashlib.sha256(f"{seed}:{doc}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64 < EVAL_FRACTION
+
+
+def validation_split(documents, seed: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(validation, test)``: held-out documents cut in two halves by another seeded hash, so options
+    can be chosen on one half and reported on the other without either having calibrated the model."""
+
+    def is_validation(doc: str) -> bool:
+        digest = hashlib.sha256(f"validation:{seed}:{doc}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2**64 < 0.5
+
+    return tuple(d for d in documents if is_validation(d)), tuple(d for d in documents if not is_validation(d))
 
 
 def split_documents(docs, seed: int, source: str) -> TextSplit:

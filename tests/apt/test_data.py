@@ -39,3 +39,29 @@ def test_evaluation_holds_out_only_what_calibrated_the_model():
     assert "held-out" in described and "every document" in described
     docs, _ = evaluation_documents("licenses", calibration_source="stdlib+licenses")
     assert docs == licenses.evaluation  # part of the calibration mix: only its held-out share
+
+
+def test_info_manuals_are_nodes_without_headers_menus_or_tag_table(tmp_path):
+    import gzip
+
+    from apt.corpora import info_manuals
+
+    body = "The find program searches a directory tree for files matching criteria. " * 8
+    text = (
+        "This is find.info, produced by makeinfo.\n\n"
+        "\x1f\nFile: find.info,  Node: Top,  Next: Intro\n\n" + body + "\n* Menu:\n\n"
+        "\x1f\nFile: find.info,  Node: Intro,  Prev: Top\n\nshort node\n"
+        "\x1f\nTag Table:\nNode: Top\x7f42\n\x1f\nEnd Tag Table\n"
+    )
+    (tmp_path / "find.info.gz").write_bytes(gzip.compress(text.encode()))
+    assert info_manuals(tmp_path) == (body.strip(),)  # the short node is dropped, like any tiny document
+
+
+def test_validation_and_test_halves_split_the_held_out_documents():
+    from apt.data import validation_split
+
+    held_out = load_text("stdlib").evaluation
+    validation, test = validation_split(held_out)
+    assert set(validation).isdisjoint(test) and sorted(validation + test) == sorted(held_out)
+    assert 0.3 < len(validation) / len(held_out) < 0.7
+    assert validation_split(tuple(reversed(held_out)))[0] == tuple(reversed(validation))  # by content, not order
