@@ -112,10 +112,13 @@ def refine_mask(
     """Swap a kept and a pruned weight inside an N:M group while it lowers the loss, alternated with
     reconstruction, until no swap helps.
 
-    ``W_hat`` must be the exact reconstruction for ``mask``. A swap is scored exactly, with every kept
-    weight of the row compensating (Schur complements on ``M = H_KK⁻¹``): removing kept k costs
+    ``W_hat`` must be the exact reconstruction for ``mask``. ``scoring="exact"`` scores a swap with every
+    kept weight of the row compensating (Schur complements on ``M = H_KK⁻¹``): removing kept k costs
     ``ŵ_k² / M_kk``; then adding pruned p gains ``g'_p² / s'_p`` where ``g'`` is the gradient after the
-    removal and ``s'_p`` the Schur complement of p. Cost per round: O(out · in³), so this stays opt-in.
+    removal and ``s'_p`` the Schur complement of p; O(out · in³) per round. ``"window"`` does the same
+    within windows of ``window`` columns, ``"local"`` with the group alone compensating (both upper
+    bounds of the exact change); a layer no wider than ``window`` is always scored exactly. Only the
+    rows that swapped are refitted.
     Each round applies every row's best swap per group at once, reconstructs, and keeps a row's new
     mask only if its loss fell; a row whose loss rose takes only its single best swap from then on.
     """
@@ -129,11 +132,7 @@ def refine_mask(
     losses = row_losses(W_hat, W, H)
     stats = {"rounds": 0, "swaps": 0, "iterations": 0, "residual": None}
     for _ in range(max_rounds):
-        # every row keeps exactly N per group, so kept/pruned columns sorted ascending fall into
-        # consecutive runs of N (and M−N) per group
-        order = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)
-        kept_idx = order[:, :n_kept].sort(dim=1).values
-        pruned_idx = order[:, n_kept:].sort(dim=1).values
+        kept_idx, pruned_idx = kept_and_pruned(mask, n_kept)
         grad = (W_hat - W) @ H
         moves = None
         if scoring == "exact" or cols <= window:
@@ -189,6 +188,13 @@ def refine_mask(
         single |= ~better & apply.any(dim=1)
         stats["residual"] = residual
     return W_hat, mask, stats
+
+
+def kept_and_pruned(mask: torch.Tensor, n_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices ``[rows, n_kept]`` kept and ``[rows, rest]`` pruned, ascending. Every row keeps exactly
+    N per group, so both fall into consecutive runs of N (and M−N) per group."""
+    order = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)
+    return order[:, :n_kept].sort(dim=1).values, order[:, n_kept:].sort(dim=1).values
 
 
 def _exact_swap_scores(W_hat, H, kept_idx, pruned_idx, grad, n, m, row_chunk_elements, which=None):
@@ -303,10 +309,7 @@ def _window_swap_scores(W_hat, H, mask, grad, pattern: Pattern, window: int, off
         def part(t, cols_idx=cols_idx, count=count, width=width):
             return t[:, cols_idx].reshape(rows * count, width)
 
-        sub_mask = part(mask)
-        n_kept = width // m * n
-        order = sub_mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)
-        K, P = order[:, :n_kept].sort(dim=1).values, order[:, n_kept:].sort(dim=1).values
+        K, P = kept_and_pruned(part(mask), width // m * n)
         which = torch.arange(len(starts), device=W_hat.device).repeat(rows)
         d, v = _exact_swap_scores(part(W_hat), blocks, K, P, part(grad), n, m, 2**25, which)
         g0 = (starts // m).view(-1, 1) + torch.arange(width // m, device=W_hat.device)  # the windows' groups

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from apt import Pattern, prune_layer
-from apt.reconstruct import _exact_swap_scores, _local_swap_scores, _window_swap_scores, reconstruct, row_losses
+from apt.reconstruct import (
+    _exact_swap_scores,
+    _local_swap_scores,
+    _window_swap_scores,
+    kept_and_pruned,
+    reconstruct,
+    row_losses,
+)
 from apt.sequential import corrected_target
 from apt.solver import select_mask
-
-
-def _kept_pruned(mask, n_kept):
-    order = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)
-    return order[:, :n_kept].sort(dim=1).values, order[:, n_kept:].sort(dim=1).values
 
 
 def _refitted_layer(correlated_layer, rows=6, cols=32, seed=5):
@@ -29,7 +31,7 @@ def _refitted_layer(correlated_layer, rows=6, cols=32, seed=5):
 def _true_swap_changes(W, H, mask, W_hat, n=2, m=4):
     """Every in-group swap's change after the exact refit of the swapped mask: ``[rows, groups, n, m−n]``."""
     rows, cols = W.shape
-    kept, pruned = _kept_pruned(mask, cols // m * n)
+    kept, pruned = kept_and_pruned(mask, cols // m * n)
     base = row_losses(W_hat, W, H)
     out = torch.empty(rows, cols // m, n, m - n, dtype=W.dtype)
     for g, a, b in itertools.product(range(cols // m), range(n), range(m - n)):
@@ -59,7 +61,7 @@ def test_refit_ridge_solves_the_ridge_least_squares(correlated_layer):
 
 def test_exact_swap_scores_are_the_refitted_changes(correlated_layer):
     W, H, mask, W_hat = _refitted_layer(correlated_layer)
-    kept, pruned = _kept_pruned(mask, 16)
+    kept, pruned = kept_and_pruned(mask, 16)
     delta, _ = _exact_swap_scores(W_hat, H, kept, pruned, (W_hat - W) @ H, 2, 4, 2**25)
     torch.testing.assert_close(delta, _true_swap_changes(W, H, mask, W_hat), rtol=1e-6, atol=1e-8)
 
@@ -67,7 +69,7 @@ def test_exact_swap_scores_are_the_refitted_changes(correlated_layer):
 @pytest.mark.parametrize("scoring", ["local", "window"])
 def test_cheap_swap_scores_bound_the_exact_change_from_above(correlated_layer, scoring):
     W, H, mask, W_hat = _refitted_layer(correlated_layer)
-    kept, pruned = _kept_pruned(mask, 16)
+    kept, pruned = kept_and_pruned(mask, 16)
     grad = (W_hat - W) @ H
     if scoring == "local":
         delta, (columns, steps) = _local_swap_scores(W_hat, H, kept, pruned, grad, 2, 4)
@@ -89,7 +91,7 @@ def test_cheap_swap_scores_bound_the_exact_change_from_above(correlated_layer, s
 
 def test_window_scores_over_the_whole_row_are_the_exact_ones(correlated_layer):
     W, H, mask, W_hat = _refitted_layer(correlated_layer)
-    kept, pruned = _kept_pruned(mask, 16)
+    kept, pruned = kept_and_pruned(mask, 16)
     grad = (W_hat - W) @ H
     window, _ = _window_swap_scores(W_hat, H, mask, grad, Pattern(2, 4), window=32, offset=0)
     exact, _ = _exact_swap_scores(W_hat, H, kept, pruned, grad, 2, 4, 2**25)
