@@ -96,10 +96,9 @@ def _add_prune(sub) -> None:
     )
 
 
-def _prune(args) -> None:
-    from apt.distributed import collective_for
-    from apt.job import PruneJob, prune_model
-    from apt.sequential import RunConfig
+def job_from_args(args, device: str):
+    """The ``PruneJob`` of a ``prune`` command line (the device resolved per rank under torchrun)."""
+    from apt.run import PruneJob, RunConfig
     from apt.solver import PruneConfig
 
     solver = PruneConfig(
@@ -111,8 +110,7 @@ def _prune(args) -> None:
         lookahead=args.lookahead,
         reconstruct=args.reconstruct,
     )
-    coll, device = collective_for(args.device, args.dist_timeout)  # a process group under torchrun
-    job = PruneJob(
+    return PruneJob(
         model=args.model,
         out=args.out,
         run=RunConfig(
@@ -140,9 +138,19 @@ def _prune(args) -> None:
         overwrite=args.overwrite,
         resume=args.resume,
     )
-    report = prune_model(job, coll)
-    if not coll.is_writer:
-        return
+
+
+def _prune(args) -> None:
+    from apt.run import prune_model
+    from apt.run.distributed import collective_for
+
+    coll, device = collective_for(args.device, args.dist_timeout)  # a process group under torchrun
+    report = prune_model(job_from_args(args, device), coll)
+    if coll.is_writer:
+        _print_prune_summary(args, report, coll)
+
+
+def _print_prune_summary(args, report: dict, coll) -> None:
     totals = report["totals"]
     print(
         f"pruned {totals['layers_pruned']} layers ({totals['layers_skipped']} skipped) with {args.method} "
@@ -170,7 +178,7 @@ def _prune(args) -> None:
 
 
 def _eval(args) -> None:
-    from apt.job import evaluate_model
+    from apt.measure.accuracy import evaluate_model
 
     if args.tasks:
         return _eval_tasks(args)
@@ -196,7 +204,7 @@ def _eval(args) -> None:
 
 
 def _eval_tasks(args) -> None:
-    from apt.harness import evaluate_tasks
+    from apt.measure.harness import evaluate_tasks
 
     if args.eval_data != "stdlib" or args.num_eval_windows is not None:
         raise InvalidInputError("--eval-data and --num-eval-windows are for perplexity; --tasks runs lm-eval tasks")
@@ -221,7 +229,7 @@ def _eval_tasks(args) -> None:
 
 
 def _inspect(args) -> None:
-    from apt.inspect import inspect_checkpoint
+    from apt.folder.inspect import inspect_checkpoint
 
     summary = inspect_checkpoint(args.path, pattern=args.pattern)
     if args.json:

@@ -1,7 +1,7 @@
 """What every exporter shares: the pruned source read one tensor at a time, the check that every pruned
 weight follows the pattern, and the manifest.
 
-Which weights were pruned, and with which pattern, comes from ``apt.targets`` (the folder's
+Which weights were pruned, and with which pattern, comes from ``apt.folder.targets`` (the folder's
 ``prune_report.json``, else the family adapter): the same definition the run and the benchmark use.
 An exporter refuses, before writing anything, a folder with no pruned weights, a weight that breaks
 the pattern, and a pattern its target format cannot hold.
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import file_listing, write_json_atomic
-from apt.checkpoint import CheckpointReader
+from apt.atomic import file_listing, write_json_atomic
 from apt.errors import InvalidInputError
-from apt.job import versions
-from apt.patterns import Pattern, conforms, first_nm_violation
-from apt.targets import PrunedTargets, targets_of_folder
+from apt.folder.report import versions
+from apt.folder.targets import PrunedTargets, targets_of_folder
+from apt.models.checkpoint import CheckpointReader
+from apt.solver.patterns import Pattern, conforms, first_nm_violation
 
 # A pattern check of an export target: None where the target can hold the pattern, else the reason.
 PatternCheck = Callable[[Pattern], "str | None"]

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import atomic_directory
-from apt.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
+from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError
-from apt.portable import copy_side_files, write_config
+from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
+from apt.models.portable import copy_side_files, write_config
 from exporters.common import check_pattern, only_2_4, open_pruned, write_manifest
 from exporters.vllm import DTYPES, cast_for_export, plain_config
 

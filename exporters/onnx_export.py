@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt.artifacts import atomic_directory
-from apt.data import load_text, token_windows
+from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError, MissingDependencyError
-from apt.families import family_for
-from apt.patterns import Pattern, positive_zeros
-from apt.portable import copy_side_files, write_config
+from apt.models.families import family_for
+from apt.models.portable import copy_side_files, write_config
+from apt.solver.patterns import Pattern, positive_zeros
+from apt.text.sources import load_text, token_windows
 from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from apt.artifacts import atomic_directory
+from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError
 from exporters.common import check_pattern, only_2_4, open_pruned, write_manifest
 from exporters.onnx_export import export_onnx

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import atomic_directory
-from apt.checkpoint import PlannedTensor, ShardedWriter, parse_size
+from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError
-from apt.patterns import conforms, positive_zeros
-from apt.portable import copy_side_files, write_config
+from apt.models.checkpoint import PlannedTensor, ShardedWriter, parse_size
+from apt.models.portable import copy_side_files, write_config
+from apt.solver.patterns import conforms, positive_zeros
 from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

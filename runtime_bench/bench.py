@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from apt.targets import PrunedTargets
+from apt.folder.targets import PrunedTargets
 from runtime_bench.backends import BACKENDS, availability
-from runtime_bench.decode_safe import make_decode_safe
 from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency
 from runtime_bench.gemm import (
     LLAMA3_8B_SHAPES,
@@ -44,6 +43,7 @@ from runtime_bench.gemm import (
     model_shapes,
     sparse_thresholds,
 )
+from serving.decode_safe import make_decode_safe
 
 SCHEMA = "apt-sparse/bench-results/2"
 ModelSpec = "str | Path | Callable[[], torch.nn.Module]"
@@ -181,6 +181,27 @@ def run_bench(
         e2e[kind] += rows
     _release(model)
 
+    gemm, thresholds, decode_safe, vocab = _pruned_section(pruned, config, targets, e2e, not_measured)
+    _artifact_section(onnx_path, vocab, config, e2e, not_measured)
+    return {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "backends": availability(),
+        "gemm": gemm,
+        "thresholds": thresholds,
+        "decode_safe": decode_safe,
+        "e2e": e2e,
+        "accuracy": accuracy or {"metric": None, "dense": None, "methods": {}},
+        "pruning": pruning or {},
+        "not_measured": not_measured,
+    }
+
+
+def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, e2e: dict, not_measured: dict):
+    """The GEMM sweep at the pruned model's shapes, the thresholds it gives, and the pruned model end to
+    end through the decode-safe sparse path where a sparse kernel runs. Returns ``(gemm, thresholds,
+    decode_safe, vocabulary size)``; adds its rows to ``e2e`` and its reasons to ``not_measured``."""
     model = load_bench_model(pruned, config)
     shapes = model_shapes(model, targets) + (LLAMA3_8B_SHAPES if config.llama_shapes else ())
     gemm, unmeasured = measure_gemm(
@@ -201,7 +222,11 @@ def run_bench(
             e2e[kind] += rows
     vocab = model.config.vocab_size
     _release(model)
+    return gemm, thresholds, decode_safe, vocab
 
+
+def _artifact_section(onnx_path: Path | None, vocab: int, config: BenchConfig, e2e: dict, not_measured: dict):
+    """Exported artifacts end to end: the ONNX graph in ONNX Runtime; TensorRT says why it was not timed."""
     if onnx_path is not None:
         for batch, seq in config.prefill:
             result = onnxruntime_prefill(onnx_path, vocab, batch, seq, config.e2e_repeats)
@@ -217,19 +242,6 @@ def run_bench(
         not_measured["tensorrt end to end"] = (
             trt.reason if not trt.available else "timing TensorRT engines is not implemented: use trtexec --loadEngine"
         )
-    return {
-        "schema": SCHEMA,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "backends": availability(),
-        "gemm": gemm,
-        "thresholds": thresholds,
-        "decode_safe": decode_safe,
-        "e2e": e2e,
-        "accuracy": accuracy or {"metric": None, "dense": None, "methods": {}},
-        "pruning": pruning or {},
-        "not_measured": not_measured,
-    }
 
 
 def validate_results(results: dict) -> None:

@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from apt.data import evaluation_documents
-from apt.job import Accuracy, PruneJob, prune_model
-from apt.models import load_tokenizer, source_folder
-from apt.sequential import RunConfig
+from apt.measure.accuracy import Accuracy
+from apt.models.layered import LayeredModel
+from apt.models.loading import load_tokenizer, source_folder
+from apt.run import PruneJob, RunConfig, prune_model
 from apt.solver import PruneConfig
-from apt.streaming import LayeredModel
+from apt.text.sources import evaluation_documents
 from runtime_bench.bench import BenchConfig, pruning_record
 from runtime_bench.folder_bench import bench_folder
 
@@ -91,49 +91,10 @@ def run_demo(out: str | Path, config: DemoConfig, progress=print, command: str =
 
 
 def _run(out: Path, config: DemoConfig, progress, command: str, written: list[str]) -> Path:
-    from exporters import export
-
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    _, dense_folder = source_folder(config.model)
-    dense = LayeredModel.from_folder(dense_folder)
-    documents, chosen = evaluation_documents("stdlib", "stdlib")
-    meter = Accuracy(dense, load_tokenizer(dense_folder), documents, config.eval_windows, config.seq_len)
-    dense_value = meter.measure(reference=True)[meter.metric]
-    progress(f"dense {meter.metric}: {dense_value:.3f}")
-
-    accuracy = {"metric": meter.metric, "dense": dense_value, "methods": {}, "data": chosen}
-    pruning = {}
-    for method in config.methods:
-        folder = out / "pruned" / method
-        report = prune_model(
-            PruneJob(
-                model=config.model,
-                out=str(folder),
-                run=RunConfig(solver=PruneConfig(method=method)),
-                num_calibration_samples=config.windows,
-                max_seq_length=config.seq_len,
-                evaluate=False,
-                overwrite=True,
-            )
-        )
-        written.append(f"pruned/{method}")
-        meter.layered = LayeredModel.from_folder(folder)
-        accuracy["methods"][method] = meter.measure()[meter.metric]
-        pruning[method] = pruning_record(report)
-        progress(
-            f"{method:10s} {meter.metric} {accuracy['methods'][method]:10.3f}  "
-            f"pruned in {pruning[method]['seconds']:.0f} s"
-        )
-
-    source = out / "pruned" / config.methods[0]
-    exports = {}
-    for target in config.targets:
-        options = {"dtype": "float32"} if target == "onnx" else {}
-        exports[target] = export(target, source, out / "export" / target, overwrite=True, **options)
-        written.append(f"export/{target}")
-        progress(f"exported {target}: {sum(f['bytes'] for f in exports[target]['files']) / 2**20:.1f} MiB")
-
+    accuracy, pruning = _prune_every_method(out, config, progress, written)
+    exports = _export_every_target(out / "pruned" / config.methods[0], out / "export", config, progress, written)
     not_measured = {}
     if "vllm" in exports:
         not_measured["vLLM serving"] = exports["vllm"]["validation"]["vllm_loaded"].removeprefix("not measured: ")
@@ -158,7 +119,7 @@ def _run(out: Path, config: DemoConfig, progress, command: str, written: list[st
     }
     exported = out / "export"
     report = bench_folder(
-        source,
+        out / "pruned" / config.methods[0],
         out,
         dense=config.model,
         onnx=str(exported / "onnx") if "onnx" in exports else None,
@@ -171,6 +132,53 @@ def _run(out: Path, config: DemoConfig, progress, command: str, written: list[st
     written += ["results.json", "report.md"]
     progress(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min")
     return report
+
+
+def _prune_every_method(out: Path, config: DemoConfig, progress, written: list[str]) -> tuple[dict, dict]:
+    """The dense model's accuracy, then each method's pruned folder and its accuracy on the same windows.
+    Returns ``(accuracy, pruning)`` as ``results.json`` holds them."""
+    _, dense_folder = source_folder(config.model)
+    dense = LayeredModel.from_folder(dense_folder)
+    documents, chosen = evaluation_documents("stdlib", "stdlib")
+    meter = Accuracy(dense, load_tokenizer(dense_folder), documents, config.eval_windows, config.seq_len)
+    dense_value = meter.measure(reference=True)[meter.metric]
+    progress(f"dense {meter.metric}: {dense_value:.3f}")
+    accuracy = {"metric": meter.metric, "dense": dense_value, "methods": {}, "data": chosen}
+    pruning = {}
+    for method in config.methods:
+        folder = out / "pruned" / method
+        report = prune_model(
+            PruneJob(
+                model=config.model,
+                out=str(folder),
+                run=RunConfig(solver=PruneConfig(method=method)),
+                num_calibration_samples=config.windows,
+                max_seq_length=config.seq_len,
+                evaluate=False,
+                overwrite=True,
+            )
+        )
+        written.append(f"pruned/{method}")
+        meter.layered = LayeredModel.from_folder(folder)
+        accuracy["methods"][method] = meter.measure()[meter.metric]
+        pruning[method] = pruning_record(report)
+        progress(
+            f"{method:10s} {meter.metric} {accuracy['methods'][method]:10.3f}  "
+            f"pruned in {pruning[method]['seconds']:.0f} s"
+        )
+    return accuracy, pruning
+
+
+def _export_every_target(source: Path, exported: Path, config: DemoConfig, progress, written: list[str]) -> dict:
+    from exporters import export
+
+    exports = {}
+    for target in config.targets:
+        options = {"dtype": "float32"} if target == "onnx" else {}
+        exports[target] = export(target, source, exported / target, overwrite=True, **options)
+        written.append(f"export/{target}")
+        progress(f"exported {target}: {sum(f['bytes'] for f in exports[target]['files']) / 2**20:.1f} MiB")
+    return exports
 
 
 def copy_results_into_repository(out: Path, name: str) -> Path:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from apt.checkpoint import CheckpointReader
+from apt.models.checkpoint import CheckpointReader
 from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"

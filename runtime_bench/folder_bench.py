@@ -14,10 +14,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from apt.artifacts import write_json_atomic
+from apt.atomic import write_json_atomic
 from apt.errors import InvalidInputError
-from apt.models import source_folder
-from apt.targets import REPORT_NAME, targets_of_folder
+from apt.folder.targets import REPORT_NAME, targets_of_folder
+from apt.models.loading import source_folder
 from runtime_bench.backends import BACKENDS
 from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
 from runtime_bench.report import render_report

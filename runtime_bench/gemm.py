@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from apt.patterns import Pattern
+from apt.folder.targets import PrunedTargets, target_linears
 from apt.solver import select_mask
-from apt.targets import PrunedTargets, target_linears
-from runtime_bench.backends import BACKENDS, to_sparse
+from apt.solver.patterns import Pattern
+from runtime_bench.backends import BACKENDS
+from serving.kernels import to_sparse
 
 # (label, in = K, out = N)
 LLAMA3_8B_SHAPES = (
@@ -44,7 +45,7 @@ class GemmConfig:
 
 
 def model_shapes(model, targets: PrunedTargets | None = None) -> tuple[tuple[str, int, int], ...]:
-    """The distinct ``(label, in, out)`` of the model's pruned Linear layers (``apt.targets``)."""
+    """The distinct ``(label, in, out)`` of the model's pruned Linear layers (``apt.folder.targets``)."""
     seen = {}
     for name, module in target_linears(model, targets):
         seen.setdefault((module.in_features, module.out_features), name.split(".")[-1])
@@ -110,40 +111,8 @@ def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
                 failed[backend] = f"conversion failed: {str(err).splitlines()[0]}"
         for m in config.ms:
             x = torch.randn(m, k, generator=g).to(dtype).to(device)
-            runs = {"dense": lambda x=x, w=weight: F.linear(x, w)}
-            for backend, w_sparse in sparse_weights.items():
-                runs[backend] = lambda x=x, w=w_sparse: F.linear(x, w)
             record = {"shape": label, "in": k, "out": n, "m": m}
-            skipped = dict(failed)
-            reference = runs["dense"]()
-            errors = {}
-            for name, fn in list(runs.items())[1:]:
-                try:
-                    errors[name] = float((fn().float() - reference.float()).abs().max())
-                except (RuntimeError, NotImplementedError) as err:
-                    skipped[name] = str(err).splitlines()[0]
-                    del runs[name]
-            for fn in runs.values():  # warm-up, and the size of one sample
-                for _ in range(config.warmup):
-                    fn()
-            single = max(timed(runs["dense"], 1), 1e-4)
-            inner = max(1, min(1000, int(config.sample_seconds * 1e3 / single)))
-            samples = {name: [] for name in runs}
-            for _ in range(config.repeats):
-                for name, fn in runs.items():  # alternated in every repeat
-                    samples[name].append(timed(fn, inner))
-            record["dense_ms"] = _summary(samples["dense"])
-            for name in runs:
-                if name != "dense":
-                    record[name] = {
-                        "ms": _summary(samples[name]),
-                        "max_abs_diff": errors[name],
-                        "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
-                    }
-            if skipped:
-                record["not_measured"] = skipped
-            record["tflops_dense"] = 2 * m * k * n / (record["dense_ms"]["median"] * 1e-3) / 1e12
-            records.append(record)
+            records.append(record | _time_linear(x, weight, sparse_weights, dict(failed), config, timed))
     gemm = {
         "dtype": config.dtype,
         "device": device,
@@ -153,6 +122,44 @@ def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
         "records": records,
     }
     return gemm, unmeasured
+
+
+def _time_linear(x, weight, sparse_weights: dict, skipped: dict, config: GemmConfig, timed) -> dict:
+    """``x @ weightᵀ`` dense and through each sparse weight, alternated inside every repeat: the dense
+    time, and per sparse backend its time, speedup and max |Δ| against dense (or why it did not run)."""
+    runs = {"dense": lambda: F.linear(x, weight)}
+    for backend, w_sparse in sparse_weights.items():
+        runs[backend] = lambda w=w_sparse: F.linear(x, w)
+    reference = runs["dense"]()
+    errors = {}
+    for name, fn in list(runs.items())[1:]:
+        try:
+            errors[name] = float((fn().float() - reference.float()).abs().max())
+        except (RuntimeError, NotImplementedError) as err:
+            skipped[name] = str(err).splitlines()[0]
+            del runs[name]
+    for fn in runs.values():  # warm-up, and the size of one sample
+        for _ in range(config.warmup):
+            fn()
+    single = max(timed(runs["dense"], 1), 1e-4)
+    inner = max(1, min(1000, int(config.sample_seconds * 1e3 / single)))
+    samples = {name: [] for name in runs}
+    for _ in range(config.repeats):
+        for name, fn in runs.items():  # alternated in every repeat
+            samples[name].append(timed(fn, inner))
+    record = {"dense_ms": _summary(samples["dense"])}
+    for name in runs:
+        if name != "dense":
+            record[name] = {
+                "ms": _summary(samples[name]),
+                "max_abs_diff": errors[name],
+                "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
+            }
+    if skipped:
+        record["not_measured"] = skipped
+    m, k, n = x.shape[0], x.shape[1], weight.shape[0]
+    record["tflops_dense"] = 2 * m * k * n / (record["dense_ms"]["median"] * 1e-3) / 1e12
+    return record
 
 
 def sparse_thresholds(gemm: dict, backend: str, margin: float = 1.02) -> dict[str, int | None]:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import write_json_atomic
-from apt.patterns import Pattern
+from apt.atomic import write_json_atomic
 from apt.solver import select_mask
+from apt.solver.patterns import Pattern
 from runtime_bench.bench import BenchConfig, run_bench, validate_results
 from runtime_bench.report import render_report
 

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from apt.checkpoint import CheckpointReader
-from apt.models import source_folder
-from apt.patterns import is_nm_sparse
+from apt.models.checkpoint import CheckpointReader
+from apt.models.loading import source_folder
+from apt.solver.patterns import is_nm_sparse
 from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from apt.artifacts import write_json_atomic
-from apt.data import load_text, validation_split
-from apt.job import Accuracy, PruneJob, prune_model, versions
-from apt.models import load_tokenizer, source_folder
-from apt.sequential import RunConfig
+from apt.atomic import write_json_atomic
+from apt.folder.report import versions
+from apt.measure.accuracy import Accuracy
+from apt.models.layered import LayeredModel
+from apt.models.loading import load_tokenizer, source_folder
+from apt.run import PruneJob, RunConfig, prune_model
 from apt.solver import PruneConfig
-from apt.streaming import LayeredModel
+from apt.text.sources import load_text, validation_split
 from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from apt import PruneConfig, prune_layer
-from apt.data import load_text, token_windows
-from apt.families import block_groups, family_for, find_blocks
-from apt.models import load_model
+from apt.models.families import block_groups, family_for, find_blocks
+from apt.models.loading import load_model
+from apt.text.sources import load_text, token_windows
 from runtime_bench import save_results
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from apt.job import PruneJob, prune_model
+from apt.run import PruneJob, prune_model
 from exporters import export
 
 from .apt.tiny_models import save_tiny_model

@@ -22,14 +22,18 @@ def test_import_apt_is_this_repository_not_debians_module():
 
 
 def test_the_solver_loads_neither_transformers_nor_the_other_packages():
-    loaded = modules_after_import("import apt.solver, apt.reconstruct, apt.obs, apt.patterns")
+    loaded = modules_after_import("import apt.solver")
     assert {"torch", "apt"} <= loaded
     assert not loaded & {"transformers", "exporters", "runtime_bench", "safetensors", "onnx"}
 
 
 def test_apt_never_loads_exporters_or_runtime_bench():
-    modules = sorted(p.stem for p in (REPO / "apt").glob("*.py") if p.stem != "__init__")
-    loaded = modules_after_import("\n".join(f"import apt.{m}" for m in modules))
+    modules = sorted(
+        ".".join(p.relative_to(REPO).with_suffix("").parts)
+        for p in (REPO / "apt").rglob("*.py")
+        if p.stem != "__init__"
+    )
+    loaded = modules_after_import("\n".join(f"import {m}" for m in modules))
     assert not loaded & {"exporters", "runtime_bench"}
 
 

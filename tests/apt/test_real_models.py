@@ -4,11 +4,11 @@ import pytest
 import torch
 import transformers
 
-from apt.data import evaluation_documents, load_text, token_windows
-from apt.evaluate import embedding_cosine, retrieval_accuracy, sentence_embeddings, split_halves, text_batches
-from apt.job import PruneJob, prune_model
-from apt.models import load_model, resolve_model
+from apt.measure.evaluate import embedding_cosine, retrieval_accuracy, sentence_embeddings, split_halves, text_batches
+from apt.models.loading import load_model, resolve_model
+from apt.run import PruneJob, prune_model
 from apt.solver import prune_layer
+from apt.text.sources import evaluation_documents, load_text, token_windows
 from runtime_bench.solver_bench import layer_hessians
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from apt.models import resolve_model
+from apt.models.loading import resolve_model
 
 VOCAB = 30522  # the BERT tokenizer's vocabulary
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)

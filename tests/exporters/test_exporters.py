@@ -8,13 +8,12 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from apt.checkpoint import CheckpointReader
 from apt.errors import InvalidInputError
-from apt.job import PruneJob, prune_model
-from apt.models import resolve_model
-from apt.patterns import is_nm_sparse
-from apt.sequential import RunConfig
+from apt.models.checkpoint import CheckpointReader
+from apt.models.loading import resolve_model
+from apt.run import PruneJob, RunConfig, prune_model
 from apt.solver import PruneConfig
+from apt.solver.patterns import is_nm_sparse
 from apt_sparse.cli import main
 from exporters import export
 from exporters.compressed_tensors import pack_bitmask, read_bitmask_folder, unpack_bitmask

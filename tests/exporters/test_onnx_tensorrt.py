@@ -6,8 +6,7 @@ import pytest
 from onnx import numpy_helper
 
 from apt.errors import InvalidInputError
-from apt.job import PruneJob, prune_model
-from apt.sequential import RunConfig
+from apt.run import PruneJob, RunConfig, prune_model
 from apt.solver import PruneConfig
 from exporters import export
 from exporters.tensorrt import Profile, parse_sparsity_log, tensorrt_unavailable_reason

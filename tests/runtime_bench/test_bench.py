@@ -5,20 +5,14 @@ import pytest
 import torch
 import transformers
 
-from apt.job import PruneJob, prune_model
-from apt.patterns import Pattern
-from apt.sequential import RunConfig
-from apt.solver import select_mask
-from apt.targets import targets_of_folder
-from runtime_bench.backends import BACKENDS, availability
+from apt.folder.targets import targets_of_folder
+from apt.run import PruneJob, prune_model
+from runtime_bench.backends import availability
 from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
-from runtime_bench.decode_safe import DecodeSafeLinear, choose_path, make_decode_safe
 from runtime_bench.gemm import sparse_thresholds
 from runtime_bench.report import render_report
 
 from ..apt.tiny_models import save_tiny_model
-
-HAS_SPARSE_GPU = BACKENDS["torch-sparse-cusparselt"]().available
 
 
 def test_every_backend_reports_availability_with_a_reason():
@@ -42,35 +36,6 @@ def test_thresholds_take_the_sparse_path_only_where_it_always_won():
     assert sparse_thresholds(gemm, "b") == {"64x32": None}
     gemm = {"records": [rec(1, None), rec(16, None)]}
     assert sparse_thresholds(gemm, "b") == {"64x32": None}
-
-
-def _sparse_linear(k=128, n=64, dtype=torch.float32, device="cpu"):
-    linear = torch.nn.Linear(k, n, bias=True).to(dtype)
-    with torch.no_grad():
-        linear.weight.mul_(select_mask(linear.weight.abs().float(), Pattern(2, 4)))
-    return linear.to(device)
-
-
-def test_decode_safe_routing_takes_the_sparse_path_only_from_the_threshold():
-    assert choose_path(tokens=63, threshold=64, has_sparse=True) == "dense"
-    assert choose_path(tokens=64, threshold=64, has_sparse=True) == "sparse"
-    assert choose_path(tokens=4096, threshold=64, has_sparse=True) == "sparse"
-    assert choose_path(tokens=4096, threshold=None, has_sparse=True) == "dense"  # never faster: always dense
-    assert choose_path(tokens=4096, threshold=64, has_sparse=False) == "dense"  # no kernel here
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_SPARSE_GPU, reason=f"2:4 kernels: {BACKENDS['torch-sparse-cusparselt']().reason}")
-def test_decode_safe_linear_both_paths_match_dense_on_gpu():
-    linear = _sparse_linear(k=256, n=128, dtype=torch.float16, device="cuda")
-    safe = DecodeSafeLinear(linear, threshold=64)
-    assert safe.uses_sparse
-    small, large = (
-        torch.randn(1, 4, 256, device="cuda", dtype=torch.float16),
-        torch.randn(2, 64, 256, device="cuda", dtype=torch.float16),
-    )
-    torch.testing.assert_close(safe(small), linear(small), atol=1e-2, rtol=1e-2)  # dense path
-    torch.testing.assert_close(safe(large), linear(large), atol=1e-2, rtol=1e-2)  # sparse path
 
 
 @pytest.fixture(scope="module")
@@ -140,26 +105,6 @@ def test_report_renders_with_plots_and_states_each_reason_once(tiny_results, tmp
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
-def test_make_decode_safe_replaces_only_the_pruned_2_4_linears(tmp_path):
-    src = save_tiny_model("llama", tmp_path / "src")
-    prune_model(
-        PruneJob(
-            model=str(src),
-            out=str(tmp_path / "p"),
-            num_calibration_samples=2,
-            max_seq_length=16,
-            evaluate=False,
-            run=RunConfig(targets=r"mlp"),
-        )
-    )
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p")
-    counts = make_decode_safe(model, {"64x128": 16}, targets=targets_of_folder(tmp_path / "p"))
-    assert counts["replaced"] == 6  # gate, up, down of two blocks; attention was left dense
-    assert isinstance(model.model.layers[0].mlp.up_proj, DecodeSafeLinear)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
-    assert model.model.layers[0].mlp.up_proj.threshold == 16 and model.model.layers[0].mlp.down_proj.threshold is None
-
-
 def test_ctrl_c_during_the_demo_says_what_was_written_and_what_was_not(tmp_path, capsys, monkeypatch):
     import exporters
     from apt_sparse.cli import main
@@ -195,7 +140,7 @@ def test_ctrl_c_during_the_demo_says_what_was_written_and_what_was_not(tmp_path,
 
 def test_gguf_conversion_names_missing_and_unexpected_tensors():
     from apt.errors import InvalidInputError
-    from apt.models import check_loaded_keys
+    from apt.models.loading import check_loaded_keys
 
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(

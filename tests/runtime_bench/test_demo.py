@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers
 
-from apt.checkpoint import CheckpointReader
-from apt.data import evaluation_documents, token_windows
-from apt.evaluate import perplexity
-from apt.models import load_tokenizer, source_folder
-from apt.patterns import is_nm_sparse
+from apt.measure.evaluate import perplexity
+from apt.models.checkpoint import CheckpointReader
+from apt.models.loading import load_tokenizer, source_folder
+from apt.solver.patterns import is_nm_sparse
+from apt.text.sources import evaluation_documents, token_windows
 from runtime_bench.bench import validate_results
 
 from ..exporters.test_exporters import LEGACY_COMPRESSED_TENSORS, LEGACY_LOADER

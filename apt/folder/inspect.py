@@ -1,0 +1,36 @@
+"""Per-tensor sparsity of a checkpoint folder and whether its pruned weights follow the pattern, read
+one tensor at a time from its safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apt.folder.targets import targets_of_folder
+from apt.models.checkpoint import CheckpointReader
+from apt.solver.patterns import conforms, sparsity_of
+
+
+def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
+    """``{pattern, targets_from, tensors}``; one row per 2-D floating-point tensor: ``name``, ``shape``,
+    ``sparsity``, ``target`` (pruned, per ``apt.folder.targets``) and ``follows_pattern`` (None where the pattern
+    cannot apply: an N:M pattern on a width that is not a multiple of M)."""
+    reader = CheckpointReader(path)
+    targets = targets_of_folder(path, pattern)
+    pruned = set(targets.tensors)
+    rows = []
+    for name in reader.names():
+        info = reader.info(name)
+        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+            continue
+        tensor = reader.read(name)
+        applies = not targets.pattern.is_nm or info.shape[1] % targets.pattern.m == 0
+        rows.append(
+            {
+                "name": name,
+                "shape": list(info.shape),
+                "sparsity": sparsity_of(tensor),
+                "target": name in pruned,
+                "follows_pattern": conforms(tensor, targets.pattern) if applies else None,
+            }
+        )
+    return {"pattern": str(targets.pattern), "targets_from": targets.source, "tensors": rows}

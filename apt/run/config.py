@@ -1,0 +1,97 @@
+"""The options of a pruning run: ``RunConfig`` (how every block is pruned) and ``PruneJob`` (the whole job:
+model, output, data, where activations live), frozen and validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from apt.errors import InvalidInputError
+from apt.models.checkpoint import parse_size
+from apt.models.loading import DTYPES, check_device
+from apt.solver import PruneConfig
+
+ACTIVATION_PLACES = ("host", "device", "disk")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to prune a whole model. ``solver`` applies to every layer; ``targets``/``ignore`` are regexes
+    over full module names; ``true_sequential`` recollects each group's inputs after the groups before
+    it in the same block are pruned; ``batch_size`` is the number of calibration windows per forward."""
+
+    solver: PruneConfig = PruneConfig()
+    targets: str | None = None
+    ignore: str | None = None
+    true_sequential: bool = False
+    device: str = "cpu"
+    batch_size: int = 8
+    correction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.correction <= 1.0):
+            raise InvalidInputError(f"--correction must lie in [0, 1], got {self.correction}")
+        if self.correction and self.true_sequential:
+            raise InvalidInputError("--correction and --true-sequential cannot be combined")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """One pruning run. ``dtype`` is the compute dtype (the output keeps the checkpoint's own dtypes);
+    ``activations`` where calibration activations live (``host`` memory, the compute ``device``, or
+    ``disk`` under ``activation_dir``, default the partial output folder) and ``activation_dtype`` their
+    dtype (default: the compute dtype). ``num_eval_windows=None`` evaluates every full window."""
+
+    model: str
+    out: str
+    run: RunConfig = RunConfig()
+    calibration_data: str = "stdlib"
+    eval_data: str = "stdlib"
+    num_calibration_samples: int = 128
+    max_seq_length: int = 512
+    num_eval_windows: int | None = 32
+    dtype: str = "float32"
+    activations: str = "host"
+    activation_dtype: str | None = None
+    activation_dir: str | None = None
+    max_shard_size: str = "5GB"
+    seed: int = 0
+    trust_remote_code: bool = False
+    evaluate: bool = True
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.num_calibration_samples < 1 or (self.num_eval_windows is not None and self.num_eval_windows < 1):
+            raise InvalidInputError("--num-calibration-samples and --num-eval-windows must be at least 1")
+        if self.dtype not in DTYPES or (self.activation_dtype or self.dtype) not in DTYPES:
+            raise InvalidInputError(f"--dtype and --activation-dtype take one of {', '.join(DTYPES)}")
+        if self.activations not in ACTIVATION_PLACES:
+            raise InvalidInputError(f"--offload-activations takes one of {', '.join(ACTIVATION_PLACES)}")
+        if self.activation_dir and self.activations != "disk":
+            raise InvalidInputError("--activation-dir applies to --offload-activations disk only")
+        if self.max_seq_length < 2:
+            raise InvalidInputError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
+        parse_size(self.max_shard_size)
+        check_device(self.run.device)
+
+    def fingerprint(self) -> dict:
+        """Everything that decides the output's bytes: a resume must match it exactly."""
+        options = dataclasses.asdict(self)
+        # where activations live changes no byte of the output (their dtype does)
+        for key in (
+            "out",
+            "overwrite",
+            "resume",
+            "evaluate",
+            "eval_data",
+            "num_eval_windows",
+            "activations",
+            "activation_dir",
+        ):
+            options.pop(key)
+        options["run"]["device"] = options["run"]["device"].split(":")[0]  # cuda:LOCAL_RANK differs per rank
+        return json.loads(json.dumps(options, default=str))

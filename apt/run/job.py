@@ -1,0 +1,236 @@
+"""The main job: prune a model on calibration text, block by block from its checkpoint, measure accuracy,
+and write a Hugging Face folder — resumable after a crash.
+
+``prune_model(PruneJob(...))`` never holds the whole model: the weights stream from the source's
+safetensors one block at a time (``apt.models.layered``), and each pruned block is written in place
+into output shards laid out in advance (``apt.models.checkpoint``). The folder is built under
+``.OUT.partial`` beside ``OUT`` and renamed into place in one step when complete, so nothing that
+looks finished exists before it is (``apt.run.state``). After every block, ``resume.json`` records
+the run's options, the source's identity, the blocks done and their layer records; ``--resume``
+continues from there, recomputing the activations entering the next block from the blocks already
+written, and ends with files bit-identical to an uninterrupted run's (the report aside, which also
+says where it resumed). The report's schema is in ``apt.folder.report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from apt.atomic import write_json_atomic
+from apt.collective import Collective
+from apt.errors import AptError, InvalidInputError
+from apt.measure.accuracy import Accuracy
+from apt.models.activations import ActivationStore
+from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
+from apt.models.layered import LayeredModel
+from apt.models.loading import DTYPES, ModelSource, load_tokenizer, source_folder
+from apt.run.config import PruneJob
+from apt.run.distributed import BroadcastReader, check_same_job
+from apt.run.record import PeakMemory, build_report
+from apt.run.sequential import layer_plan, prune_blocks
+from apt.run.state import RESUME_NAME, check_output, finish_folder, partial_folder, start_or_resume
+from apt.text.sources import evaluation_documents, load_text, token_windows
+
+log = logging.getLogger(__name__)
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what it leaves behind."""
+
+
+def prune_model(job: PruneJob, coll: Collective | None = None) -> dict:
+    """Run the whole job and return the report (also written to ``OUT/prune_report.json``).
+
+    Interrupted or failed, the job leaves no ``OUT``; the blocks it finished stay in ``.OUT.partial``
+    for ``--resume`` (a run that finished no block leaves nothing at all). Under torchrun, pass the
+    process group's ``coll`` (``apt.run.distributed.collective_for``): every rank runs this with the same
+    job, and rank 0 writes."""
+    started = time.perf_counter()
+    coll = coll or Collective()
+    out = Path(job.out).resolve()
+    work = partial_folder(out)
+    # rank 0 owns the output folder: it decides, the others follow its verdict
+    refusal = None
+    if coll.is_writer:
+        try:
+            check_output(out, job)
+        except InvalidInputError as err:
+            refusal = str(err)
+    refusal = coll.broadcast_object(refusal)
+    if refusal:
+        raise InvalidInputError(refusal)
+    progress = {"blocks_done": 0, "blocks": None}
+    try:
+        return _prune(job, out, work, started, progress, coll)
+    except BaseException as err:
+        done, total = progress["blocks_done"], progress["blocks"]
+        if done == 0 and not job.resume:
+            if coll.is_writer:
+                shutil.rmtree(work, ignore_errors=True)
+            note = f"nothing was written to {out}"
+        else:
+            note = f"{out} was not written; {done} of {total} blocks are saved in {work}: rerun with --resume"
+        if isinstance(err, KeyboardInterrupt):
+            raise JobInterrupted(f"{err}; {note}" if str(err) else note) from err
+        if isinstance(err, AptError):
+            raise type(err)(f"{err} ({note})") from err
+        raise
+
+
+@dataclass
+class _Source:
+    """What the job reads: the model (streamed), its tokenizer and the calibration windows."""
+
+    source: ModelSource
+    folder: Path
+    layered: LayeredModel
+    tokenizer: object
+    calibration: str
+    windows: torch.Tensor
+
+
+def _open_source(job: PruneJob) -> _Source:
+    source, folder = source_folder(job.model, job.trust_remote_code)
+    layered = LayeredModel.from_folder(folder, DTYPES[job.dtype], job.run.device, job.trust_remote_code)
+    layer_plan(layered, job.run)  # a --targets/--ignore that matches nothing fails here
+    tokenizer = load_tokenizer(folder, job.trust_remote_code)
+    calibration = load_text(job.calibration_data, seed=job.seed)
+    windows = token_windows(
+        calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
+    )
+    log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], calibration.source)
+    return _Source(source, folder, layered, tokenizer, calibration.source, windows)
+
+
+def _output_layout(reader: CheckpointReader) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor of the output as the source stores it: a pruned weight keeps its dtype and shape."""
+    return {name: (reader.info(name).dtype, reader.info(name).shape) for name in reader.names()}
+
+
+def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict, coll: Collective) -> dict:
+    peak = PeakMemory(job.run.device)
+    src = _open_source(job)
+    layered = src.layered
+    progress["blocks"] = len(layered.blocks)
+    layout = _output_layout(layered.reader)
+    writer = ShardedWriter(
+        work,
+        [PlannedTensor(name, dtype, shape) for name, (dtype, shape) in layout.items()],
+        parse_size(job.max_shard_size),
+    )
+    identity = {"model": job.model, "folder": str(src.folder), "files": layered.reader.identity()}
+    check_same_job(coll, job.fingerprint(), identity)
+    state = start_or_resume(work, writer, layered, job, identity) if coll.is_writer else None
+    state = coll.broadcast_object(state)
+    done = progress["blocks_done"] = state["blocks_done"]
+    written = BroadcastReader(coll, CheckpointReader(work) if coll.is_writer else None, layout)
+    batches = _calibrate(job, src, work, writer, state, written, progress, coll)
+    accuracy = _evaluate(job, src, written, coll) if job.evaluate else None
+    ranks = coll.gather_objects(
+        {
+            "rank": coll.rank,
+            "host": socket.gethostname(),
+            "device": job.run.device,
+            "calibration_batches": len(batches),
+            "seconds": time.perf_counter() - started,
+            "seconds_in_collectives": coll.seconds,
+            "bytes_sent": coll.bytes_moved,
+            "peak_memory": peak.read(),
+        }
+    )
+    report = None
+    if coll.is_writer:
+        report = build_report(
+            job=job,
+            source=src.source,
+            folder=src.folder,
+            layered=layered,
+            calibration={"source": src.calibration, "windows": src.windows},
+            layers=state["layers"],
+            seconds_pruning=state["seconds_pruning"],
+            started=started,
+            checkpoint={
+                "source_files": identity["files"],
+                "shards": [p.name for p in writer.files],
+                "max_shard_size": job.max_shard_size,
+                "resumed_at_block": done or None,
+            },
+            peak=ranks[0]["peak_memory"],
+            accuracy=accuracy,
+        )
+        report["distributed"] = {"world_size": coll.world, "backend": coll.backend, "ranks": ranks}
+        finish_folder(work, out, src.folder, writer, report, job.overwrite)
+    return coll.broadcast_object(report)
+
+
+def _calibrate(
+    job: PruneJob,
+    src: _Source,
+    work: Path,
+    writer: ShardedWriter,
+    state: dict,
+    written: BroadcastReader,
+    progress: dict,
+    coll: Collective,
+) -> list[dict]:
+    """Sequential calibration from the block ``state`` says is next; each pruned block is written and
+    recorded in ``resume.json`` before the next one starts. Returns this rank's calibration batches."""
+    layered, done = src.layered, state["blocks_done"]
+    store = ActivationStore(
+        DTYPES[job.activation_dtype or job.dtype],
+        device=job.run.device if job.activations == "device" else "cpu",
+        spill_to=(job.activation_dir or work) if job.activations == "disk" else None,
+    )
+    dense = None
+    try:
+        batch = job.run.batch_size
+        windows = src.windows
+        batches = coll.share([{"input_ids": windows[s : s + batch]} for s in range(0, len(windows), batch)])
+        layered.block_inputs(batches, store)
+        if job.run.correction:  # the dense model's activations, beside the pruned model's
+            dense = store.copy()
+            layered.run_blocks(dense, range(done))
+        if done:
+            log.info("resuming at block %d: recomputing its inputs from the %d blocks written", done, done)
+            layered.run_blocks(store, range(done), written)
+        block_clock = [time.perf_counter()]
+
+        def write_block(index: int, records: list[dict]) -> None:
+            for record in records:
+                record["tensor"] = layered.checkpoint_key(f"{record['name']}.weight")
+            progress["blocks_done"] = index + 1
+            if not coll.is_writer:
+                return
+            for name in layered.parameter_names(layered.block_prefix(index)):
+                writer.write(layered.checkpoint_key(name), layered.stored_tensor(name))
+            writer.sync()  # the data is on disk before the state says so
+            state["blocks_done"] = index + 1
+            state["layers"] += records
+            state["seconds_pruning"] += time.perf_counter() - block_clock[0]
+            block_clock[0] = time.perf_counter()
+            write_json_atomic(work / RESUME_NAME, state)
+
+        layers = prune_blocks(layered, store, job.run, start=done, on_block_done=write_block, coll=coll, dense=dense)
+    finally:
+        store.close()
+        if dense is not None:
+            dense.close()
+    if not coll.is_writer:
+        state["layers"] += layers
+    return batches
+
+
+def _evaluate(job: PruneJob, src: _Source, written: BroadcastReader, coll: Collective) -> dict:
+    """Dense and pruned accuracy on held-out text, both streamed block by block."""
+    documents, chosen = evaluation_documents(job.eval_data, job.calibration_data, job.seed)
+    meter = Accuracy(src.layered, src.tokenizer, documents, job.num_eval_windows, job.max_seq_length, job.seed, coll)
+    accuracy = {"metric": meter.metric, "data": chosen, "dense": meter.measure(reference=True)}
+    accuracy["pruned"] = meter.measure(written)
+    return accuracy

@@ -1,0 +1,110 @@
+"""The partial folder of a run: ``.OUT.partial`` beside ``OUT``, with the shards written so far and
+``resume.json``, the state ``--resume`` continues from; renamed into ``OUT`` in one step when complete.
+
+``resume.json`` (schema ``apt-sparse/resume/1``) holds the run's options (``PruneJob.fingerprint``), the
+source's identity (folder, files with sizes and modification times), the blocks done, their layer
+records and the seconds spent pruning them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from apt.atomic import write_json_atomic
+from apt.errors import InvalidInputError
+from apt.folder.card import model_card
+from apt.folder.report import REPORT_NAME
+from apt.models.checkpoint import ShardedWriter
+from apt.models.layered import LayeredModel
+from apt.models.portable import copy_side_files, write_config
+from apt.run.command import command_of
+from apt.run.config import PruneJob
+
+RESUME_NAME = "resume.json"
+RESUME_SCHEMA = "apt-sparse/resume/1"
+
+
+def partial_folder(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def check_output(out: Path, job: PruneJob) -> Path:
+    """Refuse before minutes of work: an existing output, a partial run that was not asked about."""
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} exists and is not a folder: choose another --out")
+    if out.exists() and any(out.iterdir()) and not job.overwrite:
+        raise InvalidInputError(f"{out} already exists and is not empty: pass --overwrite or choose another --out")
+    work = partial_folder(out)
+    if job.resume and not (work / RESUME_NAME).is_file():
+        raise InvalidInputError(f"nothing to resume: {work} holds no interrupted run of {out}")
+    if work.exists() and not job.resume:
+        if not job.overwrite:
+            raise InvalidInputError(
+                f"an interrupted run left {work}: pass --resume to continue it, or --overwrite to start over"
+            )
+        shutil.rmtree(work)
+    return work
+
+
+def start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, job: PruneJob, identity: dict) -> dict:
+    """A new partial folder with every tensor outside the blocks already copied, or the state of the
+    interrupted run it holds, after checking that run was the same job on the same source."""
+    if job.resume:
+        state = json.loads((work / RESUME_NAME).read_text())
+        changed = sorted(
+            k
+            for k in set(state["options"]) | set(job.fingerprint())
+            if state["options"].get(k) != job.fingerprint().get(k)
+        )
+        if changed:
+            raise InvalidInputError(
+                f"cannot resume {work}: it was started with other options ({', '.join(changed)}); "
+                "run with the same options, or pass --overwrite instead of --resume to start over"
+            )
+        if state["source"] != identity:
+            raise InvalidInputError(
+                f"cannot resume {work}: the source changed since it was started (was {state['source']['folder']} "
+                f"with {len(state['source']['files'])} files); pass --overwrite instead of --resume to start over"
+            )
+        if not writer.matches_files_on_disk():
+            raise InvalidInputError(f"cannot resume {work}: its shards are missing or altered; pass --overwrite")
+        return state
+    work.mkdir(parents=True)
+    writer.create()
+    block_keys = {layered.checkpoint_key(n) for n in layered.parameter_names(f"{layered.block_path}.")}
+    for key in layered.reader.names():
+        if key not in block_keys:  # embeddings, final norm, head, and anything else the source holds
+            writer.write(key, layered.reader.read(key))
+    writer.sync()
+    state = {
+        "schema": RESUME_SCHEMA,
+        "options": job.fingerprint(),
+        "source": identity,
+        "blocks_done": 0,
+        "layers": [],
+        "seconds_pruning": 0.0,
+    }
+    write_json_atomic(work / RESUME_NAME, state)
+    return state
+
+
+def finish_folder(work: Path, out: Path, source: Path, writer: ShardedWriter, report: dict, overwrite: bool) -> None:
+    """Index, config, tokenizer and report beside the shards; then one rename makes the folder appear."""
+    writer.write_index()
+    write_config(json.loads((source / "config.json").read_text()), work)
+    copy_side_files(source, work)
+    write_json_atomic(work / REPORT_NAME, report)
+    (work / "README.md").write_text(model_card(report, command_of(report["config"])))
+    os.unlink(work / RESUME_NAME)
+    if out.exists():
+        if not overwrite:
+            raise InvalidInputError(f"{out} appeared while the run was working; the result is in {work}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(out)

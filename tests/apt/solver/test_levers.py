@@ -1,0 +1,121 @@
+"""The accuracy levers of issue 12, each against an exact reference: the refit's ridge, the cheap swap
+scores (upper bounds of the exact ones, exact for the point they move to), error-correcting targets."""
+
+import itertools
+
+import pytest
+import torch
+
+from apt import Pattern, prune_layer
+from apt.solver import corrected_target, select_mask
+from apt.solver.refit import reconstruct, row_losses
+from apt.solver.swaps import _exact_swap_scores, _local_swap_scores, _window_swap_scores, kept_and_pruned
+
+
+def _refitted_layer(correlated_layer, rows=6, cols=32, seed=5):
+    W, H, _ = correlated_layer(rows, cols, tokens=96, seed=seed)
+    mask = select_mask(
+        torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=W.dtype), Pattern(2, 4)
+    )
+    W_hat, _, _ = reconstruct(W, mask, H, tol=1e-14, max_iter=500)
+    return W, H, mask, W_hat
+
+
+def _true_swap_changes(W, H, mask, W_hat, n=2, m=4):
+    """Every in-group swap's change after the exact refit of the swapped mask: ``[rows, groups, n, m−n]``."""
+    rows, cols = W.shape
+    kept, pruned = kept_and_pruned(mask, cols // m * n)
+    base = row_losses(W_hat, W, H)
+    out = torch.empty(rows, cols // m, n, m - n, dtype=W.dtype)
+    for g, a, b in itertools.product(range(cols // m), range(n), range(m - n)):
+        swapped = mask.clone()
+        k, p = kept[:, g * n + a], pruned[:, g * (m - n) + b]
+        swapped[torch.arange(rows), k] = False
+        swapped[torch.arange(rows), p] = True
+        refit, _, _ = reconstruct(W, swapped, H, tol=1e-14, max_iter=500)
+        out[:, g, a, b] = row_losses(refit, W, H) - base
+    return out
+
+
+def test_refit_ridge_solves_the_ridge_least_squares(correlated_layer):
+    W, H, _ = correlated_layer(5, 16, tokens=40, seed=2)
+    mu = 0.3
+    result = prune_layer(W, H, damp=0.0, refit_damp=mu, tol=1e-14, max_iter=500, lookahead=False)
+    A = H + mu * torch.diag(H.diagonal())
+    for row in range(5):
+        K = result.mask[row]
+        expected = torch.linalg.solve(A[K][:, K], (A @ W[row])[K])  # stationarity of (ŵ−w)A(ŵ−w)ᵀ on K
+        torch.testing.assert_close(result.weight[row, K], expected, rtol=0, atol=1e-8)
+    # the ridge pulls toward the dense weights: no kept weight moves more than without it
+    plain = prune_layer(W, H, damp=0.0, refit_damp=0.0, tol=1e-14, max_iter=500, lookahead=False)
+    assert torch.equal(plain.mask, result.mask)
+    assert ((result.weight - W)[result.mask].norm() < (plain.weight - W)[plain.mask].norm()).item()
+
+
+def test_exact_swap_scores_are_the_refitted_changes(correlated_layer):
+    W, H, mask, W_hat = _refitted_layer(correlated_layer)
+    kept, pruned = kept_and_pruned(mask, 16)
+    delta, _ = _exact_swap_scores(W_hat, H, kept, pruned, (W_hat - W) @ H, 2, 4, 2**25)
+    torch.testing.assert_close(delta, _true_swap_changes(W, H, mask, W_hat), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("scoring", ["local", "window"])
+def test_cheap_swap_scores_bound_the_exact_change_from_above(correlated_layer, scoring):
+    W, H, mask, W_hat = _refitted_layer(correlated_layer)
+    kept, pruned = kept_and_pruned(mask, 16)
+    grad = (W_hat - W) @ H
+    if scoring == "local":
+        delta, (columns, steps) = _local_swap_scores(W_hat, H, kept, pruned, grad, 2, 4)
+    else:
+        delta, _ = _window_swap_scores(W_hat, H, mask, grad, Pattern(2, 4), window=16, offset=8)
+    true = _true_swap_changes(W, H, mask, W_hat)
+    assert bool((delta >= true - 1e-8 * true.abs().max()).all())
+    assert bool((delta > true + 1e-6).any())  # a bound, not the exact change: less compensates
+    if scoring == "local":
+        # and exact for the point it moves to: k dropped, the group's other kept weight and p moved
+        for g, a, b in [(0, 0, 0), (3, 1, 1), (7, 0, 1)]:
+            moved = W_hat.clone()
+            moved[torch.arange(6), kept[:, g * 2 + a]] = 0.0
+            cols, step = columns[:, g, a, b], steps[:, g, a, b]
+            moved.scatter_add_(1, cols, step)
+            change = row_losses(moved, W, H) - row_losses(W_hat, W, H)
+            torch.testing.assert_close(delta[:, g, a, b], change, rtol=1e-7, atol=1e-9)
+
+
+def test_window_scores_over_the_whole_row_are_the_exact_ones(correlated_layer):
+    W, H, mask, W_hat = _refitted_layer(correlated_layer)
+    kept, pruned = kept_and_pruned(mask, 16)
+    grad = (W_hat - W) @ H
+    window, _ = _window_swap_scores(W_hat, H, mask, grad, Pattern(2, 4), window=32, offset=0)
+    exact, _ = _exact_swap_scores(W_hat, H, kept, pruned, grad, 2, 4, 2**25)
+    torch.testing.assert_close(window, exact, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("refine", ["local", "window", "exact"])
+def test_refinement_only_lowers_the_loss_and_keeps_the_pattern(correlated_layer, refine):
+    for seed in range(4):
+        W, H, _ = correlated_layer(8, 96, tokens=192, seed=seed)
+        # on the loss the refit minimises: H itself (with the ridge it would be H + μ·diag H)
+        before = prune_layer(W, H, damp=0.0, tol=1e-12, refit_damp=0.0)
+        after = prune_layer(W, H, damp=0.0, tol=1e-12, refit_damp=0.0, refine=refine, max_refine_rounds=20)
+        assert after.loss <= before.loss * (1 + 1e-9)
+        groups = after.mask.view(8, -1, 4).sum(-1)
+        assert bool((groups == 2).all())
+        if seed == 0:
+            assert after.stats.refine_swaps > 0 and after.loss < before.loss
+
+
+def test_corrected_target_fits_the_dense_outputs_from_the_pruned_inputs():
+    g = torch.Generator().manual_seed(0)
+    X_dense = torch.randn(300, 12, generator=g, dtype=torch.float64)  # tokens × in
+    X_pruned = X_dense + 0.3 * torch.randn(300, 12, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    H, G = X_pruned.T @ X_pruned, X_dense.T @ X_pruned
+    full = corrected_target(W, H, G, alpha=1.0, damp=0.0)
+    # min ‖X_d Wᵀ − X_p Ŵᵀ‖: least squares of the dense outputs on the pruned inputs
+    expected = torch.linalg.lstsq(X_pruned, X_dense @ W.T).solution.T
+    torch.testing.assert_close(full, expected, rtol=0, atol=1e-10)
+    half = corrected_target(W, H, G, alpha=0.5, damp=0.0)
+    torch.testing.assert_close(half, (W + expected) / 2, rtol=0, atol=1e-10)
+    # with the same inputs on both sides the target is the weight itself
+    torch.testing.assert_close(corrected_target(W, H, H, alpha=1.0, damp=0.0), W, rtol=0, atol=1e-10)
