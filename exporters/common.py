@@ -2,7 +2,7 @@
 weight follows the pattern, and the manifest.
 
 Which weights were pruned, and with which pattern, comes from ``apt.folder.targets`` (the folder's
-``prune_report.json``, else the family adapter): the same definition the run and the benchmark use.
+``prune_report.json``, else discovery): the same definition the run and the benchmark use.
 An exporter refuses, before writing anything, a folder with no pruned weights, a weight that breaks
 the pattern, and a pattern its target format cannot hold.
 """
@@ -22,7 +22,7 @@ from apt.errors import InvalidInputError
 from apt.folder.report import versions
 from apt.folder.targets import PrunedTargets, targets_of_folder
 from apt.models.checkpoint import CheckpointReader
-from apt.solver.patterns import Pattern, conforms, first_nm_violation
+from apt.solver.patterns import Pattern, as_rows, conforms, first_nm_violation
 
 # A pattern check of an export target: None where the target can hold the pattern, else the reason.
 PatternCheck = Callable[[Pattern], "str | None"]
@@ -49,9 +49,12 @@ class PrunedSource:
     targets: PrunedTargets
 
 
-def open_pruned(folder: str | Path, target: str, accepts: PatternCheck = any_pattern) -> PrunedSource:
+def open_pruned(
+    folder: str | Path, target: str, accepts: PatternCheck = any_pattern, experts: str | None = None
+) -> PrunedSource:
     """Open ``folder`` for the export ``target``; refuses (nothing written yet) a folder that is not a
-    model folder, has no pruned weights, or whose pattern ``target`` cannot hold."""
+    model folder, has no pruned weights, whose pattern ``target`` cannot hold, or (``experts``: the
+    reason) whose pruned weights include MoE experts the format cannot hold."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise InvalidInputError(f"{folder} is not a Hugging Face folder (no config.json): export a pruned model folder")
@@ -64,6 +67,11 @@ def open_pruned(folder: str | Path, target: str, accepts: PatternCheck = any_pat
     reason = accepts(targets.pattern)
     if reason:
         raise InvalidInputError(f"the {target} export cannot hold pattern {targets.pattern}: {reason}")
+    if experts and targets.experts:
+        raise InvalidInputError(
+            f"the {target} export cannot hold pruned MoE experts ({len(targets.experts)} expert tensors, e.g. "
+            f"{sorted(targets.experts)[0]}): {experts}; export vllm, or prune with --ignore experts"
+        )
     config = json.loads((folder / "config.json").read_text())
     return PrunedSource(folder, reader, config, targets)
 
@@ -77,13 +85,17 @@ def check_pattern(source: PrunedSource) -> list[dict]:
             raise InvalidInputError(
                 f"{name} is listed as pruned ({source.targets.source}) but {source.folder} lacks it"
             )
-        weight = source.reader.read(name)
-        if weight.dim() != 2 or not conforms(weight, pattern):
+        stored = source.reader.read(name)
+        axis = source.targets.axis(name)
+        if stored.dim() not in (2, 3) or not conforms(as_rows(stored, axis), pattern):
+            weight = as_rows(stored, axis) if stored.dim() in (2, 3) else stored
             raise InvalidInputError(
-                f"{name} {list(weight.shape)} is not {pattern} {_where(weight, pattern)}: "
+                f"{name} {list(stored.shape)} is not {pattern} {_where(weight, pattern)}: "
                 "prune it first with apt-sparse prune"
             )
-        rows.append({"name": name, "shape": list(weight.shape), "valid": True})
+        rows.append(
+            {"name": name, "shape": list(stored.shape), "valid": True} | ({"in_axis": axis} if axis != -1 else {})
+        )
     return rows
 
 

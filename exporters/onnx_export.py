@@ -32,7 +32,8 @@ import torch
 
 from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError, MissingDependencyError
-from apt.models.families import family_for
+from apt.models.discovery import is_causal
+from apt.models.experts import experts_layout
 from apt.models.portable import copy_side_files, write_config
 from apt.solver.patterns import Pattern, positive_zeros
 from apt.text.sources import load_text, token_windows
@@ -51,7 +52,6 @@ ABSOLUTE_TOLERANCE = {"float32": 1e-3}
 RELATIVE_TOLERANCE = 2e-2
 ROUNDING_FACTOR = 2.0
 TOP1_AGREEMENT = 0.95
-KV_CACHE_FAMILIES = ("llama", "opt")
 
 
 def parity_verdict(
@@ -220,17 +220,18 @@ def in_float32(model):
 
 
 def load_for_export(src: Path, dtype: str):
+    """The model of ``src`` in ``dtype`` (and whether it is a causal LM), with ``+0.0`` zeros."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(src)
-    family = family_for(config)
-    cls = transformers.AutoModelForCausalLM if family.causal else transformers.AutoModel
+    causal = is_causal(config)
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = cls.from_pretrained(src, dtype=DTYPES[dtype]).eval()
     # a kept weight below the narrow dtype's smallest subnormal rounds to -0.0 when cast: store +0.0
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(positive_zeros(param))
-    return model, family
+    return model, causal
 
 
 def sparse_initializers(onnx_path: Path, weights: dict[str, torch.Tensor], pattern: Pattern) -> dict:
@@ -304,7 +305,7 @@ def _independent_check(path: Path, eligible: dict, pattern: Pattern, requested: 
     return polygraphy_sparsity(path, eligible)
 
 
-def _trace(model, family, dtype: str, with_past: bool, path: Path, opset: int) -> tuple[list[str], list[str]]:
+def _trace(model, causal: bool, dtype: str, with_past: bool, path: Path, opset: int) -> tuple[list[str], list[str]]:
     """Export the model (or its decoding graph) to ``path``; returns the input and output names."""
     ids = torch.randint(0, 100, (2, 16))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -318,10 +319,10 @@ def _trace(model, family, dtype: str, with_past: bool, path: Path, opset: int) -
         inputs = ["input_ids", "attention_mask", *_past_names(n_layers)]
         outputs = ["logits", *[n.replace("past_key_values", "present") for n in _past_names(n_layers)]]
     else:
-        wrapper, args = _Logits(model, family.causal), (ids, torch.ones_like(ids))
+        wrapper, args = _Logits(model, causal), (ids, torch.ones_like(ids))
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
         inputs = ["input_ids", "attention_mask"]
-        outputs = ["logits" if family.causal else "last_hidden_state"]
+        outputs = ["logits" if causal else "last_hidden_state"]
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -370,18 +371,24 @@ def export_onnx(
     _require("onnxscript")
     _require("onnxruntime")
     source = open_pruned(src, "onnx")
-    family = family_for(transformers.AutoConfig.from_pretrained(source.folder))
-    if with_past and family.name not in KV_CACHE_FAMILIES:
+    config = transformers.AutoConfig.from_pretrained(source.folder)
+    if with_past and not (is_causal(config) and hasattr(config, "num_attention_heads")):
         raise InvalidInputError(
-            f"with_past needs a decoder with a key/value cache ({', '.join(KV_CACHE_FAMILIES)} families); "
-            f"{family.name} has none: export without it"
+            f"with_past needs a decoder with a key/value cache of attention heads; {config.model_type} has none: "
+            "export without it"
         )
     layers = check_pattern(source)
-    model, family = load_for_export(source.folder, dtype)
+    model, causal = load_for_export(source.folder, dtype)
+    moe = next((name for name, m in model.named_modules() if experts_layout(m) is not None), None)
+    if moe is not None:
+        raise InvalidInputError(
+            f"{source.folder} is a mixture-of-experts model ({moe}): PyTorch's ONNX exporter cannot convert "
+            "transformers' routed experts (their shapes depend on the routing); export vllm instead"
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         path = tmp / "model.onnx"
-        inputs, outputs = _trace(model, family, dtype, with_past, path, opset)
+        inputs, outputs = _trace(model, causal, dtype, with_past, path, opset)
         copy_side_files(source.folder, tmp)
         write_config(source.config, tmp)
         scan = _check_initializers(path, source, dtype)
@@ -391,7 +398,7 @@ def export_onnx(
         elif with_past:
             parity = decode_parity(session, model, tokenizer, dtype)
         else:
-            parity = prefill_parity(session, model, tokenizer, family.causal, dtype)
+            parity = prefill_parity(session, model, tokenizer, causal, dtype)
         if parity["status"] == "ok" and not parity["passed"]:
             raise InvalidInputError(f"ONNX Runtime does not match PyTorch: {parity}")
         validation = {

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from apt import PruneConfig, prune_layer
-from apt.models.families import block_groups, family_for, find_blocks
+from apt.models.discovery import block_targets, find_groups
+from apt.models.layered import LayeredModel
 from apt.models.loading import load_model
 from apt.text.sources import load_text, token_windows
 from runtime_bench import save_results
@@ -39,10 +40,14 @@ VARIANTS = {
 
 
 def layer_hessians(model, windows: torch.Tensor, batch_size: int = 4) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(name, weight, H)`` for every prunable linear layer, H accumulated in float32 on the dense model."""
-    family = family_for(model.config)
-    path, blocks = find_blocks(model, family)
-    groups = [g for i, b in enumerate(blocks) for g in block_groups(b, family, f"{path}.{i}", None, None)]
+    """``(name, weight, H)`` for every prunable linear layer, H accumulated in float32 on the dense model; the
+    layers are found and grouped by the run's own discovery."""
+    layered = LayeredModel.resident(model)
+    body = model.model if hasattr(model, "model") else model  # the blocks only: no LM head needed
+    groups = []
+    for index, block in enumerate(layered.blocks):
+        targets = [t for t in block_targets(block, layered.block_prefix(index)[:-1], model.config) if not t.is_expert]
+        groups += [g for g in find_groups(block, targets, lambda: body(input_ids=windows[:1])) if g.source]
     hessians: dict[int, torch.Tensor] = {}
     handles = []
     for gi, group in enumerate(groups):
@@ -51,14 +56,13 @@ def layer_hessians(model, windows: torch.Tensor, batch_size: int = 4) -> list[tu
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             hessians.setdefault(gi, torch.zeros(x.shape[1], x.shape[1])).addmm_(x.T, x)
 
-        handles.append(group[0][1].register_forward_hook(hook))
+        handles.append(group.source.register_forward_hook(hook))
     with torch.no_grad():
         for start in tqdm(range(0, len(windows), batch_size), desc="hessians", disable=None):
-            body = model.model if hasattr(model, "model") else model  # the blocks only: no LM head needed
             body(input_ids=windows[start : start + batch_size])
     for h in handles:
         h.remove()
-    return [(name, lin.weight.data.clone(), hessians[gi]) for gi, group in enumerate(groups) for name, lin in group]
+    return [(t.name, t.weight.clone(), hessians[gi]) for gi, group in enumerate(groups) for t in group.targets]
 
 
 def run(model_name: str, n_windows: int, seq_len: int, variants: list[str], threads: int | None) -> dict:

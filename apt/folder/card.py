@@ -22,9 +22,9 @@ def model_card(report: dict, command: str) -> str:
     """The card's markdown text; ``command`` is the ``apt-sparse prune`` command that made the folder."""
     model = report["model"]
     pattern = report["pattern"]
-    causal = model["family"] != "bert"
+    causal = model.get("causal", model["family"] != "bert")
     totals = report["totals"]
-    base = model["name"] if re.fullmatch(r"[\w.-]+/[\w.-]+", model["name"]) else None
+    base = model.get("base_model") or (model["name"] if re.fullmatch(r"[\w.-]+/[\w.-]+", model["name"]) else None)
     front = {
         **({"base_model": base} if base else {}),
         "library_name": "transformers",

@@ -7,23 +7,24 @@ from pathlib import Path
 
 from apt.folder.targets import targets_of_folder
 from apt.models.checkpoint import CheckpointReader
-from apt.solver.patterns import conforms, sparsity_of
+from apt.solver.patterns import as_rows, conforms, sparsity_of
 
 
 def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
-    """``{pattern, targets_from, tensors}``; one row per 2-D floating-point tensor: ``name``, ``shape``,
-    ``sparsity``, ``target`` (pruned, per ``apt.folder.targets``) and ``follows_pattern`` (None where the pattern
-    cannot apply: an N:M pattern on a width that is not a multiple of M)."""
+    """``{pattern, targets_from, tensors}``; one row per 2-D floating-point tensor and per pruned 3-D experts
+    tensor: ``name``, ``shape``, ``sparsity``, ``target`` (pruned, per ``apt.folder.targets``) and
+    ``follows_pattern`` along the tensor's input axis (None where the pattern cannot apply: an N:M pattern
+    on a width that is not a multiple of M)."""
     reader = CheckpointReader(path)
     targets = targets_of_folder(path, pattern)
     pruned = set(targets.tensors)
     rows = []
     for name in reader.names():
         info = reader.info(name)
-        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+        if not info.dtype.is_floating_point or (len(info.shape) != 2 and name not in pruned):
             continue
-        tensor = reader.read(name)
-        applies = not targets.pattern.is_nm or info.shape[1] % targets.pattern.m == 0
+        tensor = as_rows(reader.read(name), targets.axis(name))
+        applies = not targets.pattern.is_nm or tensor.shape[1] % targets.pattern.m == 0
         rows.append(
             {
                 "name": name,

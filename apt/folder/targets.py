@@ -1,35 +1,52 @@
 """Which weights were pruned, and with which pattern: decided here and read by every exporter and benchmark.
 
 A folder written by ``apt-sparse prune`` carries ``prune_report.json``, which lists every layer the run
-pruned (and the checkpoint name of its weight) and the pattern; that is the answer. Any other folder
-(pruned elsewhere) is read through the same family adapter the run uses (``block_groups`` over a
+pruned (and the checkpoint tensors that hold it) and the pattern; that is the answer. Any other folder
+(pruned elsewhere) is read through the same discovery the run uses (``apt.models.discovery`` over a
 skeleton built from its config, no weights read), with the pattern the caller names (2:4 unless told
 otherwise, and then recorded as assumed). Never from a substring of a tensor name.
+
+A pruned tensor is a Linear's weight ``[out, in]``, or holds MoE experts: one expert's piece stored on
+its own (``[out, in]``), or every expert in one 3-D tensor, ``[E, out, in]`` or transposed
+``[E, in, out]``; ``in_axis`` says along which axis of the stored tensor the pattern runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from apt.errors import InvalidInputError
 from apt.folder.report import REPORT_NAME, read_report
-from apt.models.families import block_groups, family_for, find_blocks
+from apt.models.discovery import block_targets
 from apt.models.layered import LayeredModel
 from apt.solver.patterns import Pattern
 
 
 @dataclass(frozen=True)
 class PrunedTargets:
-    """``tensors``: checkpoint names of the pruned weights (``[out, in]`` each); ``pattern``: what they
-    follow along ``in``; ``source``: how this was decided."""
+    """``tensors``: checkpoint names of the pruned tensors; ``pattern``: what they follow along their input
+    axis (``in_axis``, -1 unless said); ``experts``: the tensors that hold MoE experts; ``source``: how this
+    was decided."""
 
     tensors: tuple[str, ...]
     pattern: Pattern
     source: str
+    in_axis: dict[str, int] = field(default_factory=dict)
+    experts: frozenset[str] = frozenset()
+
+    def axis(self, tensor: str) -> int:
+        return self.in_axis.get(tensor, -1)
 
     def as_dict(self) -> dict:
-        return {"pattern": str(self.pattern), "tensors": len(self.tensors), "source": self.source}
+        return {
+            "pattern": str(self.pattern),
+            "tensors": len(self.tensors),
+            "expert_tensors": len(self.experts),
+            "source": self.source,
+        }
 
 
 def targets_of_folder(folder: str | Path, pattern: str | Pattern | None = None) -> PrunedTargets:
@@ -41,39 +58,52 @@ def targets_of_folder(folder: str | Path, pattern: str | Pattern | None = None) 
         reported = Pattern.parse(report.get("pattern") or report["config"]["run"]["solver"]["pattern"])
         if pattern is not None and Pattern.parse(pattern) != reported:
             raise InvalidInputError(f"{report_path} says the pattern is {reported}, not {Pattern.parse(pattern)}")
-        tensors = tuple(r.get("tensor") or f"{r['name']}.weight" for r in report["layers"] if not r["skipped"])
-        return PrunedTargets(tensors, reported, f"{REPORT_NAME}")
+        pieces = [
+            (name, r.get("in_axis", -1), r.get("expert") is not None)
+            for r in report["layers"]
+            if not r["skipped"]
+            for name in (r.get("tensors") or [r.get("tensor") or f"{r['name']}.weight"])
+        ]
+        return _targets(pieces, reported, REPORT_NAME)
     layered = LayeredModel.from_folder(folder)
-    names = [
-        layered.checkpoint_key(f"{name}.weight")
-        for index, block in enumerate(layered.blocks)
-        for group in block_groups(block, layered.family, f"{layered.block_path}.{index}", None, None)
-        for name, _ in group
-    ]
+    pieces = []
+    for index, block in enumerate(layered.blocks):
+        for target in block_targets(block, layered.block_prefix(index)[:-1], layered.config):
+            where = layered.target_tensors(target)
+            axis = where.get("in_axis", -1)
+            pieces += [(name, axis, target.is_expert) for name in where.get("tensors", [where["tensor"]])]
     given = Pattern.parse(pattern or "2:4")
     how = "given" if pattern is not None else "assumed (no prune_report.json)"
-    return PrunedTargets(tuple(names), given, f"{layered.family.name} family adapter; pattern {given} {how}")
+    return _targets(pieces, given, f"discovery in the {layered.layout.name} model; pattern {given} {how}")
 
 
-def target_linears(model, targets: PrunedTargets | None = None) -> list[tuple[str, object]]:
-    """``(module name, Linear)`` of the pruned layers of an in-memory model: the ``targets`` read from its
-    folder, or every layer the family adapter prunes."""
+def _targets(pieces: list[tuple[str, int, bool]], pattern: Pattern, source: str) -> PrunedTargets:
+    names = tuple(dict.fromkeys(name for name, _, _ in pieces))
+    axes = {name: axis for name, axis, _ in pieces if axis != -1}
+    experts = frozenset(name for name, _, expert in pieces if expert)
+    return PrunedTargets(names, pattern, source, axes, experts)
+
+
+def target_linears(model, targets: PrunedTargets | None = None) -> list[tuple[str, torch.nn.Linear]]:
+    """``(module name, Linear)`` of the pruned Linear layers of an in-memory model: the ``targets`` read from
+    its folder, or every Linear discovery prunes. Experts are not Linears and are not listed."""
     if targets is not None:
         modules = dict(model.named_modules())
         found = []
         prefix = getattr(model, "base_model_prefix", "")
         for tensor in targets.tensors:
+            if tensor in targets.experts:
+                continue
             name = tensor.removesuffix(".weight")
             match = next((n for n in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if n in modules), None)
             if match is None:
                 raise InvalidInputError(f"pruned weight {tensor} has no module in this model")
             found.append((match, modules[match]))
         return found
-    family = family_for(model.config)
-    path, blocks = find_blocks(model, family)
+    layered = LayeredModel.resident(model)
     return [
-        pair
-        for index, block in enumerate(blocks)
-        for group in block_groups(block, family, f"{path}.{index}", None, None)
-        for pair in group
+        (target.name, target.module)
+        for index, block in enumerate(layered.blocks)
+        for target in block_targets(block, layered.block_prefix(index)[:-1], model.config)
+        if not target.is_expert
     ]

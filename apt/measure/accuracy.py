@@ -37,7 +37,7 @@ class Accuracy:
     ):
         self.layered = layered
         self.coll = coll or Collective()
-        self.causal = layered.family.causal
+        self.causal = layered.layout.causal
         if self.causal:
             self.windows = token_windows(documents, tokenizer, num_windows, seq_len, seed)
         else:

@@ -23,7 +23,7 @@ class ActivationStore:
     def __init__(self, dtype: torch.dtype, device: str = "cpu", spill_to: str | Path | None = None):
         self.dtype = dtype
         self.device = device if spill_to is None else "cpu"
-        self._kwargs: list[dict] = []
+        self._kwargs: list[list[dict]] = []
         self._shapes: list[tuple[int, ...]] = []
         self._memory: list[torch.Tensor] = []
         self._file = None
@@ -44,7 +44,9 @@ class ActivationStore:
         numel = sum(int(torch.Size(s).numel()) for s in self._shapes)
         return numel * self.dtype.itemsize
 
-    def append(self, hidden: torch.Tensor, kwargs: dict) -> None:
+    def append(self, hidden: torch.Tensor, kwargs: list[dict]) -> None:
+        """One batch: its hidden states and, per block, the keyword arguments the model passes to it (blocks
+        that share them share one dict)."""
         self._kwargs.append(kwargs)
         self._shapes.append(tuple(hidden.shape))
         if self._file is None:
@@ -54,14 +56,15 @@ class ActivationStore:
             self._end += hidden.numel() * self.dtype.itemsize
             self._write(len(self) - 1, hidden)
 
-    def kwargs(self, i: int) -> dict:
-        return self._kwargs[i]
+    def kwargs(self, i: int, block: int) -> dict:
+        """The keyword arguments of batch ``i`` for block ``block`` (masks, position tables)."""
+        return self._kwargs[i][block]
 
     def copy(self) -> ActivationStore:
         """Another store holding the same batches (in a file of its own when this one spills)."""
         other = ActivationStore(self.dtype, self.device, self._spill_to)
         for i in range(len(self)):
-            other.append(self.hidden(i), self.kwargs(i))
+            other.append(self.hidden(i), self._kwargs[i])
         return other
 
     def hidden(self, i: int) -> torch.Tensor:

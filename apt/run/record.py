@@ -28,7 +28,10 @@ def build_report(
             "location": str(folder),
             "gguf_file": source.gguf_file,
             "model_type": layered.config.model_type,
-            "family": layered.family.name,
+            "family": layered.layout.name,
+            "causal": layered.layout.causal,
+            "base_model": source.origin,
+            "layout": layered.layout.how,
         },
         "config": {k: v for k, v in dataclasses.asdict(job).items() if k != "run"}
         | {"run": json.loads(json.dumps(dataclasses.asdict(job.run), default=str))},

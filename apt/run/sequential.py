@@ -1,12 +1,13 @@
 """Sequential calibration: prune a model block by block (SparseGPT §3), one block in memory at a time.
 
-Block 0's full call (hidden states plus keyword arguments: position embeddings, attention masks) is
-captured for every calibration batch; each block then sees the outputs of the already pruned blocks
-before it. For each block: its tensors are read, the Hessian ``H = Σ x xᵀ`` at the input of every
-group of layers that share an input (q/k/v, gate/up) is accumulated, each layer is pruned, the pruned
-weights are rounded to the dtype the checkpoint stores (so later blocks calibrate on exactly the
-model that will be written), the calibration activations are pushed through the pruned block, and
-the caller writes the block out before it is released.
+Every block's full call (hidden states plus keyword arguments: position embeddings, attention masks,
+which differ between sliding-window and global layers) is captured for every calibration batch; each
+block then sees the outputs of the already pruned blocks before it. For each block: its tensors are
+read, its prunable matrices found (``apt.models.discovery``) and grouped by the input they share, the
+Hessian at each group's input accumulated (``apt.run.calibration``), each layer pruned, the pruned
+weights rounded to the dtype the checkpoint stores (so later blocks calibrate on exactly the model
+that will be written), the calibration activations pushed through the pruned block, and the caller
+writes the block out before it is released.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from apt.collective import Collective
-from apt.errors import InvalidInputError
+from apt.errors import InvalidInputError, UnsupportedModelError
 from apt.models.activations import ActivationStore
-from apt.models.families import block_groups
-from apt.models.layered import LayeredModel, _Stop, first_output, give_back_memory, to_device
+from apt.models.discovery import Group, Target, block_targets, find_groups
+from apt.models.layered import LayeredModel, give_back_memory, to_device
+from apt.run.calibration import Statistics, collect, collect_corrected
 from apt.run.config import RunConfig
 from apt.solver import corrected_target, prune_layer
 from apt.solver.patterns import Pattern, conforms, positive_zeros, sparsity_of
@@ -35,115 +37,59 @@ log = logging.getLogger(__name__)
 BlockDone = Callable[[int, list[dict]], None]
 
 
-def layer_plan(layered: LayeredModel, config: RunConfig) -> list[list[list[tuple[str, torch.nn.Linear]]]]:
-    """Per block, the groups of ``(name, Linear)`` to prune; refuses a selection that matches nothing."""
+def layer_plan(layered: LayeredModel, config: RunConfig) -> list[list[Target]]:
+    """Per block, the prunable matrices in module order; refuses a selection that matches nothing."""
     plans = [
-        block_groups(block, layered.family, f"{layered.block_path}.{i}", config.targets, config.ignore)
+        block_targets(block, layered.block_prefix(i)[:-1], layered.config, config.targets, config.ignore)
         for i, block in enumerate(layered.blocks)
     ]
     if not any(plans):
-        raise InvalidInputError(
-            f"no prunable layer matches --targets {config.targets!r} / --ignore {config.ignore!r} in this "
-            f"{layered.family.name} model; its layers are named like "
-            f"{layered.block_path}.0.{layered.family.groups[0][0]}"
+        every = block_targets(layered.blocks[0], layered.block_prefix(0)[:-1], layered.config)
+        if every:
+            raise InvalidInputError(
+                f"no prunable layer matches --targets {config.targets!r} / --ignore {config.ignore!r} in this "
+                f"{layered.layout.name} model; its layers are named like {every[0].name}"
+            )
+        holders = sorted(
+            {type(m).__name__ for m in layered.blocks[0].modules() for p in m.parameters(False) if p.dim() >= 2}
+        )
+        raise UnsupportedModelError(
+            f"{layered.layout.name}: found {len(layered.blocks)} blocks at {layered.block_path} "
+            f"({type(layered.blocks[0]).__name__}) but no nn.Linear or fused experts in them to prune; their "
+            f"weights are in {', '.join(holders) or 'no module'}"
         )
     return plans
 
 
-def collect_hessians(
-    block: torch.nn.Module,
-    store: ActivationStore,
-    groups,
-    device: str,
-    coll: Collective,
-    stop_after_last: bool = True,
-) -> list[torch.Tensor | None]:
-    """One pass of ``block`` over this rank's stored batches; ``H = Σ x xᵀ`` (float32) at the input of each
-    group, summed over ranks. ``None`` where no calibration token reached a group."""
-    hessians: list[torch.Tensor | None] = [None] * len(groups)
-    handles = []
-    for i, group in enumerate(groups):
+class GroupFinder:
+    """The groups of each block, found by one forward pass of its first calibration batch; blocks of the
+    same structure (the same targets under the same relative names) reuse the grouping."""
 
-        def hook(_module, inputs, _output, i=i):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if hessians[i] is None:
-                hessians[i] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            hessians[i].addmm_(x.T, x)
-            if stop_after_last and i == len(groups) - 1:
-                raise _Stop
+    def __init__(self):
+        self._known: dict[tuple, list[tuple[list[str], bool]]] = {}
 
-        handles.append(group[0][1].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(len(store)):
-                try:
-                    block(store.hidden(i).to(device), **to_device(store.kwargs(i), device))
-                except _Stop:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    if coll.world == 1:
-        return hessians
-    reached = torch.tensor([h is not None for h in hessians], dtype=torch.float64)
-    coll.sum_(reached)
-    summed = []
-    for (group, hessian), seen in zip(zip(groups, hessians), reached.tolist()):
-        if not seen:
-            summed.append(None)
-            continue
-        width = group[0][1].in_features
-        summed.append(coll.sum_(hessian if hessian is not None else torch.zeros(width, width, device=device)))
-    return summed
+    def groups(self, layered: LayeredModel, index: int, targets: list[Target], store: ActivationStore) -> list[Group]:
+        prefix = layered.block_prefix(index)
+        relative = {t.name[len(prefix) :]: t for t in targets}
+        signature = tuple((name, type(t.module).__name__, tuple(t.weight.shape)) for name, t in relative.items())
+        if signature not in self._known:
+            block = layered.blocks[index]
 
+            def run():
+                with torch.no_grad():
+                    block(store.hidden(0).to(layered.device), **to_device(store.kwargs(0, index), layered.device))
 
-def collect_corrected(
-    block: torch.nn.Module, store: ActivationStore, dense: ActivationStore, groups, device: str, coll: Collective
-) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """Like ``collect_hessians``, and also ``G = Σ x_d x_pᵀ`` between the dense model's input ``x_d`` to each
-    group (the block, still dense, on the dense model's activations ``dense``) and the pruned model's
-    ``x_p``; ``dense`` is advanced to the block's dense output on the way."""
-    hessians: list[torch.Tensor | None] = [None] * len(groups)
-    crosses: list[torch.Tensor | None] = [None] * len(groups)
-    captured: list[torch.Tensor | None] = [None] * len(groups)
-    phase = {"dense": True}
-    handles = []
-    for i, group in enumerate(groups):
-
-        def hook(_module, inputs, _output, i=i):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if phase["dense"]:
-                captured[i] = x
-                return
-            if hessians[i] is None:
-                hessians[i] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                crosses[i] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            hessians[i].addmm_(x.T, x)
-            crosses[i].addmm_(captured[i].T, x)
-            if i == len(groups) - 1:
-                raise _Stop
-
-        handles.append(group[0][1].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(len(store)):
-                phase["dense"] = True
-                out = first_output(block(dense.hidden(i).to(device), **to_device(dense.kwargs(i), device)))
-                phase["dense"] = False
-                try:
-                    block(store.hidden(i).to(device), **to_device(store.kwargs(i), device))
-                except _Stop:
-                    pass
-                dense.replace(i, out)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if coll.world > 1:  # a rank without batches adds zeros
-        widths = [group[0][1].in_features for group in groups]
-        zeros = lambda w: torch.zeros(w, w, device=device)  # noqa: E731
-        hessians = [coll.sum_(h if h is not None else zeros(w)) for h, w in zip(hessians, widths)]
-        crosses = [coll.sum_(c if c is not None else zeros(w)) for c, w in zip(crosses, widths)]
-    return hessians, crosses
+            found = find_groups(block, targets, run)
+            self._known[signature] = [([t.name[len(prefix) :] for t in g.targets], g.source is not None) for g in found]
+            return found
+        groups = []
+        for names, called in self._known[signature]:
+            members = [relative[n] for n in names]
+            first = members[0]
+            groups.append(
+                Group(members, first.module if called else None, first.expert, first.part if first.is_expert else None)
+            )
+        return groups
 
 
 def prune_blocks(
@@ -162,38 +108,22 @@ def prune_blocks(
     (a copy of ``store`` when ``start`` is 0)."""
     coll = coll or Collective()
     plans = layer_plan(layered, config)
-    n_blocks = len(layered.blocks)
     records: list[dict] = []
-    total = sum(len(g) for plan in plans[start:] for g in plan)
     if config.correction and dense is None:
         if start:
             raise ValueError("error-correcting targets from a later block need the dense model's activations there")
         dense = store.copy()
     elif not config.correction:
         dense = None
-    bar = tqdm(total=total, desc="pruning", unit="layer", disable=None if coll.is_writer else True)
+    finder = GroupFinder()
+    bar = tqdm(
+        total=sum(map(len, plans[start:])), desc="pruning", unit="layer", disable=None if coll.is_writer else True
+    )
     try:
-        for index in range(start, n_blocks):
-            names = layered.parameter_names(layered.block_prefix(index))
-            block = layered.blocks[index]
-            with layered.loaded(names):
-                groups = plans[index]
-                block_records = []
-                if config.true_sequential:
-                    for group in groups:
-                        (hessian,) = collect_hessians(block, store, [group], layered.device, coll)
-                        block_records += prune_group(group, hessian, layered, config, bar, index, coll)
-                else:
-                    if dense is not None:
-                        hessians, crosses = collect_corrected(block, store, dense, groups, layered.device, coll)
-                    else:
-                        hessians = collect_hessians(block, store, groups, layered.device, coll)
-                        crosses = [None] * len(groups)
-                    for i, group in enumerate(groups):
-                        hessian, hessians[i] = hessians[i], None  # freed as soon as its group is pruned
-                        cross, crosses[i] = crosses[i], None
-                        block_records += prune_group(group, hessian, layered, config, bar, index, coll, cross)
-                        del hessian, cross
+        for index in range(start, len(layered.blocks)):
+            with layered.loaded(layered.parameter_names(layered.block_prefix(index))):
+                groups = finder.groups(layered, index, plans[index], store) if plans[index] else []
+                block_records = _prune_block(layered, index, groups, store, dense, config, bar, coll)
                 try:
                     layered.run_block(index, store)
                 except FloatingPointError as err:
@@ -206,24 +136,71 @@ def prune_blocks(
     return records
 
 
+def _prune_block(layered, index, groups: list[Group], store, dense, config: RunConfig, bar, coll) -> list[dict]:
+    """Every group of one block, on Hessians collected in one pass (or, ``true_sequential``, one pass per
+    stage: each Linear group, then each experts module's gate/up, then its down, recollected after the
+    stages before it are pruned)."""
+    block = layered.blocks[index]
+    records = []
+    if config.true_sequential:
+        for stage in _stages(groups):
+            stats = collect(block, index, store, stage, layered.device, coll, True, config.expert_min_tokens)
+            for group, stat in zip(stage, stats):
+                records += prune_group(group, stat, layered, config, bar, index, coll)
+        return records
+    if dense is not None:
+        stats, crosses = collect_corrected(
+            block, index, store, dense, groups, layered.device, coll, config.expert_min_tokens
+        )
+    else:
+        stats = collect(block, index, store, groups, layered.device, coll, True, config.expert_min_tokens)
+        crosses = [None] * len(groups)
+    for i, group in enumerate(groups):
+        stat, stats[i] = stats[i], None  # freed as soon as its group is pruned
+        cross, crosses[i] = crosses[i], None
+        records += prune_group(group, stat, layered, config, bar, index, coll, cross)
+        del stat, cross
+    return records
+
+
+def _stages(groups: list[Group]) -> list[list[Group]]:
+    stages: list[list[Group]] = []
+    for group in groups:
+        if (
+            stages
+            and group.expert is not None
+            and stages[-1][0].source is group.source
+            and (stages[-1][0].part == group.part)
+        ):
+            stages[-1].append(group)
+        else:
+            stages.append([group])
+    return stages
+
+
 def prune_group(
-    group, hessian, layered: LayeredModel, config: RunConfig, bar, index, coll=None, cross=None
+    group: Group, stat: Statistics, layered: LayeredModel, config: RunConfig, bar, index, coll=None, cross=None
 ) -> list[dict]:
     """Prune every layer of one group on its shared Hessian; the layer's weight is replaced in place by the
     pruned one as the checkpoint will store it. A record holds ``name, shape, skipped, nm_valid,
-    sparsity, relative_loss, loss, damp, seconds`` and the solver's stats."""
+    sparsity, relative_loss, loss, damp, seconds`` and the solver's stats; an expert's also its index
+    and the tokens its Hessian came from."""
     coll = coll or Collective()
     records = []
     pattern: Pattern = config.solver.pattern
-    prefix = f"{layered.block_path}.{index}."
-    for position, (name, linear) in enumerate(group):
-        bar.set_description(f"block {index + 1}/{len(layered.blocks)} · {name[len(prefix) :]}")
-        weight = linear.weight.data
-        record = {"name": name, "shape": list(weight.shape), "skipped": None}
+    prefix = layered.block_prefix(index)
+    hessian = stat.hessian
+    for position, target in enumerate(group.targets):
+        bar.set_description(f"block {index + 1}/{len(layered.blocks)} · {target.name[len(prefix) :]}")
+        weight = target.weight
+        record = {"name": target.name, "shape": list(weight.shape), "skipped": None}
+        record |= layered.target_tensors(target)
+        if target.is_expert:
+            record |= {"expert": target.expert, "tokens": stat.tokens, "hessian": stat.rule} | stat.extra
         skip = None
         if pattern.is_nm and weight.shape[1] % pattern.m:
             skip = f"in={weight.shape[1]} is not a multiple of {pattern.m}"
-            log.warning("%s: %s; left dense", name, skip)
+            log.warning("%s: %s; left dense", target.name, skip)
         elif hessian is None:
             skip = "no calibration input reached this layer"
         if skip:
@@ -231,13 +208,14 @@ def prune_group(
             record.update(relative_loss=None, loss=None, damp=None, seconds=0.0)
         else:
             # the group's last layer may damp the shared Hessian in place: nobody reads it afterwards
-            target = weight
+            goal = weight
             if cross is not None:
-                target = corrected_target(weight, hessian, cross, config.correction, config.solver.damp_value)
-            pruned, summary = _solve_rows(name, target, hessian, config, coll, consume=position == len(group) - 1)
+                goal = corrected_target(weight, hessian, cross, config.correction, config.solver.damp_value)
+            last = position == len(group.targets) - 1
+            pruned, summary = _solve_rows(target.name, goal, hessian, config, coll, consume=last)
             # round to the stored dtype now: later blocks calibrate on the model as it will be written
-            stored = positive_zeros(pruned.to(layered.stored_dtype(f"{name}.weight")))
-            linear.weight.data.copy_(stored.to(weight.dtype))
+            stored = positive_zeros(pruned.to(layered.stored_dtype(target.parameter)))
+            weight.copy_(stored.to(weight.dtype))
             record.update(
                 nm_valid=conforms(stored, pattern) if pattern.is_nm else None,
                 sparsity=sparsity_of(stored),

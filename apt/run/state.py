@@ -74,7 +74,7 @@ def start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, jo
         return state
     work.mkdir(parents=True)
     writer.create()
-    block_keys = {layered.checkpoint_key(n) for n in layered.parameter_names(f"{layered.block_path}.")}
+    block_keys = {k for n in layered.parameter_names(f"{layered.block_path}.") for k in layered.checkpoint_keys(n)}
     for key in layered.reader.names():
         if key not in block_keys:  # embeddings, final norm, head, and anything else the source holds
             writer.write(key, layered.reader.read(key))

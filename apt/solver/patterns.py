@@ -100,6 +100,16 @@ def conforms(weight: torch.Tensor, pattern: Pattern) -> bool:
     return bool(((weight == 0).sum(dim=1) >= zeros_needed).all())
 
 
+def as_rows(tensor: torch.Tensor, in_axis: int = -1) -> torch.Tensor:
+    """A pruned tensor as rows ``[rows, in]`` along its input axis: a Linear's ``[out, in]`` as it is, a 3-D
+    experts tensor ``[E, out, in]`` (``in_axis=-1``) or ``[E, in, out]`` (``in_axis=-2``) with its experts'
+    rows stacked."""
+    if tensor.dim() == 2 and in_axis in (-1, 1):
+        return tensor
+    moved = tensor.movedim(in_axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
 def positive_zeros(tensor: torch.Tensor) -> torch.Tensor:
     """The same tensor with every zero stored as ``+0.0``: a stored ``-0.0`` once produced garbage in
     vLLM's sparse path, and a kept weight below a narrow dtype's smallest subnormal rounds to ``-0.0``."""

@@ -81,8 +81,9 @@ def torchrun(*args: str, script: Path | None = None, timeout: int = 300) -> subp
 FAST = ["--num-calibration-samples", "8", "--max-seq-length", "32", "--batch-size", "2", "--num-eval-windows", "4"]
 
 
-def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path):
-    src = save_tiny_model("llama", tmp_path / "src", num_hidden_layers=3)
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])  # DeepSeek-V3: one dense block, then MoE blocks
+def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path, family):
+    src = save_tiny_model(family, tmp_path / "src", num_hidden_layers=3)
     run = torchrun("prune", "--model", str(src), "--out", str(tmp_path / "two"), *FAST)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 ranks (gloo)" in run.stdout and run.stdout.count("all N:M valid: True") == 1  # rank 0 prints
@@ -102,10 +103,12 @@ def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path):
     assert two["totals"]["all_nm_valid"]
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two")
     assert all(is_nm_sparse(m.weight.data) for n, m in model.named_modules() if n.endswith("proj"))
+    assert len(one["layers"]) == len(two["layers"])
     for a, b in zip(one["layers"], two["layers"]):
         # block 0 sees the same inputs on both; later blocks inherit the first mask flips (measured ≤ 2.4 %)
-        tolerance = 1e-3 if ".layers.0." in a["name"] else 5e-2
+        tolerance = 5e-3 if ".layers.0." in a["name"] else 5e-2
         assert a["name"] == b["name"] and b["relative_loss"] == pytest.approx(a["relative_loss"], rel=tolerance)
+        assert a.get("tokens") == b.get("tokens")  # every expert saw the same routed tokens, summed over ranks
     for key in ("dense", "pruned"):
         assert two["accuracy"][key]["perplexity"] == pytest.approx(one["accuracy"][key]["perplexity"], rel=1e-3)
     readers = CheckpointReader(tmp_path / "one"), CheckpointReader(tmp_path / "two")

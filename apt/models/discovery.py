@@ -1,0 +1,297 @@
+"""What to prune, found from the model itself, as llm-compressor finds it.
+
+- **Blocks**: the ``ModuleList`` whose modules are of a class the model names in ``_no_split_modules``
+  (the unit transformers never splits across devices), searched under the text decoder of
+  vision-language wrappers.
+- **Prunable matrices** of a block: every ``nn.Linear``, except routers (they choose experts: a class
+  named ``*Router``, or a ``gate``/``router`` whose outputs are the experts), and every expert of a
+  fused experts module (``apt.models.experts``), each expert's gate/up and down a matrix of its own.
+- **Groups** that share a Hessian: the layers that read the same input tensor, found in one forward
+  pass of the block with a pre-hook on each (``find_groups``): {q, k, v}, {gate, up}, DeepSeek's
+  {q_a_proj, kv_a_proj_with_mqa}, Llama 4's {shared_expert.gate, shared_expert.up}. Each expert is a
+  group of its own, fed the tokens routed to it.
+- **The model's end**: the module(s) after the last block (final norm, LM head), and the causal/encoder
+  question (``config.architectures``).
+
+``apt.models.families`` holds the few overrides discovery needs, each with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from apt.errors import UnsupportedModelError
+from apt.models.experts import PARTS, ExpertsLayout, expert_matrix, experts_layout
+from apt.models.families import OVERRIDES
+
+CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Where a model's parts are: ``block_path`` (dotted path to the blocks' ModuleList), ``causal`` (a
+    language model scored by perplexity, or an encoder scored by its embeddings), ``final`` (dotted
+    paths of the modules applied, in order, to the last block's output), and what transformers does to
+    the logits after the head (``logit_softcap``: Gemma's ``tanh`` capping; ``logit_divisor``: Granite's
+    ``logits_scaling``)."""
+
+    model_type: str
+    block_path: str
+    causal: bool
+    final: tuple[str, ...]
+    logit_softcap: float | None = None
+    logit_divisor: float | None = None
+    how: str = "discovered"
+
+    @property
+    def name(self) -> str:
+        return self.model_type
+
+
+@dataclass
+class Target:
+    """One matrix pruned as a layer: a Linear's weight, or one expert's gate/up or down of a fused experts
+    module. ``name`` is what the report calls it (``model.layers.1.mlp.experts.down_proj[3]`` for an
+    expert); ``parameter`` the model parameter that holds it."""
+
+    name: str
+    module: torch.nn.Module
+    parameter: str
+    expert: int | None = None
+    layout: ExpertsLayout | None = None
+
+    @property
+    def is_expert(self) -> bool:
+        return self.expert is not None
+
+    @property
+    def part(self) -> str:
+        return self.parameter.rpartition(".")[2]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The matrix ``[out, in]``: a view of the parameter (writes go through)."""
+        if self.expert is None:
+            return self.module.weight.data
+        return expert_matrix(self.module, self.layout, self.part, self.expert).data
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def in_axis(self) -> int:
+        """The axis of the stored parameter along which the pattern runs."""
+        return -2 if self.layout is not None and self.layout.transposed else -1
+
+
+@dataclass
+class Group:
+    """Targets that share one Hessian. ``source`` is the module whose input they read: the first Linear
+    of the group, or the experts module (for an expert's gate/up: its routed tokens; for its down: the
+    activations of those tokens)."""
+
+    targets: list[Target]
+    source: torch.nn.Module
+    expert: int | None = None
+    part: str | None = None
+
+
+@dataclass
+class BlockPlan:
+    """A block's prunable targets in module order, and (once ``find_groups`` has run) their groups in the
+    order the block computes them."""
+
+    targets: list[Target]
+    groups: list[Group] = field(default_factory=list)
+
+
+def layout_of(model: torch.nn.Module) -> ModelLayout:
+    """Discover ``model``'s layout (see the module docstring), with the override table applied."""
+    config = model.config
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    override = OVERRIDES.get(model_type)
+    path = override.block_path if override and override.block_path else find_block_path(model)
+    causal = is_causal(config) if not (override and override.causal is not None) else override.causal
+    if override and override.final is not None:
+        final = override.final
+    else:
+        final = find_final(model, path) if causal else ()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    divisor = getattr(config, "logits_scaling", None)
+    return ModelLayout(
+        model_type=model_type,
+        block_path=path,
+        causal=causal,
+        final=final,
+        logit_softcap=float(softcap) if softcap else None,
+        logit_divisor=float(divisor) if divisor and divisor != 1 else None,
+        how=f"discovered, with the {model_type} override ({override.why})" if override else "discovered",
+    )
+
+
+def is_causal(config) -> bool:
+    """A language model unless its checkpoint says it is a bare encoder (``BertModel``)."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any(a.endswith(CAUSAL_ARCHITECTURES) for a in architectures)
+    return not getattr(config, "is_encoder_decoder", False) and getattr(config, "model_type", "") not in (
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "electra",
+        "deberta-v2",
+    )
+
+
+def _no_split_classes(model: torch.nn.Module) -> set[str]:
+    names = getattr(model, "_no_split_modules", None) or ()
+    return {names} if isinstance(names, str) else set(names)
+
+
+def find_block_path(model: torch.nn.Module) -> str:
+    """The dotted path of the ModuleList of repeated blocks (see the module docstring)."""
+    classes = _no_split_classes(model)
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in classes
+    ]
+    if not lists:  # no _no_split_modules: the longest list of modules of one class that hold Linears
+        lists = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.ModuleList)
+            and len(module) > 1
+            and len({type(m) for m in module}) == 1
+            and any(isinstance(m, torch.nn.Linear) for m in module[0].modules())
+        ]
+        lists.sort(key=lambda item: -len(item[1]))
+        lists = lists[:1]
+    if len(lists) > 1:  # a vision-language wrapper lists its vision layers too: keep the text decoder's
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        inside = [(n, m) for n, m in lists if decoder is not model and any(m is x for x in decoder.modules())]
+        lists = inside or lists
+    if len(lists) != 1:
+        found = ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for n, m in lists) or "none"
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: cannot tell which module list holds its blocks (found: {found}; "
+            f"_no_split_modules: {sorted(classes) or 'not set'}): this model needs an entry in apt.models.families"
+        )
+    return lists[0][0]
+
+
+def find_final(model: torch.nn.Module, block_path: str) -> tuple[str, ...]:
+    """The modules applied to the last block's output: the parameterised modules the blocks' parent
+    registers after the blocks (the final norm), then the LM head."""
+    parent_path, _, list_name = block_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    after, seen = [], False
+    for name, child in parent.named_children():
+        if name == list_name:
+            seen = True
+            continue
+        if seen and child is not None and any(True for _ in child.parameters()):
+            if not isinstance(child, torch.nn.Embedding):
+                after.append(f"{parent_path}.{name}" if parent_path else name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        after += [name for name, module in model.named_modules() if module is head][:1]
+    if head is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+    return tuple(after)
+
+
+def _experts_count(config) -> int:
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def is_router(name: str, module: torch.nn.Linear, experts: int) -> bool:
+    """A Linear that chooses experts (or gates a shared expert): never pruned."""
+    if "Router" in type(module).__name__:
+        return True
+    return name.rpartition(".")[2] in ROUTER_NAMES and module.out_features <= max(experts, 1)
+
+
+def block_targets(
+    block: torch.nn.Module, prefix: str, config, targets: str | None = None, ignore: str | None = None
+) -> list[Target]:
+    """The prunable matrices of one block in module order, filtered by the regexes ``targets`` (search,
+    keep matches) and ``ignore`` (search, drop matches) over the full names (an expert's name without
+    its index: ``model.layers.1.mlp.experts.down_proj``)."""
+    experts = _experts_count(config)
+    found = []
+    for name, module in block.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        layout = experts_layout(module)
+        if layout is not None:
+            count = getattr(module, PARTS[0]).shape[0]
+            for part in PARTS:
+                if _selected(f"{full}.{part}", targets, ignore):
+                    found += [
+                        Target(f"{full}.{part}[{e}]", module, f"{full}.{part}", expert=e, layout=layout)
+                        for e in range(count)
+                    ]
+        elif isinstance(module, torch.nn.Linear) and not is_router(name, module, experts):
+            if _selected(full, targets, ignore):
+                found.append(Target(full, module, f"{full}.weight"))
+    return found
+
+
+def _selected(name: str, targets: str | None, ignore: str | None) -> bool:
+    if targets and not re.search(targets, name):
+        return False
+    return not (ignore and re.search(ignore, name))
+
+
+def find_groups(block: torch.nn.Module, targets: list[Target], run) -> list[Group]:
+    """Group ``targets`` by the input they read, in the order the block computes them: one forward pass
+    (``run()``, which calls the block once) with a pre-hook on every Linear target and experts module.
+    The inputs are kept alive until the pass ends, so a freed tensor's reused address never merges two
+    inputs. A Linear the block never calls (Mamba's ``dt_proj``, whose weight it reads directly) ends
+    the list in a group without a source: no calibration input reaches it."""
+    linear = {id(t.module): t for t in targets if not t.is_expert}
+    experts: dict[int, list[Target]] = {}
+    for t in targets:
+        if t.is_expert:
+            experts.setdefault(id(t.module), []).append(t)
+    seen: list[tuple[torch.nn.Module, object]] = []
+
+    def hook(module, args, kwargs):
+        seen.append((module, args[0] if args else next(iter(kwargs.values()), None)))
+
+    modules = {id(t.module): t.module for t in targets}
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules.values()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[Group] = []
+    by_input: dict[int, Group] = {}
+    called = set()
+    for module, x in seen:
+        if id(module) in called:
+            continue  # a module called twice keeps its first place
+        called.add(id(module))
+        if id(module) in experts:
+            for part in PARTS:
+                groups += [Group([t], module, t.expert, part) for t in experts[id(module)] if t.part == part]
+            continue
+        group = by_input.get(id(x))
+        if group is None:
+            group = by_input[id(x)] = Group([], module)
+            groups.append(group)
+        group.targets.append(linear[id(module)])
+    seen.clear()  # the inputs were kept alive until here
+    groups += [Group([t], None) for t in targets if id(t.module) not in called]
+    return groups

@@ -1,0 +1,134 @@
+"""Every family a user deploys, found from the model itself: a tiny random model of each type is pruned by
+the streaming run, and the folder must be exactly what the same run computes on the model held in memory,
+load in transformers with that model's logits, keep every discovered target on the pattern (experts
+included) and leave routers, norms and embeddings untouched; its streamed evaluation must equal the
+in-memory model's."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from apt.folder.inspect import inspect_checkpoint
+from apt.folder.report import REPORT_NAME
+from apt.measure.evaluate import (
+    perplexity,
+    sentence_embeddings,
+    streaming_perplexity,
+    streaming_sentence_embeddings,
+    text_batches,
+)
+from apt.models.checkpoint import CheckpointReader
+from apt.models.layered import LayeredModel
+from apt.models.loading import load_tokenizer
+from apt.run import PruneJob, RunConfig, prune_model
+from apt.run.sequential import calibrate_and_prune
+from apt.solver.patterns import as_rows, is_nm_sparse
+from apt.text.sources import load_text, token_windows
+
+from ..tiny_models import CONFIGS, MOE, save_tiny_model
+
+RUN = RunConfig(batch_size=2)
+FAST = dict(num_calibration_samples=4, max_seq_length=32, num_eval_windows=2)
+# what discovery must find in each tiny model: (pruned matrices, of which MoE experts)
+EXPECTED = {
+    "llama": (14, 0),
+    "qwen2": (14, 0),
+    "mistral": (14, 0),
+    "qwen3": (14, 0),
+    "granite": (14, 0),
+    "olmo2": (14, 0),
+    "gemma3_text": (14, 0),
+    "phi3": (8, 0),  # qkv_proj, o_proj, gate_up_proj, down_proj
+    "opt": (12, 0),
+    "bert": (12, 0),
+    "mamba": (6, 0),  # in_proj, x_proj, out_proj; dt_proj (input 6 wide) is skipped
+    "qwen3_moe": (19, 8),  # dense block 7, MoE block: attention 4 + 4 experts × (gate/up, down)
+    "mixtral": (24, 16),
+    "llama4_text": (22, 8),  # MoE block: attention 4 + shared expert 3 + experts 8; the router stays dense
+    "deepseek_v3": (24, 8),  # latent attention 5 per block; dense MLP 3; shared expert 3 + experts 8
+    "gpt_oss": (24, 16),
+}
+
+
+def load_whole(folder, family):
+    cls = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_every_tiny_family_is_listed():
+    assert set(EXPECTED) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path, family):
+    src = save_tiny_model(family, tmp_path / "src")
+    out = tmp_path / "out"
+    report = prune_model(PruneJob(model=str(src), out=str(out), run=RUN, **FAST))
+    pruned = [r for r in report["layers"] if not r["skipped"]]
+    assert (len(pruned), sum(r.get("expert") is not None for r in pruned)) == EXPECTED[family]
+    assert all(r["nm_valid"] for r in pruned) and report["totals"]["target_sparsity"] >= 0.5
+    assert report["model"]["family"] == (CONFIGS[family]().model_type)
+    if family == "mamba":  # Mamba reads dt_proj's weight without calling it; its input is 6 wide anyway
+        skipped = [r for r in report["layers"] if r["skipped"]]
+        assert {r["name"].split(".")[-1] for r in skipped} == {"dt_proj"}
+        assert all("not a multiple of 4" in r["skipped"] for r in skipped)
+
+    # the same run on the model held whole in memory writes exactly these tensors
+    model = load_whole(src, family)
+    tokenizer = load_tokenizer(src)
+    windows = token_windows(load_text("stdlib").calibration, tokenizer, 4, 32, 0)
+    calibrate_and_prune(model, windows, RUN)
+    reloaded = load_whole(out, family)
+    state, written, source = model.state_dict(), reloaded.state_dict(), CheckpointReader(src)
+    assert state.keys() == written.keys()
+    for name in state:
+        assert torch.equal(state[name], written[name]), name
+    output = CheckpointReader(out)
+    assert output.names() == source.names()  # the checkpoint's own names (per-expert or fused), order, dtypes
+    assert all(output.info(n).dtype == source.info(n).dtype for n in source.names())
+
+    # the output loads in transformers and gives the logits of the pruned model the run computed
+    ids = windows[:2]
+    with torch.no_grad():
+        if family == "bert":
+            torch.testing.assert_close(
+                reloaded(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state
+            )
+        else:
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+    # every discovered target follows 2:4 along its input axis; nothing else changed
+    targets = {t for r in pruned for t in (r.get("tensors") or [r["tensor"]])}
+    axes = {t: r.get("in_axis", -1) for r in pruned for t in (r.get("tensors") or [r["tensor"]])}
+    for name in source.names():
+        before, after = source.read(name), output.read(name)
+        if name in targets:
+            assert is_nm_sparse(as_rows(after, axes[name]), 2, 4), name
+        else:
+            assert torch.equal(before, after), f"{name} is not a pruning target but changed"
+    routers = [n for n in source.names() if n.endswith(("mlp.gate.weight", "router.weight", "moe.gate.weight"))]
+    assert (family in MOE) == bool(routers) and not set(routers) & targets
+    summary = inspect_checkpoint(out)
+    rows = {r["name"]: r for r in summary["tensors"]}
+    assert summary["targets_from"] == REPORT_NAME and all(rows[t]["follows_pattern"] for t in targets)
+
+    # streamed evaluation equals the in-memory model's (blocks, final norm and head found by discovery)
+    dense, layered = load_whole(src, family), LayeredModel.from_folder(src)
+    docs = load_text("stdlib").evaluation
+    if family == "bert":
+        batches = text_batches(tokenizer, docs[:12], batch_size=5)
+        torch.testing.assert_close(
+            streaming_sentence_embeddings(layered, batches), sentence_embeddings(dense, batches), rtol=0, atol=1e-6
+        )
+    else:
+        held_out = token_windows(docs, tokenizer, 4, 32)
+        streamed = streaming_perplexity(layered, held_out)
+        assert streamed["perplexity"] == pytest.approx(perplexity(dense, held_out)["perplexity"], rel=1e-6)
+    accuracy = json.loads((out / REPORT_NAME).read_text())["accuracy"]
+    if family == "bert":
+        assert accuracy["metric"] == "embedding_cosine" and 0 < accuracy["pruned"]["embedding_cosine"] <= 1
+        assert 0 <= accuracy["dense"]["retrieval_top1"] <= 1 and "embedding_cosine" not in accuracy["dense"]
+    else:
+        assert accuracy["metric"] == "perplexity" and accuracy["pruned"]["perplexity"] > 1
