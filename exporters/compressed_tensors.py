@@ -26,53 +26,13 @@ from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError
 from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
 from apt.models.portable import copy_side_files, write_config
-from exporters.common import check_pattern, only_2_4, open_pruned, write_manifest
-from exporters.vllm import DTYPES, cast_for_export, plain_config
+from exporters.common import check_pattern, check_space, only_2_4, open_pruned, write_manifest
+from exporters.vllm import DTYPES, _vllm_loaded, cast_for_export, plain_config, plugin_targets
+from serving.bitmask import FORMAT, PARTS, compress_24, decompress_24
 
-FORMAT = "sparse-24-bitmask"
-PARTS = ("compressed", "bitmask", "shape")
 LEGACY_LOADER = "compressed-tensors 0.14.0.1"
 accepts = only_2_4("the sparse-24-bitmask format and vLLM's CUTLASS kernels hold 2:4 only")
-
-
-def keep_mask_24(weight: torch.Tensor) -> torch.Tensor:
-    """Exactly 2 kept slots per group of 4 along the input dimension: the two largest |w|, ties to the left."""
-    rows, cols = weight.shape
-    groups = weight.abs().float().reshape(rows, cols // 4, 4)
-    order = groups.argsort(dim=-1, descending=True, stable=True)[..., :2]
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).reshape(rows, cols)
-
-
-def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
-    """bool ``[rows, cols]`` → uint8 ``[rows, ceil(cols/8)]``, little-endian bit order."""
-    rows, cols = mask.shape
-    padded = torch.zeros(rows, (cols + 7) // 8 * 8, dtype=torch.uint8)
-    padded[:, :cols] = mask.to(torch.uint8)
-    weights = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.uint8)
-    return (padded.view(rows, -1, 8) * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
-
-
-def unpack_bitmask(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    bits = (packed.unsqueeze(-1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
-
-
-def compress_24(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    rows, cols = weight.shape
-    mask = keep_mask_24(weight)
-    return {
-        "compressed": weight[mask].reshape(rows, cols // 2).contiguous(),
-        "bitmask": pack_bitmask(mask),
-        "shape": torch.tensor([rows, cols], dtype=torch.int64).reshape(2, 1),
-    }
-
-
-def decompress_24(compressed: torch.Tensor, bitmask: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    rows, cols = (int(v) for v in shape.reshape(-1).tolist())
-    mask = unpack_bitmask(bitmask, cols)
-    out = torch.zeros(rows, cols, dtype=compressed.dtype)
-    out[mask] = compressed.reshape(-1)
-    return out
+EXPERTS = "the format compresses Linear weights; vLLM 0.6.5–0.19.0, which read it, ran MoE experts dense"
 
 
 def _planned(name: str, tensor_dtype: torch.dtype, shape: tuple[int, ...], targets: set[str]) -> list[PlannedTensor]:
@@ -114,13 +74,19 @@ def compression_config(targets: set[str], dense_2d: list[str], sparsity: float) 
 
 
 def export_compressed_tensors(
-    src: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False, max_shard_size: str = "5GB"
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+    vllm_check: bool | None = None,
 ) -> dict:
     if dtype not in DTYPES:
         raise InvalidInputError(f"compressed-tensors export dtype must be float16 or bfloat16, got {dtype!r}")
-    source = open_pruned(src, "compressed-tensors", accepts)
+    source = open_pruned(src, "compressed-tensors", accepts, experts=EXPERTS)
     layers = check_pattern(source)
     reader, target_dtype = source.reader, DTYPES[dtype]
+    check_space(out, source, target_dtype.itemsize * 0.6)
     targets = set(source.targets.tensors)
     out_dtype = {
         n: target_dtype if reader.info(n).dtype.is_floating_point else reader.info(n).dtype for n in reader.names()
@@ -147,7 +113,7 @@ def export_compressed_tensors(
         validation = {
             "round_trip_bit_exact": _round_trip(read_bitmask_folder(tmp), reader, out_dtype, "the project's decoder"),
             "compressed_tensors_loader": legacy_loader_check(tmp, reader, out_dtype),
-            "vllm_loaded": "not measured: vLLM 0.6.5–0.19.0 with a Hopper GPU is not available here",
+            "vllm_loaded": _vllm_loaded(tmp, source, target_dtype, plugin_targets(source), vllm_check, None),
         }
         size = {
             "bytes_on_disk": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),

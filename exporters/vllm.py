@@ -17,8 +17,11 @@ from apt.atomic import atomic_directory
 from apt.errors import InvalidInputError
 from apt.models.checkpoint import PlannedTensor, ShardedWriter, parse_size
 from apt.models.portable import copy_side_files, write_config
-from apt.solver.patterns import conforms, positive_zeros
-from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
+from apt.solver.patterns import as_rows, conforms, positive_zeros
+from exporters.common import PrunedSource, check_pattern, check_space, open_pruned, write_manifest
+from exporters.consumers import vllm_check, vllm_not_measured
+from serving.vllm_plugin import SIDE_FILE
+from serving.vllm_run import vllm_python
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,8 +43,16 @@ def cast_for_export(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def export_vllm(
-    src: str | Path, out: str | Path, dtype: str = "float16", overwrite: bool = False, max_shard_size: str = "5GB"
+    src: str | Path,
+    out: str | Path,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+    vllm_check: bool | None = None,
 ) -> dict:
+    """Plain weights for current vLLM, with ``apt_sparse_24.json`` beside them (the plugin's list of pruned
+    layers, 2:4 only). ``vllm_check``: load the folder in vLLM through the plugin and compare its greedy
+    tokens with transformers' (default: where an environment with vLLM exists)."""
     from safetensors import safe_open
 
     if dtype not in DTYPES:
@@ -49,6 +60,7 @@ def export_vllm(
     source = open_pruned(src, "vllm")
     layers = check_pattern(source)
     reader, target_dtype = source.reader, DTYPES[dtype]
+    check_space(out, source, target_dtype.itemsize)
     plan = [
         PlannedTensor(
             n, target_dtype if reader.info(n).dtype.is_floating_point else reader.info(n).dtype, reader.info(n).shape
@@ -63,7 +75,11 @@ def export_vllm(
         writer.write_index()
         write_config(plain_config(source.config, dtype), tmp)
         copy_side_files(source.folder, tmp)
+        linears = plugin_targets(source)
+        if (source.targets.pattern.n, source.targets.pattern.m) == (2, 4):
+            (tmp / SIDE_FILE).write_text(json.dumps(side_file(linears), indent=2) + "\n")
         validation = _validate(tmp, source, target_dtype, safe_open)
+        validation["vllm_loaded"] = _vllm_loaded(tmp, source, target_dtype, linears, vllm_check, "apt_sparse_24")
         return write_manifest(
             tmp, source=source, target="vllm", layers=layers, validation=validation, extra={"dtype": dtype}
         )
@@ -83,7 +99,9 @@ def _validate(folder: Path, source: PrunedSource, dtype: torch.dtype, safe_open)
                 if not torch.equal(written, cast_for_export(source.reader.read(name), dtype)):
                     raise InvalidInputError(f"the written {name} differs from the source: the vLLM export failed")
                 matched += 1
-                pattern_kept += name in targets and conforms(written, source.targets.pattern)
+                pattern_kept += name in targets and conforms(
+                    as_rows(written, source.targets.axis(name)), source.targets.pattern
+                )
     if matched != len(source.reader.names()) or pattern_kept != len(targets):
         raise InvalidInputError(
             f"the vLLM folder holds {matched} of {len(source.reader.names())} tensors, "
@@ -96,5 +114,28 @@ def _validate(folder: Path, source: PrunedSource, dtype: torch.dtype, safe_open)
         "tensors_match_source": matched,
         "pruned_tensors_in_pattern": pattern_kept,
         "config_loads_without_sparsity_config": True,
-        "vllm_loaded": "not measured: vLLM is not installed here (it needs a GPU)",
     }
+
+
+def plugin_targets(source: PrunedSource) -> set[str]:
+    """The pruned Linear modules (checkpoint names): what the vLLM plugin serves. MoE experts are vLLM's
+    fused-MoE layers, which it serves dense."""
+    return {t.removesuffix(".weight") for t in source.targets.tensors if t not in source.targets.experts}
+
+
+def side_file(linears: set[str]) -> dict:
+    """``apt_sparse_24.json``: what the vLLM plugin reads when asked (``--quantization apt_sparse_24``)."""
+    return {"format": "dense", "pattern": "2:4", "targets": sorted(linears), "ignore": ["lm_head"]}
+
+
+def _vllm_loaded(folder: Path, source: PrunedSource, dtype, linears: set[str], wanted, quantization) -> dict | str:
+    if wanted is False:
+        return "not measured: not asked (vllm_check off)"
+    if vllm_python() is None:
+        if wanted:
+            raise InvalidInputError(vllm_not_measured().removeprefix("not measured: "))
+        return vllm_not_measured()
+    if (source.targets.pattern.n, source.targets.pattern.m) != (2, 4):
+        quantization = None  # the plugin serves 2:4; any other pattern is checked as vLLM's plain model
+        linears = set()
+    return vllm_check(folder, source.folder, dtype, linears, quantization)

@@ -4,6 +4,8 @@
 - ``torch-sparse-cusparselt`` / ``torch-sparse-cutlass``: PyTorch's semi-structured 2:4 tensors
   (``serving.kernels``); CUDA compute capability ≥ 8.0, fp16/bf16 (and int8).
 - ``onnxruntime``: the exported ONNX graph in ONNX Runtime (dense kernels; CUDA provider where present).
+- ``vllm``: the dense folder in vLLM against the pruned one served by the ``apt_sparse_24`` plugin
+  (``serving.vllm_run bench``: prefill latency and decode tokens/s at batch 1, 8 and 64).
 - ``tensorrt``: a TensorRT engine built with ``SPARSE_WEIGHTS``.
 """
 
@@ -31,6 +33,16 @@ def onnxruntime_backend() -> Availability:
     return Availability(True, f"onnxruntime {onnxruntime.__version__}, providers {', '.join(providers)}; dense kernels")
 
 
+def vllm_backend() -> Availability:
+    from serving.vllm_run import vllm_python
+
+    python = vllm_python()
+    if python is None:
+        return Availability(False, "no environment with vLLM (set APT_SPARSE_VLLM_PYTHON, or make install)")
+    where = "CPU: the plugin computes dense there" if not torch.cuda.is_available() else "GPU"
+    return Availability(True, f"vLLM at {python}, dense vs the apt_sparse_24 plugin; {where}")
+
+
 def tensorrt_backend() -> Availability:
     if importlib.util.find_spec("tensorrt") is None:
         return Availability(False, "the tensorrt package is not installed (and it needs an NVIDIA GPU)")
@@ -44,6 +56,7 @@ BACKENDS = {
     "torch-sparse-cusparselt": cusparselt,
     "torch-sparse-cutlass": cutlass,
     "onnxruntime": onnxruntime_backend,
+    "vllm": vllm_backend,
     "tensorrt": tensorrt_backend,
 }
 

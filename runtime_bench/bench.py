@@ -3,10 +3,11 @@
 ``run_bench`` is given how to obtain the dense and the pruned model (a folder, or a function that
 builds one) and loads each itself, one at a time, so it never converts a model its caller holds.
 
-``results.json`` (schema ``apt-sparse/bench-results/2``):
+``results.json`` (schema ``apt-sparse/bench-results/3``):
 
 - ``created``, ``machine`` (platform, CPU, threads, GPU name and driver/CUDA where present, library versions)
 - ``backends``: ``{name: {available, reason}}`` for every registered backend
+- ``sparse_kernels``: whether a 2:4 kernel ran here at all (``ran``), and why not
 - ``gemm``: ``dtype``, ``device``, ``ceiling`` (2.0), ``sparse_backends`` (those measured), ``records`` —
   per ``shape``/``in``/``out``/``m``: ``dense_ms`` {median, min, max, n} and per measured sparse
   backend ``{ms, speedup, max_abs_diff}``
@@ -27,11 +28,13 @@ import gc
 import os
 import platform
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from apt.errors import InvalidInputError
 from apt.folder.targets import PrunedTargets
 from runtime_bench.backends import BACKENDS, availability
 from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency
@@ -45,7 +48,7 @@ from runtime_bench.gemm import (
 )
 from serving.decode_safe import make_decode_safe
 
-SCHEMA = "apt-sparse/bench-results/2"
+SCHEMA = "apt-sparse/bench-results/3"
 ModelSpec = "str | Path | Callable[[], torch.nn.Module]"
 
 
@@ -61,6 +64,9 @@ class BenchConfig:
     sparse_backend: str = "torch-sparse-cusparselt"
     not_measured: dict = field(default_factory=dict)  # extra {what: reason} from the caller (exports)
     backends: tuple[str, ...] | None = None  # None: every registered backend; torch-dense always runs
+    # where no 2:4 kernel runs, the sweep shrinks to this dense reference at the model's own shapes
+    dense_reference_ms: tuple[int, ...] = (1, 128, 2048)
+    vllm_batches: tuple[int, ...] = (1, 8, 64)
 
     def runs(self, backend: str) -> bool:
         return backend == "torch-dense" or self.backends is None or backend in self.backends
@@ -172,22 +178,47 @@ def run_bench(
     pruning: dict | None = None,
     targets: PrunedTargets | None = None,
 ) -> dict:
-    """Measure everything this machine can measure for the pruned model against the dense one."""
+    """Measure everything this machine can measure for the pruned model against the dense one. Where no
+    2:4 kernel runs (a CPU, an older GPU) that is said once (``sparse_kernels``) and the GEMM sweep
+    shrinks to a dense reference at the model's own shapes: timing dense kernels at Llama-3-8B's
+    shapes tells nothing about 2:4."""
     not_measured = dict(config.not_measured)
+    kernel = BACKENDS[config.sparse_backend]()
+    if not (kernel.available and config.device.startswith("cuda")):
+        why = (
+            f"{config.sparse_backend} cannot run here (see Backends)"
+            if not kernel.available
+            else "the device is the CPU"
+        )
+        config = replace(config, gemm_ms=config.dense_reference_ms, gemm_repeats=min(config.gemm_repeats, 5))
+        config = replace(config, llama_shapes=False)
+        not_measured["2:4 kernels"] = f"{why}: every table below is dense kernels; the GEMM sweep is a dense reference"
     e2e = {"prefill": [], "decode": []}
-
-    model = load_bench_model(dense, config)
-    for kind, rows in _e2e_rows(model, "dense", "torch-dense", config).items():
-        e2e[kind] += rows
-    _release(model)
-
-    gemm, thresholds, decode_safe, vocab = _pruned_section(pruned, config, targets, e2e, not_measured)
-    _artifact_section(onnx_path, vocab, config, e2e, not_measured)
+    phases = tqdm(total=4, desc="bench", unit="phase", disable=None)
+    try:
+        phases.set_description("bench · dense model end to end")
+        model = load_bench_model(dense, config)
+        for kind, rows in _e2e_rows(model, "dense", "torch-dense", config).items():
+            e2e[kind] += rows
+        _release(model)
+        phases.update()
+        phases.set_description("bench · pruned model: GEMM at its shapes, end to end")
+        gemm, thresholds, decode_safe, vocab = _pruned_section(pruned, config, targets, e2e, not_measured)
+        phases.update()
+        phases.set_description("bench · exported artifacts")
+        _artifact_section(onnx_path, vocab, config, e2e, not_measured)
+        phases.update()
+        phases.set_description("bench · vLLM, dense and through the plugin")
+        _vllm_section(dense, pruned, config, e2e, not_measured)
+        phases.update()
+    finally:
+        phases.close()
     return {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "backends": availability(),
+        "sparse_kernels": kernel.as_dict() | ({"ran": "2:4 kernels" not in not_measured}),
         "gemm": gemm,
         "thresholds": thresholds,
         "decode_safe": decode_safe,
@@ -196,6 +227,47 @@ def run_bench(
         "pruning": pruning or {},
         "not_measured": not_measured,
     }
+
+
+def _vllm_section(dense: ModelSpec, pruned: ModelSpec, config: BenchConfig, e2e: dict, not_measured: dict) -> None:
+    """The dense folder in vLLM, and the pruned folder served through the apt_sparse_24 plugin."""
+    status = BACKENDS["vllm"]()
+    if not config.runs("vllm"):
+        not_measured["vllm end to end"] = "not selected (--backends)"
+    elif not status.available:
+        not_measured["vllm end to end"] = status.reason
+    elif callable(dense) or callable(pruned):
+        not_measured["vllm end to end"] = "vLLM loads folders: these models were built in memory"
+    else:
+        try:
+            rows = vllm_rows(Path(dense), Path(pruned), config)
+        except InvalidInputError as err:  # a model this vLLM cannot run (e.g. a head size its CPU build lacks)
+            not_measured["vllm end to end"] = str(err)
+            return
+        for kind in ("prefill", "decode"):
+            e2e[kind] += rows[kind]
+
+
+def vllm_rows(dense: Path, pruned: Path, config: BenchConfig, tokenizer: bool = True) -> dict:
+    """e2e rows of the dense folder in vLLM and of the pruned folder served through the apt_sparse_24
+    plugin: prefill latency (ms) and decode throughput (tokens/s) at ``config.vllm_batches``."""
+    from serving.vllm_run import run_vllm
+
+    batches = ",".join(str(b) for b in config.vllm_batches)
+    rows = {"prefill": [], "decode": []}
+    for label, folder, quantization in (("dense", dense, None), ("pruned", pruned, "apt_sparse_24")):
+        command = ["bench", str(folder), "--batches", batches, "--repeats", str(max(1, config.e2e_repeats // 2))]
+        command += (["--quantization", quantization] if quantization else []) + (
+            [] if tokenizer else ["--no-tokenizer"]
+        )
+        answer = run_vllm(command)
+        backend = "vllm" + (" + apt_sparse_24 plugin" if quantization else "")
+        for row in answer["rows"]:
+            common = {"model": label, "backend": backend, "batch": row["batch"]}
+            rows["prefill"].append(common | {"seq": row["prompt"], "result": row["prefill_ms"]})
+            decode = {"prompt": row["prompt"], "new_tokens": row["new_tokens"], "result": row["decode_tokens_per_s"]}
+            rows["decode"].append(common | decode)
+    return rows
 
 
 def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, e2e: dict, not_measured: dict):
@@ -256,6 +328,7 @@ def validate_results(results: dict) -> None:
         "created",
         "machine",
         "backends",
+        "sparse_kernels",
         "gemm",
         "thresholds",
         "decode_safe",

@@ -6,6 +6,7 @@ and max over repeats.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -48,15 +49,17 @@ def prefill_latency(model, batch: int, seq: int, device: str, repeats: int = 5, 
 def decode_throughput(model, batch: int, prompt: int, new_tokens: int, device: str, repeats: int = 3) -> dict:
     """Generated tokens per second (greedy, KV cache) after a ``batch × prompt`` prefill."""
     ids = _ids(model, batch, prompt).to(device)
+    # transformers 5 calls the KV cache `cache` (`past_key_values` is deprecated); 4.x `past_key_values`
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     samples = []
     for r in range(repeats + 1):  # the first run warms up
         out = model(input_ids=ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{key: past})
+            past, token = getattr(out, key), out.logits[:, -1:].argmax(-1)
         _sync(device)
         if r:
             samples.append(batch * new_tokens / (time.perf_counter() - start))

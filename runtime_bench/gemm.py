@@ -19,6 +19,7 @@ from apt.folder.targets import PrunedTargets, target_linears
 from apt.solver import select_mask
 from apt.solver.patterns import Pattern
 from runtime_bench.backends import BACKENDS
+from serving.decode_safe import MARGIN, threshold_from
 from serving.kernels import to_sparse
 
 # (label, in = K, out = N)
@@ -162,21 +163,11 @@ def _time_linear(x, weight, sparse_weights: dict, skipped: dict, config: GemmCon
     return record
 
 
-def sparse_thresholds(gemm: dict, backend: str, margin: float = 1.02) -> dict[str, int | None]:
-    """Per shape, the smallest measured M from which the sparse backend beat dense by ``margin`` at every
-    larger measured M; ``None`` where it never did (or was not measured): that shape stays dense."""
+def sparse_thresholds(gemm: dict, backend: str, margin: float = MARGIN) -> dict[str, int | None]:
+    """Per ``"{in}x{out}"`` shape, the decode-safe threshold of ``backend`` (``serving.decode_safe.threshold_from``)."""
     by_shape: dict[str, list[tuple[int, float | None]]] = {}
     for r in gemm["records"]:
         entry = r.get(backend)
         speedup = entry["speedup"] if isinstance(entry, dict) else None
         by_shape.setdefault(f"{r['in']}x{r['out']}", []).append((r["m"], speedup))
-    thresholds = {}
-    for shape, points in by_shape.items():
-        points.sort()
-        threshold = None
-        for m, speedup in reversed(points):
-            if speedup is None or speedup < margin:
-                break
-            threshold = m
-        thresholds[shape] = threshold
-    return thresholds
+    return {shape: threshold_from(points, margin) for shape, points in by_shape.items()}

@@ -5,7 +5,8 @@
 1. The GPU tests (``pytest -m gpu``): decode-safe linear on both paths, TensorRT where installed.
 2. GEMM sweep dense vs 2:4 (cuSPARSELt and CUTLASS, fp16) at SmolLM2-135M's and Llama-3-8B's shapes,
    M from 1 to 8192; per-shape thresholds for the decode-safe linear.
-3. End to end: prefill latency and decode tokens/s, dense vs 2:4 (decode-safe), on random-init models
+3. End to end: prefill latency and decode tokens/s, dense vs 2:4 (decode-safe; and vLLM dense vs the
+   apt_sparse_24 plugin where the machine has vLLM), on random-init models
    with SmolLM2-135M's config and with Llama-3-8B's layer shapes (4 layers). Kernel speed depends on
    shapes and on the 2:4 pattern, not on the weight values, so these need no checkpoint (the GPU
    machine cannot fetch one); accuracy is measured on CPU by the demo and the method comparison.
@@ -18,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +28,8 @@ import torch
 from apt.atomic import write_json_atomic
 from apt.solver import select_mask
 from apt.solver.patterns import Pattern
-from runtime_bench.bench import BenchConfig, run_bench, validate_results
+from runtime_bench.backends import BACKENDS
+from runtime_bench.bench import BenchConfig, run_bench, validate_results, vllm_rows
 from runtime_bench.report import render_report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,6 +70,22 @@ def random_model(config: dict, pruned: bool):
                 if isinstance(module, torch.nn.Linear):
                     module.weight.mul_(select_mask(module.weight.abs().float(), Pattern(2, 4)))
     return model
+
+
+def _with_vllm(results: dict, shape: dict, config: BenchConfig) -> None:
+    """vLLM, dense and through the apt_sparse_24 plugin, on the same random models saved as folders, where
+    the GPU machine has vLLM (its rows join the end-to-end table); said once where it has not."""
+    status = BACKENDS["vllm"]()
+    if not status.available:
+        results["not_measured"]["vllm end to end"] = status.reason
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, pruned in (("dense", False), ("pruned", True)):
+            random_model(shape, pruned).save_pretrained(Path(tmp) / name)
+        rows = vllm_rows(Path(tmp) / "dense", Path(tmp) / "pruned", config, tokenizer=False)
+    for kind in ("prefill", "decode"):
+        results["e2e"][kind] += rows[kind]
+    results["not_measured"].pop("vllm end to end", None)
 
 
 def gpu_tests() -> dict:
@@ -115,11 +134,13 @@ def main(argv=None) -> None:
             ),
         ),
     }
+    said: set[str] = set()
     for label, (shape, config) in runs.items():
         results = run_bench(
             config, lambda shape=shape: random_model(shape, False), lambda shape=shape: random_model(shape, True)
         )
         results["model_note"] = f"random-init {label}, block Linears pruned 2:4 by magnitude: speed only"
+        _with_vllm(results, shape, config)
         validate_results(results)
         folder = out / label
         folder.mkdir(exist_ok=True)
@@ -139,7 +160,9 @@ def main(argv=None) -> None:
                 flush=True,
             )
         for what, reason in results["not_measured"].items():
-            print(f"  not measured: {what}: {reason}", flush=True)
+            if what not in said:  # a reason shared by every run is printed once
+                print(f"  not measured: {what}: {reason}", flush=True)
+                said.add(what)
         torch.cuda.empty_cache()
     summary["seconds"] = time.perf_counter() - started
     write_json_atomic(out / "summary.json", summary)

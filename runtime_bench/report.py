@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from apt.atomic import writing
 
 
 def _plt():
@@ -50,7 +53,7 @@ def plot_gemm(results: dict, path: Path) -> None:
     ax.set_xlabel("M (tokens)")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -72,7 +75,7 @@ def plot_e2e(results: dict, path: Path) -> None:
     ax.set_ylabel("prefill latency (ms, median; bars min–max)")
     ax.set_title("End-to-end prefill latency (measured rows only)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -91,7 +94,7 @@ def plot_accuracy(results: dict, path: Path) -> None:
     ax.set_ylabel(acc.get("metric") or "accuracy")
     ax.set_title("Held-out accuracy per pruning method (2:4)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -107,7 +110,7 @@ def plot_layer_loss(results: dict, path: Path) -> None:
     ax.set_title("Per-layer relative loss by method")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -120,6 +123,16 @@ def _header(results: dict) -> list[str]:
         f"Created {results['created']} on {m['platform']} ({m['processor']}, {m['torch_threads']} threads), "
         f"GPU: {gpu}; torch {m['torch']}, transformers {m['transformers']}, onnxruntime {m['onnxruntime']}.",
         *([f"Made by `{results['demo']['command']}`."] if results.get("demo", {}).get("command") else []),
+        *(
+            []
+            if results["sparse_kernels"]["ran"]
+            else [
+                "",
+                f"**No 2:4 kernel runs on this machine** ({results['not_measured']['2:4 kernels']}). What it can "
+                "measure is accuracy, the exported artifacts' parity and latency, and dense timings at the model's "
+                "own shapes; speedups need an NVIDIA GPU of compute capability 8.0 or newer (`gpu_suite`).",
+            ]
+        ),
         "",
         "## Backends",
         "",
@@ -170,7 +183,9 @@ def _gemm_section(results: dict) -> list[str]:
     header = "| " + " | ".join(["shape", "M", "dense ms", *(_LABELS.get(b, b) for b in backends)]) + " |"
     lines = [
         "",
-        f"## GEMM: dense vs 2:4 ({gemm['dtype']} on {gemm['device']})",
+        f"## GEMM: dense vs 2:4 ({gemm['dtype']} on {gemm['device']})"
+        if backends
+        else f"## GEMM: dense reference at the model's shapes ({gemm['dtype']} on {gemm['device']})",
         "",
         header,
         "|---|---|---|" + "---|" * len(backends),
@@ -223,7 +238,7 @@ def _exports_section(results: dict) -> list[str]:
         checks = "; ".join(
             f"{k}: {v if not isinstance(v, dict) else v.get('status', v)}"
             for k, v in info["validation"].items()
-            if k not in ("dense_matmul_initializers", "vllm_loaded")
+            if k != "dense_matmul_initializers" and not (k == "vllm_loaded" and isinstance(v, str))
         )
         lines.append(f"| {target} | {info['bytes'] / 2**20:.1f} | {checks} |")
         if info.get("trtexec"):
@@ -260,6 +275,7 @@ def render_report(results: dict, folder: Path) -> Path:
     missing = [
         f"- {what}: {f'unavailable: {stated[reason]} (see Backends)' if reason in stated else reason}"
         for what, reason in results["not_measured"].items()
+        if what != "2:4 kernels"  # said once, at the top
     ]
     lines = (
         _header(results)
@@ -271,5 +287,20 @@ def render_report(results: dict, folder: Path) -> Path:
         + ["", "## Not measured", "", *(missing or ["- (everything was measured)"])]
     )
     path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    with writing(path):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    """A plot written whole or not at all (through a temporary file, then renamed)."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        with writing(path):
+            fig.savefig(tmp, dpi=120)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -16,6 +16,45 @@ from apt.folder.targets import PrunedTargets, target_linears
 from apt.solver.patterns import is_nm_sparse
 from serving.kernels import kernel_availability, to_sparse
 
+MARGIN = 1.02  # the sparse kernel must beat dense by 2 % to count as faster: timing noise is not a win
+
+
+def threshold_from(points: list[tuple[int, float | None]], margin: float = MARGIN) -> int | None:
+    """The smallest measured M from which the sparse kernel beat dense by ``margin`` at every larger measured
+    M (``points``: ``(M, speedup over dense)``, ``None`` where not measured); ``None`` where it never did:
+    that shape stays dense."""
+    threshold = None
+    for m, speedup in sorted(points, reverse=True):
+        if speedup is None or speedup < margin:
+            break
+        threshold = m
+    return threshold
+
+
+PROBE_TOKENS = (1, 16, 64, 256, 1024, 4096)
+
+
+def measure_threshold(weight: torch.Tensor, kernel: str, tokens=PROBE_TOKENS, repeats: int = 10) -> int | None:
+    """The threshold of one CUDA weight ``[out, in]``, measured: dense against the 2:4 kernel at each token
+    count (CUDA events, alternated, median of ``repeats``), through ``threshold_from``. For serving stacks
+    that meet a shape the GEMM sweep did not measure; a GPU is needed."""
+    sparse = to_sparse(weight, kernel)
+    points = []
+    for m in tokens:
+        x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        times = {"dense": [], "sparse": []}
+        for _ in range(repeats + 2):  # the first two warm up
+            for name, w in (("dense", weight), ("sparse", sparse)):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                F.linear(x, w)
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+        dense, fast = (sorted(t[2:])[len(t[2:]) // 2] for t in (times["dense"], times["sparse"]))
+        points.append((m, dense / fast if fast > 0 else None))
+    return threshold_from(points)
+
 
 def choose_path(tokens: int, threshold: int | None, has_sparse: bool) -> str:
     """``"sparse"`` when a sparse copy exists and ``tokens`` reaches the measured threshold, else ``"dense"``."""

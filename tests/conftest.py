@@ -32,3 +32,14 @@ def smollm2_demo(tmp_path_factory):
         capture.undo()
     assert code == 0, "\n".join(lines[-20:])  # the demo's own error message
     return out, "\n".join(lines)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """``make test`` runs on two workers (pytest-xdist, ``--dist loadgroup``): every test of a module stays
+    on one worker, so a module's fixtures are built once, and every test of the SmolLM2 demo (in several
+    modules) shares the worker that built it."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            group = "smollm2_demo" if "smollm2_demo" in item.fixturenames else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))

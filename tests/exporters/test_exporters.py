@@ -16,7 +16,8 @@ from apt.solver import PruneConfig
 from apt.solver.patterns import is_nm_sparse
 from apt_sparse.cli import main
 from exporters import export
-from exporters.compressed_tensors import pack_bitmask, read_bitmask_folder, unpack_bitmask
+from exporters.compressed_tensors import read_bitmask_folder
+from serving.bitmask import pack_bitmask, unpack_bitmask
 
 from ..apt.tiny_models import save_tiny_model
 
@@ -85,7 +86,7 @@ print(json.dumps({"version": compressed_tensors.__version__, "checked": checked,
 
 def test_compressed_tensors_export_is_decoded_by_compressed_tensors_014(pruned_llama, tmp_path):
     out = tmp_path / "ct"
-    manifest = export("compressed-tensors", pruned_llama, out, max_shard_size="400KB")
+    manifest = export("compressed-tensors", pruned_llama, out, max_shard_size="400KB", vllm_check=False)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert set(config) == {"quant_method", "sparsity_config"}  # any other key makes the loader parse a quant config
     sparsity = config["sparsity_config"]
@@ -119,7 +120,8 @@ def test_formats_that_hold_2_4_only_refuse_4_8(tmp_path):
         with pytest.raises(InvalidInputError, match=f"cannot hold pattern 4:8: .*{reason}"):
             export(target, tmp_path / "p48", tmp_path / target)
         assert not (tmp_path / target).exists()
-    manifest = export("vllm", tmp_path / "p48", tmp_path / "vllm")  # plain weights hold any pattern
+    manifest = export("vllm", tmp_path / "p48", tmp_path / "vllm", vllm_check=False)  # plain weights hold any pattern
+    assert not (tmp_path / "vllm" / "apt_sparse_24.json").exists()  # the plugin serves 2:4 only
     assert manifest["pattern_check"]["pattern"] == "4:8" and manifest["pattern_check"]["all_valid"]
 
 
@@ -142,10 +144,14 @@ def test_a_dense_encoder_without_report_is_refused_naming_a_layer(tmp_path):
 
 def test_vllm_export_is_plain_and_loads(pruned_llama, tmp_path):
     out = tmp_path / "vllm"
-    manifest = export("vllm", pruned_llama, out, dtype="float16", max_shard_size="300KB")
+    manifest = export("vllm", pruned_llama, out, dtype="float16", max_shard_size="300KB", vllm_check=False)
     config = json.loads((out / "config.json").read_text())
     assert "sparsity_config" not in json.dumps(config) and config["torch_dtype"] == "float16"
-    assert manifest["validation"]["vllm_loaded"].startswith("not measured")
+    assert "quantization_config" not in config  # transformers and vLLM without the plugin load it as they are
+    assert manifest["validation"]["vllm_loaded"] == "not measured: not asked (vllm_check off)"
+    side = json.loads((out / "apt_sparse_24.json").read_text())  # what the plugin reads when asked to serve it
+    assert side["pattern"] == "2:4" and len(side["targets"]) == 14
+    assert set(side["targets"]) == {r["name"].removesuffix(".weight") for r in manifest["pattern_check"]["layers"]}
     assert (out / "model.safetensors.index.json").is_file()
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     reference = transformers.AutoModelForCausalLM.from_pretrained(pruned_llama).eval()
@@ -181,14 +187,46 @@ def test_interrupted_export_leaves_no_complete_looking_folder(pruned_llama, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ct, "legacy_loader_check", interrupted)
-    code = main(["export", "compressed-tensors", str(pruned_llama), str(tmp_path / "ct")])
+    code = main(["export", "compressed-tensors", str(pruned_llama), str(tmp_path / "ct"), "--no-vllm-check"])
     assert code == 130 and "nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists() and not list(tmp_path.glob(".ct.*"))
 
 
 def test_our_decoder_reads_the_bitmask_folder_back(pruned_llama, tmp_path):
-    export("compressed-tensors", pruned_llama, tmp_path / "ct", dtype="bfloat16")
+    export("compressed-tensors", pruned_llama, tmp_path / "ct", dtype="bfloat16", vllm_check=False)
     decoded = dict(read_bitmask_folder(tmp_path / "ct"))
     source = CheckpointReader(pruned_llama)
     assert decoded.keys() == set(source.names())
     assert all(torch.equal(decoded[n], source.read(n).to(torch.bfloat16)) for n in source.names())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_moe_folders_export_for_vllm_with_every_expert_checked_and_other_formats_refuse(tmp_path, family):
+    # qwen3_moe keeps its experts per expert on disk, gpt_oss fused and transposed [E, in, out]
+    src = save_tiny_model(family, tmp_path / "src")
+    prune_model(PruneJob(model=str(src), out=str(tmp_path / "pruned"), **FAST))
+    manifest = export("vllm", tmp_path / "pruned", tmp_path / "vllm", dtype="float16", vllm_check=False)
+    checked = manifest["pattern_check"]["layers"]
+    experts = [r for r in checked if "experts" in r["name"]]
+    assert manifest["pattern_check"]["all_valid"] and experts
+    if family == "gpt_oss":
+        assert {r["in_axis"] for r in experts} == {-2} and all(len(r["shape"]) == 3 for r in experts)
+    else:
+        assert len(experts) == 3 * 4 and all(len(r["shape"]) == 2 for r in experts)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "vllm", dtype=torch.float32)
+    assert reloaded.config.model_type == family
+    for target, reason in (("compressed-tensors", "cannot hold pruned MoE experts"), ("onnx", "mixture-of-experts")):
+        with pytest.raises(InvalidInputError, match=reason):
+            export(target, tmp_path / "pruned", tmp_path / target)
+        assert not (tmp_path / target).exists() and not list(tmp_path.glob(f".{target}*"))
+    # an expert tensor broken off the pattern is named, like a Linear's
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (tmp_path / "pruned").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(broken / "model.safetensors"))
+    name = experts[0]["name"]
+    tensors[name] = torch.ones_like(tensors[name])
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidInputError, match=f"{name.replace('.', '[.]')} .* is not 2:4"):
+        export("vllm", broken, tmp_path / "v2")

@@ -1,0 +1,333 @@
+"""The ``apt_sparse_24`` quantization config and linear method (vLLM's plugin interface, read in vLLM 0.32).
+
+vLLM asks the config once per layer for its method (``get_quant_method``), under vLLM's fused names
+(``qkv_proj`` for the checkpoint's q/k/v). Pruned layers get ``Sparse24LinearMethod``, a subclass of
+vLLM's ``UnquantizedLinearMethod``: vLLM's own dense GEMM (packed for oneDNN on CPU) serves every call
+below the layer's token threshold, and on an sm80+ GPU a semi-structured copy of the weight serves the
+calls from it on. Every other Linear gets vLLM's unquantized method; embeddings, the LM head and
+attention are vLLM's own.
+
+A bitmask folder's ``<module>.compressed/.bitmask/.shape`` tensors load into parameters of those names
+(vLLM's loader routes q/k/v and gate/up shards into the fused layer) and are decoded after loading; a
+missing one, or a weight off the 2:4 pattern, ends loading with an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    QKVParallelLinear,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import ModelWeightParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+from serving.bitmask import FORMAT, unpack_bitmask
+from serving.decode_safe import choose_path, measure_threshold
+from serving.kernels import kernel_availability, to_sparse
+from serving.vllm_plugin import NAME, REPORT_ENV, SIDE_FILE
+
+log = logging.getLogger(__name__)
+
+KERNEL = "torch-sparse-cusparselt"
+MEMORY_ENV = "APT_SPARSE_VLLM_MEMORY"  # "decode-safe" (default: dense + sparse copies) or "compressed"
+
+
+def _is_bitmask(config: dict) -> bool:
+    sparsity = config.get("sparsity_config")
+    return (
+        str(config.get("quant_method", "")).replace("_", "-") == "compressed-tensors"
+        and isinstance(sparsity, dict)
+        and sparsity.get("format") == FORMAT
+    )
+
+
+@register_quantization_config(NAME)
+class Sparse24Config(QuantizationConfig):
+    """Which layers are 2:4 and how they are stored. ``fmt``: ``dense`` (plain weights with the zeros in
+    place) or ``bitmask``; ``targets``/``ignore``: the checkpoint's module names (compressed-tensors
+    syntax: ``Linear`` for every Linear, ``re:`` for a regex), ``None`` for every Linear whose weight is
+    2:4; ``thresholds``: per ``"{in}x{out}"`` the token count from which the sparse kernel was measured
+    faster."""
+
+    def __init__(self, fmt: str = "dense", targets=None, ignore=None, thresholds=None):
+        super().__init__()
+        if fmt not in ("dense", "bitmask"):
+            raise ValueError(f"{NAME}: unknown format {fmt!r}: dense or bitmask")
+        self.fmt = fmt
+        self.targets = list(targets) if targets else None
+        self.ignore = list(ignore) if ignore else ["lm_head"]
+        self.thresholds = dict(thresholds or {})
+        self.origin = "every Linear whose weight is 2:4"
+
+    def get_name(self) -> str:
+        return NAME
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0  # the dense path runs anywhere; the sparse kernel only where it can (sm80+)
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # a plain folder: the side file, if any, is read by maybe_update_config
+
+    @classmethod
+    def from_config(cls, config: dict) -> Sparse24Config:
+        if _is_bitmask(config):
+            sparsity = config["sparsity_config"]
+            made = cls("bitmask", sparsity.get("targets") or ["Linear"], sparsity.get("ignore"))
+            made.origin = "the checkpoint's sparsity_config"
+            return made
+        if config.get("quant_method") == NAME:
+            return cls(
+                config.get("format", "dense"), config.get("targets"), config.get("ignore"), config.get("thresholds")
+            )
+        raise ValueError(f"{NAME} cannot serve quantization_config {config}")
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        """Claim a compressed-tensors 2:4 bitmask checkpoint (before vLLM's own config refuses its
+        sparsity_config); one that is also quantized (config_groups) is not ours."""
+        if user_quant not in (None, NAME, "compressed-tensors"):
+            return None
+        if _is_bitmask(hf_quant_cfg) and not hf_quant_cfg.get("config_groups"):
+            return NAME
+        return None
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """A plain folder's ``apt_sparse_24.json`` (written by ``apt-sparse export vllm``) names its pruned
+        layers and the thresholds measured for their shapes."""
+        path = Path(model_name) / SIDE_FILE
+        if self.fmt != "dense" or not path.is_file():
+            return
+        try:
+            side = json.loads(path.read_text())
+            self.targets = list(side["targets"])
+            self.thresholds = dict(side.get("thresholds") or {})
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{NAME}: {path} is damaged ({err}); export the folder again") from err
+        self.origin = f"{path.name}: {len(self.targets)} pruned layers"
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        def mapped(name: str) -> str:
+            if "." in name and not name.startswith("re:"):
+                return hf_to_vllm_mapper._map_name(name) or name
+            return name
+
+        if self.targets is not None:
+            self.targets = [mapped(t) for t in self.targets]
+        self.ignore = [mapped(t) for t in self.ignore]
+
+    def _matches(self, name: str, patterns: list[str]) -> bool:
+        return any(p == "Linear" or name == p or (p.startswith("re:") and re.match(p[3:], name)) for p in patterns)
+
+    def is_target(self, name: str) -> bool:
+        if self._matches(name, [p for p in self.ignore if p != "Linear"]):
+            return False
+        return self.targets is None or self._matches(name, self.targets)
+
+    def parts(self, prefix: str) -> list[str]:
+        """The checkpoint's module names behind a vLLM layer (``qkv_proj`` → q_proj, k_proj, v_proj)."""
+        head, _, last = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(last)
+        return [f"{head}.{p}" if head else p for p in parts] if parts else [prefix]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, the LM head, attention: vLLM's own
+        names = self.parts(prefix)
+        chosen = [self.is_target(n) for n in names]
+        if all(chosen):
+            return Sparse24LinearMethod(self, prefix, names)
+        if not any(chosen):
+            return UnquantizedLinearMethod()
+        raise ValueError(
+            f"{NAME}: vLLM fuses {', '.join(names)} into {prefix}, but only some are pruned "
+            f"({', '.join(n for n, c in zip(names, chosen) if c)}): prune all of them or none"
+        )
+
+
+@register_weight_loader_v2_supported_method  # the same (v2) weight loaders as vLLM's own unquantized method
+class Sparse24LinearMethod(UnquantizedLinearMethod):
+    """A pruned Linear: dense weights for vLLM's GEMM, plus a semi-structured copy where a 2:4 kernel runs."""
+
+    def __init__(self, config: Sparse24Config, prefix: str, parts: list[str]):
+        super().__init__()
+        self.config, self.prefix, self.parts = config, prefix, parts
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        bitmask = self.config.fmt == "bitmask"
+        unit = 8 if bitmask else 4  # a rank's slice must start on a 2:4 group (and on a bitmask byte)
+        if input_size_per_partition % unit:
+            raise ValueError(
+                f"{NAME}: {self.prefix}: tensor parallelism gives each rank {input_size_per_partition} of its "
+                f"{input_size} input columns, not a multiple of {unit}: 2:4 groups would be cut; use fewer ranks"
+            )
+        shards = len(output_partition_sizes)
+        expected = (
+            ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else (list(range(shards)) if shards > 1 else [None])
+        )
+        layer.apt_sparse_24 = {"format": self.config.fmt, "parts": self.parts, "served": False}
+        layer._apt_loaded = {"expected": expected, "got": {}, "rows": list(output_partition_sizes)}
+        if not bitmask:
+            super().create_weights(
+                layer,
+                input_size_per_partition,
+                output_partition_sizes,
+                input_size,
+                output_size,
+                params_dtype,
+                **extra_weight_attrs,
+            )
+            self._track(layer, layer.weight, "weight")
+            return
+        rows, cols = sum(output_partition_sizes), input_size_per_partition
+        loader = extra_weight_attrs.pop("weight_loader")
+        for name, shape, dtype in (
+            ("compressed", (rows, cols // 2), params_dtype),
+            ("bitmask", (rows, cols // 8), torch.uint8),
+        ):
+            param = ModelWeightParameter(
+                data=torch.empty(shape, dtype=dtype), input_dim=1, output_dim=0, weight_loader=loader
+            )
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, extra_weight_attrs)
+            self._track(layer, param, name)
+        shape = Parameter(torch.zeros(shards, 2, dtype=torch.int64), requires_grad=False)
+        layer.register_parameter("shape", shape)
+        set_weight_attrs(shape, {"weight_loader": self._shape_loader(layer)})
+
+    @staticmethod
+    def _track(layer, param, key: str) -> None:
+        """Record which shards of ``param`` arrive from the checkpoint (vLLM does not check)."""
+        inner, got = param.weight_loader, layer._apt_loaded["got"].setdefault(key, [])
+
+        def loader(p, weight, *args, **kwargs):
+            got.append(args[0] if args else kwargs.get("loaded_shard_id"))
+            return inner(p, weight, *args, **kwargs)
+
+        param.weight_loader = loader
+
+    @staticmethod
+    def _shape_loader(layer):
+        got = layer._apt_loaded["got"].setdefault("shape", [])
+
+        def loader(param, weight, shard_id=None):
+            row = {"q": 0, "k": 1, "v": 2}.get(shard_id, shard_id) if shard_id is not None else 0
+            param.data[row].copy_(weight.reshape(-1)[:2])
+            got.append(shard_id)
+
+        return loader
+
+    def _check_loaded(self, layer, keys: tuple[str, ...]) -> None:
+        expected, got = layer._apt_loaded["expected"], layer._apt_loaded["got"]
+        missing = []
+        for key in keys:
+            arrived = got.get(key, [])
+            if arrived == [None] and expected != [None]:
+                continue  # stored fused on disk: the whole parameter arrived at once
+            missing += [
+                f"{self.parts[expected.index(s)] if s is not None else self.prefix}.{key}"
+                for s in expected
+                if s not in arrived
+            ]
+        if missing:
+            raise ValueError(
+                f"{NAME}: the checkpoint lacks {', '.join(missing)}: every pruned Linear of a "
+                f"{self.config.fmt} folder needs {' '.join('.' + k for k in keys)}; export the folder again"
+            )
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        info = layer.apt_sparse_24
+        if self.config.fmt == "bitmask":
+            self._check_loaded(layer, ("compressed", "bitmask", "shape"))
+            layer.register_parameter("weight", Parameter(self._decoded(layer), requires_grad=False))
+        else:
+            self._check_loaded(layer, ("weight",))
+        weight = layer.weight.data
+        groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+        info["is_24"] = bool((groups <= 2).all())
+        if not info["is_24"]:
+            row, group = (int(i) for i in (groups > 2).nonzero()[0])
+            part, first = self.prefix, 0
+            for name, rows in zip(self.parts, layer._apt_loaded["rows"]):  # the checkpoint layer the row is in
+                if row < first + rows:
+                    part = name
+                    break
+                first += rows
+            message = f"{part} breaks 2:4 (row {row - first}, columns {4 * group}..{4 * group + 3})"
+            if self.config.targets is not None:  # the folder says this layer is pruned: a broken folder
+                raise ValueError(f"{NAME}: {message}, but {self.config.origin} lists it as pruned; prune it again")
+            log.warning("%s: %s: served dense", NAME, message)
+        info |= {"served": True, "shape": list(weight.shape), "kept": round(float((weight != 0).float().mean()), 4)}
+        info["sparse_kernel"] = self._sparse_copy(layer, weight) if info["is_24"] else "not 2:4"
+        path = os.environ.get(REPORT_ENV)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "layer": self.prefix} | info) + "\n")
+        if layer.apt_sparse_24.get("threshold") == 0 and os.environ.get(MEMORY_ENV) == "compressed":
+            layer.weight = Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
+            return  # the semi-structured copy alone serves every call (0.56× the dense bytes)
+        super().process_weights_after_loading(layer)  # vLLM's dense path (on CPU: packs for oneDNN)
+
+    @staticmethod
+    def _decoded(layer) -> torch.Tensor:
+        compressed, bitmask, shapes = layer.compressed.data, layer.bitmask.data, layer.shape.data
+        rows, cols = compressed.shape[0], compressed.shape[1] * 2
+        if any(int(s[1]) not in (cols, layer.input_size) for s in shapes):
+            raise ValueError(f"{NAME}: the .shape tensors {shapes.tolist()} disagree with the layer's {cols} inputs")
+        mask = unpack_bitmask(bitmask, cols)
+        if not bool((mask.view(rows, cols // 4, 4).sum(-1) == 2).all()):
+            raise ValueError(f"{NAME}: a .bitmask does not mark exactly 2 of every 4 inputs: the folder is damaged")
+        dense = torch.zeros(rows, cols, dtype=compressed.dtype, device=compressed.device)
+        dense[mask] = compressed.reshape(-1)
+        for name in ("compressed", "bitmask", "shape"):
+            delattr(layer, name)
+        return dense
+
+    def _sparse_copy(self, layer, weight: torch.Tensor) -> str:
+        """The semi-structured copy and the layer's token threshold, where a 2:4 kernel runs here."""
+        available = kernel_availability(KERNEL)
+        if not (available.available and weight.is_cuda):
+            return f"none: {available.reason if not available.available else 'the weight is not on a GPU'}"
+        shape = f"{weight.shape[1]}x{weight.shape[0]}"
+        threshold = 0 if os.environ.get(MEMORY_ENV) == "compressed" else self.config.thresholds.get(shape)
+        if threshold is None and shape not in self.config.thresholds:
+            threshold = measure_threshold(weight, KERNEL)
+        layer.apt_sparse_24["threshold"] = threshold
+        if threshold is None:
+            return "none: dense was faster at every measured token count"
+        layer.apt_sparse_weight = to_sparse(weight, KERNEL)
+        return f"{KERNEL} from {threshold} tokens"
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        sparse = getattr(layer, "apt_sparse_weight", None)
+        tokens = x.numel() // x.shape[-1]
+        if choose_path(tokens, layer.apt_sparse_24.get("threshold"), sparse is not None) == "sparse":
+            out = torch.nn.functional.linear(x.reshape(tokens, x.shape[-1]), sparse)
+            out = out.reshape(*x.shape[:-1], out.shape[-1])
+            return out + bias if bias is not None else out
+        return super().apply(layer, x, bias)

