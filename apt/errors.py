@@ -23,3 +23,18 @@ class ModelNotFoundError(AptError, FileNotFoundError):
 
 class MissingDependencyError(AptError, ImportError):
     """An optional package that the requested feature needs is not installed."""
+
+
+class OutputError(AptError, OSError):
+    """A write the operating system refused: no space, a quota, a read-only file system, no permission,
+    a file size limit. The message names what could not be written and where."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class NotEnoughSpaceError(OutputError):
+    """The free space a run or an export needs is not there: refused before any work."""

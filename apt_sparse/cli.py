@@ -17,6 +17,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from apt.atomic import is_write_failure, write_failure
 from apt.errors import AptError, InvalidInputError
 from apt.solver import METHODS
 
@@ -290,6 +291,7 @@ EXPORT_OPTIONS = {
     "with_past": ("onnx",),
     "polygraphy": ("onnx", "tensorrt"),
     "max_shard_size": ("vllm", "compressed-tensors"),
+    "vllm_check": ("vllm", "compressed-tensors"),
 }
 
 
@@ -317,6 +319,13 @@ def _add_export(sub) -> None:
         help="onnx/tensorrt: also run polygraphy's independent sparsity inspection (minutes)",
     )
     x.add_argument("--max-shard-size", default=None, help="vllm/compressed-tensors: shard size (default 5GB)")
+    x.add_argument(
+        "--vllm-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vllm/compressed-tensors: load the export in vLLM through the apt_sparse_24 plugin and compare "
+        "greedy tokens with transformers (default: where an environment with vLLM exists)",
+    )
     x.set_defaults(handler=_export)
 
 
@@ -353,6 +362,12 @@ def _add_demo(sub) -> None:
     d.add_argument("--quick", action="store_true", help="small settings (CI): two methods, tiny calibration")
     d.add_argument("--model", default="smollm2-135m", help="the model to run the chain on (default smollm2-135m)")
     d.add_argument(
+        "--vllm-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the vllm and compressed-tensors exports in vLLM (default: where an environment with vLLM exists)",
+    )
+    d.add_argument(
         "--keep-results",
         default=None,
         metavar="NAME",
@@ -364,7 +379,7 @@ def _add_demo(sub) -> None:
 def _demo(args) -> None:
     from runtime_bench.demo import DemoConfig, copy_results_into_repository, run_demo, summary_line
 
-    config = replace(DemoConfig.quick() if args.quick else DemoConfig(), model=args.model)
+    config = replace(DemoConfig.quick() if args.quick else DemoConfig(), model=args.model, vllm_check=args.vllm_check)
     command = " ".join(["apt-sparse demo", *sys.argv[2:]]) if sys.argv[1:2] == ["demo"] else "apt-sparse demo"
     report = run_demo(args.out, config, command=command)
     print(f"accuracy: {summary_line(report.parent / 'results.json')}")
@@ -427,9 +442,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     who = f"rank {rank}: " if rank is not None else ""
-    if rank is not None:
-        # torchrun stops the other ranks with SIGTERM when one fails: say so, and leave the partial run intact
-        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    # SIGTERM (kill, a scheduler's stop; under torchrun, the launcher stopping the other ranks when one
+    # failed) is handled like Ctrl-C: the job says what it leaves, and the exit status is 143
+    previous = signal.signal(signal.SIGTERM, _terminated_by(rank))
     try:
         handler = _HANDLERS.get(args.command) or args.handler
         handler(args)
@@ -437,16 +452,33 @@ def main(argv=None) -> int:
         # the job and the demo say what they leave behind; anything else writes atomically or not at all
         out = getattr(args, "out", None)
         said = str(err) or f"nothing was written{f' to {out}' if out else ''}"
-        print(f"\n{who}interrupted: {said}", file=sys.stderr)
-        return 130
+        stopped = "stopped by SIGTERM" if _TERMINATED["signal"] else "interrupted"
+        print(f"\n{who}{stopped}: {said}", file=sys.stderr)
+        return 143 if _TERMINATED["signal"] else 130
     except AptError as err:
-        print(f"{who}error: {err}", file=sys.stderr)
+        print(f"{who}error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever it quotes
         return 2
+    except OSError as err:
+        if not is_write_failure(err):
+            raise
+        # a write that failed outside the code that names its output: still one line, and what is left
+        print(f"{who}error: {write_failure(err)}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _TERMINATED["signal"] = False
     return 0
 
 
-def _stopped_by_launcher(_signum, _frame):
-    raise KeyboardInterrupt("stopped by the launcher (SIGTERM), usually because another rank failed")
+_TERMINATED = {"signal": False}
+
+
+def _terminated_by(rank):
+    def handler(_signum, _frame):
+        _TERMINATED["signal"] = True
+        raise KeyboardInterrupt("the launcher stops every rank when one fails" if rank is not None else "asked to stop")
+
+    return handler
 
 
 if __name__ == "__main__":

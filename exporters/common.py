@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from apt.atomic import file_listing, write_json_atomic
+from apt.atomic import check_free_space, file_listing, write_json_atomic
 from apt.errors import InvalidInputError
 from apt.folder.report import versions
 from apt.folder.targets import PrunedTargets, targets_of_folder
@@ -74,6 +74,17 @@ def open_pruned(
         )
     config = json.loads((folder / "config.json").read_text())
     return PrunedSource(folder, reader, config, targets)
+
+
+def check_space(out: str | Path, source: PrunedSource, bytes_per_value: float) -> None:
+    """Refuse before writing when ``out``'s file system cannot hold the export: every floating-point value of
+    the source at ``bytes_per_value`` (the export dtype's size, or less where values are compressed)."""
+    reader = source.reader
+    values = sum(reader.info(n).nbytes // reader.info(n).dtype.itemsize for n in reader.names())
+    check_free_space(
+        [("the export", Path(out).resolve().parent, int(values * bytes_per_value))],
+        "free space there or choose another output folder",
+    )
 
 
 def check_pattern(source: PrunedSource) -> list[dict]:

@@ -37,7 +37,7 @@ from apt.models.experts import experts_layout
 from apt.models.portable import copy_side_files, write_config
 from apt.solver.patterns import Pattern, positive_zeros
 from apt.text.sources import load_text, token_windows
-from exporters.common import PrunedSource, check_pattern, open_pruned, write_manifest
+from exporters.common import PrunedSource, check_pattern, check_space, open_pruned, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ def _trace(model, causal: bool, dtype: str, with_past: bool, path: Path, opset: 
         dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
         inputs = ["input_ids", "attention_mask"]
         outputs = ["logits" if causal else "last_hidden_state"]
+    wrapper.eval()  # the wrapper too: the exporter warns about (and may trace) training-mode behaviour
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -378,6 +379,7 @@ def export_onnx(
             "export without it"
         )
     layers = check_pattern(source)
+    check_space(out, source, DTYPES[dtype].itemsize)
     model, causal = load_for_export(source.folder, dtype)
     moe = next((name for name, m in model.named_modules() if experts_layout(m) is not None), None)
     if moe is not None:

@@ -10,13 +10,14 @@ path included), and on exported artifacts given with ``--onnx`` / ``--tensorrt``
 
 from __future__ import annotations
 
-import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from apt.atomic import write_json_atomic
+from apt.atomic import check_free_space, write_json_atomic, writing
 from apt.errors import InvalidInputError
-from apt.folder.targets import REPORT_NAME, targets_of_folder
+from apt.folder.report import REPORT_NAME, read_report
+from apt.folder.targets import targets_of_folder
 from apt.models.loading import source_folder
 from runtime_bench.backends import BACKENDS
 from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
@@ -58,11 +59,16 @@ def bench_folder(
     folder, out = Path(folder), Path(out)
     if not (folder / "config.json").is_file():
         raise InvalidInputError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    report = json.loads((folder / REPORT_NAME).read_text()) if (folder / REPORT_NAME).is_file() else None
+    report = read_report(folder)
     dense_folder = _dense_source(folder, dense, report)
     targets = targets_of_folder(folder)
     if not targets.pattern.is_nm:
         raise InvalidInputError(f"{folder} is pruned {targets.pattern}: the benchmark measures N:M kernels only")
+    # results.json, report.md and a few plots: refused now rather than after minutes of timing
+    check_free_space([("the benchmark report", out, 4 * 2**20)], "free space there or choose another --out")
+    with writing(out):  # a folder it may not write to is found now, not after the measurements
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
     config = config or BenchConfig()
     unknown = set(backends or ()) - set(BACKENDS)
     if unknown:
@@ -92,7 +98,8 @@ def bench_folder(
     results["folder"] = {"pruned": str(folder.resolve()), "dense": str(dense_folder), "targets": targets.as_dict()}
     results |= extra or {}
     validate_results(results)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     return render_report(results, out)
 

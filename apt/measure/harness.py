@@ -11,11 +11,10 @@ Needs the ``eval`` extra (``pip install 'apt-sparse[eval]'``: lm-eval 0.4.x).
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 from apt.errors import InvalidInputError, MissingDependencyError
-from apt.folder.targets import REPORT_NAME
+from apt.folder.report import REPORT_NAME, read_report
 from apt.models.loading import source_folder
 
 
@@ -98,11 +97,11 @@ def evaluate_tasks(
     """The pruned folder and its dense source (from its report, or ``dense``) on the same tasks."""
     lm_eval, _ = _lm_eval()
     folder = Path(folder)
-    report_path = folder / REPORT_NAME
     if dense is None:
-        if not report_path.is_file():
+        report = read_report(folder)
+        if report is None:
             raise InvalidInputError(f"{folder} has no {REPORT_NAME} naming its dense source: pass --dense")
-        dense = json.loads(report_path.read_text())["model"]["name"]
+        dense = report["model"]["name"]
     _, dense_folder = source_folder(dense)
     if include_path is not None and not Path(include_path).is_dir():
         raise InvalidInputError(f"--include-path {include_path} is not a folder of lm-eval task YAML files")

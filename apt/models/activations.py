@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from apt.atomic import writing
+
 
 class ActivationStore:
     """The hidden states entering the current block, one entry per batch, with the keyword arguments the
@@ -30,8 +32,9 @@ class ActivationStore:
         self._offsets: list[int] = []
         self._spill_to = spill_to
         if spill_to is not None:
-            Path(spill_to).mkdir(parents=True, exist_ok=True)
-            fd, path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=spill_to)
+            with writing(spill_to):
+                Path(spill_to).mkdir(parents=True, exist_ok=True)
+                fd, path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=spill_to)
             os.unlink(path)  # removed with the process, whatever happens
             self._file = os.fdopen(fd, "r+b", buffering=0)
             self._end = 0
@@ -89,8 +92,9 @@ class ActivationStore:
     def _write(self, i: int, hidden: torch.Tensor) -> None:
         data = hidden.detach().to("cpu", self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
         view, done = memoryview(data), 0
-        while done < len(view):
-            done += os.pwrite(self._file.fileno(), view[done:], self._offsets[i] + done)
+        with writing(f"the activations file in {self._spill_to}"):
+            while done < len(view):
+                done += os.pwrite(self._file.fileno(), view[done:], self._offsets[i] + done)
 
     def close(self) -> None:
         if self._file is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from apt.atomic import writing
 from apt.errors import InvalidInputError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -267,9 +268,10 @@ class ShardedWriter:
 
     def create(self) -> None:
         """Write every header and size every file (sparse where the file system allows)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with writing(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         for path, header in self.headers.items():
-            with open(path, "wb") as f:
+            with writing(path), open(path, "wb") as f:
                 f.write(header)
                 f.truncate(self.sizes[path])
 
@@ -293,7 +295,7 @@ class ShardedWriter:
             )
         path, offset = self.layout[name]
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        with open(path, "r+b", buffering=0) as f:
+        with writing(path), open(path, "r+b", buffering=0) as f:
             view, done = memoryview(data), 0
             while done < len(view):
                 done += os.pwrite(f.fileno(), view[done:], offset + done)
@@ -303,7 +305,8 @@ class ShardedWriter:
         for path in self.headers:
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                with writing(path):
+                    os.fsync(fd)
             finally:
                 os.close(fd)
 
@@ -315,4 +318,5 @@ class ShardedWriter:
             "metadata": {"total_size": sum(t.nbytes for t in self.planned.values())},
             "weight_map": {name: path.name for name, (path, _) in self.layout.items()},
         }
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        with writing(self.folder / INDEX_NAME):
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

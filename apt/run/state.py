@@ -13,15 +13,20 @@ import os
 import shutil
 from pathlib import Path
 
-from apt.atomic import write_json_atomic
+from apt.atomic import write_json_atomic, writing
 from apt.errors import InvalidInputError
 from apt.folder.card import model_card
-from apt.folder.report import REPORT_NAME
+from apt.folder.report import REPORT_NAME, DamagedFileError, read_json
 from apt.models.checkpoint import ShardedWriter
 from apt.models.layered import LayeredModel
 from apt.models.portable import copy_side_files, write_config
 from apt.run.command import command_of
 from apt.run.config import PruneJob
+
+
+class CannotResume(InvalidInputError):
+    """The interrupted run cannot be continued as asked (other options, another source, altered shards)."""
+
 
 RESUME_NAME = "resume.json"
 RESUME_SCHEMA = "apt-sparse/resume/1"
@@ -49,30 +54,61 @@ def check_output(out: Path, job: PruneJob) -> Path:
     return work
 
 
+def read_resume_state(work: Path) -> dict:
+    """The partial folder's ``resume.json``, checked: a damaged one, or one another version wrote, is refused
+    with the way out (starting over), never half-read."""
+    remedy = "pass --overwrite instead of --resume to start over"
+    path = work / RESUME_NAME
+    state = read_json(path, "the state of the interrupted run", remedy)
+    if state.get("schema") != RESUME_SCHEMA:
+        raise DamagedFileError(
+            f"{path} was written by another version of apt-sparse (schema {state.get('schema')!r}, this one reads "
+            f"{RESUME_SCHEMA!r}); {remedy}"
+        )
+    missing = [k for k in ("options", "source", "blocks_done", "layers", "seconds_pruning") if k not in state]
+    if missing or not isinstance(state.get("blocks_done"), int) or not isinstance(state.get("layers"), list):
+        raise DamagedFileError(f"{path} is damaged (missing or malformed: {', '.join(missing) or 'fields'}); {remedy}")
+    return state
+
+
+def output_bytes_needed(work: Path, writer: ShardedWriter) -> int:
+    """What the shards still need on disk: all of them for a new run; for a resumed one, what the files
+    laid out sparse have not yet been given."""
+    needed = 0
+    for path, size in writer.sizes.items():
+        allocated = path.stat().st_blocks * 512 if path.exists() else 0
+        needed += max(size - allocated, 0)
+    return needed
+
+
 def start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, job: PruneJob, identity: dict) -> dict:
     """A new partial folder with every tensor outside the blocks already copied, or the state of the
     interrupted run it holds, after checking that run was the same job on the same source."""
     if job.resume:
-        state = json.loads((work / RESUME_NAME).read_text())
+        state = read_resume_state(work)
         changed = sorted(
             k
             for k in set(state["options"]) | set(job.fingerprint())
             if state["options"].get(k) != job.fingerprint().get(k)
         )
         if changed:
-            raise InvalidInputError(
+            raise CannotResume(
                 f"cannot resume {work}: it was started with other options ({', '.join(changed)}); "
                 "run with the same options, or pass --overwrite instead of --resume to start over"
             )
         if state["source"] != identity:
-            raise InvalidInputError(
+            raise CannotResume(
                 f"cannot resume {work}: the source changed since it was started (was {state['source']['folder']} "
                 f"with {len(state['source']['files'])} files); pass --overwrite instead of --resume to start over"
             )
         if not writer.matches_files_on_disk():
-            raise InvalidInputError(f"cannot resume {work}: its shards are missing or altered; pass --overwrite")
+            raise CannotResume(
+                f"cannot resume {work}: its shards are missing or altered; pass --overwrite instead of --resume "
+                "to start over"
+            )
         return state
-    work.mkdir(parents=True)
+    with writing(work):
+        work.mkdir(parents=True)
     writer.create()
     block_keys = {k for n in layered.parameter_names(f"{layered.block_path}.") for k in layered.checkpoint_keys(n)}
     for key in layered.reader.names():
@@ -94,11 +130,12 @@ def start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, jo
 def finish_folder(work: Path, out: Path, source: Path, writer: ShardedWriter, report: dict, overwrite: bool) -> None:
     """Index, config, tokenizer and report beside the shards; then one rename makes the folder appear."""
     writer.write_index()
-    write_config(json.loads((source / "config.json").read_text()), work)
-    copy_side_files(source, work)
-    write_json_atomic(work / REPORT_NAME, report)
-    (work / "README.md").write_text(model_card(report, command_of(report["config"])))
-    os.unlink(work / RESUME_NAME)
+    with writing(work):
+        write_config(json.loads((source / "config.json").read_text()), work)
+        copy_side_files(source, work)
+        write_json_atomic(work / REPORT_NAME, report)
+        (work / "README.md").write_text(model_card(report, command_of(report["config"])))
+    os.unlink(work / RESUME_NAME)  # every file is written: from here the folder is complete
     if out.exists():
         if not overwrite:
             raise InvalidInputError(f"{out} appeared while the run was working; the result is in {work}")

@@ -236,8 +236,8 @@ def test_resume_after_sigkill_gives_a_bit_identical_folder(tmp_path, capsys, fam
 
     code, _, err = run_cli(capsys, "prune", "--model", str(src), "--out", str(out), *argv)
     assert code == 2 and "pass --resume to continue it" in err  # a partial run is never silently replaced
-    code, printed, _ = run_cli(capsys, "prune", "--model", str(src), "--out", str(out), *argv, "--resume")
-    assert code == 0 and "all N:M valid: True" in printed
+    code, printed, err = run_cli(capsys, "prune", "--model", str(src), "--out", str(out), *argv, "--resume")
+    assert code == 0 and "all N:M valid: True" in printed, err
     whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert whole == sorted(p.name for p in out.iterdir()) and len([n for n in whole if n.endswith("safetensors")]) > 2
     for name in whole:
