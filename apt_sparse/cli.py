@@ -57,6 +57,18 @@ def _add_prune(sub) -> None:
         help="MoE: an expert routed fewer calibration tokens is also calibrated on every token the experts "
         "received (default: the expert matrix's input width; 0: routed tokens only)",
     )
+    p.add_argument(
+        "--permute",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="reorder each gated MLP's down-projection inputs (and its gate/up rows) where that lowers the loss",
+    )
+    p.add_argument(
+        "--mask-search",
+        default=None,
+        choices=["off", "admm"],
+        help="apt: search the N:M support by ADMM from the joint-removal mask before the refit (default off)",
+    )
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="apt: one-group lookahead")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None, help="apt: exact refit")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
@@ -115,6 +127,7 @@ def job_from_args(args, device: str):
         damp=args.damp,
         refit_damp=args.refit_damp,
         refine=args.refine,
+        mask_search=args.mask_search,
         lookahead=args.lookahead,
         reconstruct=args.reconstruct,
     )
@@ -128,6 +141,7 @@ def job_from_args(args, device: str):
             true_sequential=args.true_sequential,
             correction=args.correction,
             expert_min_tokens=args.expert_min_tokens,
+            permute=args.permute,
             device=device,
             batch_size=args.batch_size,
         ),

@@ -23,14 +23,23 @@ def command_of(config: dict) -> str:
     pattern = _pattern_text(solver["pattern"])
     if pattern != "2:4":
         parts += ["--pattern", pattern]
-    for option in ("damp", "refit_damp", "refine"):
+    for option in ("damp", "refit_damp", "refine", "mask_search"):
         if solver.get(option) is not None:
             parts += [f"--{option.replace('_', '-')}", str(solver[option])]
     for option in ("lookahead", "reconstruct"):
         if solver.get(option) is not None:
             parts.append(f"--{'' if solver[option] else 'no-'}{option}")
     run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    for key in ("targets", "ignore", "true_sequential", "correction", "device", "batch_size", "expert_min_tokens"):
+    for key in (
+        "targets",
+        "ignore",
+        "true_sequential",
+        "correction",
+        "device",
+        "batch_size",
+        "expert_min_tokens",
+        "permute",
+    ):
         value = config["run"].get(key)
         if key == "device" and value:
             value = value.split(":")[0]

@@ -21,7 +21,9 @@ class RunConfig:
     over full module names; ``true_sequential`` recollects each group's inputs after the groups before
     it in the same block are pruned; ``batch_size`` is the number of calibration windows per forward;
     ``expert_min_tokens``: a MoE expert routed fewer tokens is also calibrated on the tokens every
-    expert received (``apt.run.calibration``; default: the expert matrix's input width, 0: never)."""
+    expert received (``apt.run.calibration``; default: the expert matrix's input width, 0: never);
+    ``permute``: reorder each gated MLP's down-projection inputs (with its gate and up rows) where that
+    lowers the loss after the refit (``apt.models.permutation``)."""
 
     solver: PruneConfig = PruneConfig()
     targets: str | None = None
@@ -31,12 +33,15 @@ class RunConfig:
     batch_size: int = 8
     correction: float = 0.0
     expert_min_tokens: int | None = None
+    permute: bool = False
 
     def __post_init__(self) -> None:
         if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
             raise InvalidInputError(f"--expert-min-tokens must be at least 0, got {self.expert_min_tokens}")
         if not (0.0 <= self.correction <= 1.0):
             raise InvalidInputError(f"--correction must lie in [0, 1], got {self.correction}")
+        if self.permute and self.correction:
+            raise InvalidInputError("--permute and --correction cannot be combined")
         if self.correction and self.true_sequential:
             raise InvalidInputError("--correction and --true-sequential cannot be combined")
         if self.batch_size < 1:

@@ -25,10 +25,12 @@ from apt.errors import InvalidInputError, UnsupportedModelError
 from apt.models.activations import ActivationStore
 from apt.models.discovery import Group, Target, block_targets, find_groups
 from apt.models.layered import LayeredModel, give_back_memory, to_device
+from apt.models.permutation import free_partners, permute_rows
 from apt.run.calibration import Statistics, collect, collect_corrected
 from apt.run.config import RunConfig
 from apt.solver import corrected_target, prune_layer
 from apt.solver.patterns import Pattern, conforms, positive_zeros, sparsity_of
+from apt.solver.permute import balanced_permutation
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,11 @@ def prune_group(
             if cross is not None:
                 goal = corrected_target(weight, hessian, cross, config.correction, config.solver.damp_value)
             last = position == len(group.targets) - 1
-            pruned, summary = _solve_rows(target.name, goal, hessian, config, coll, consume=last)
+            partners = free_partners(layered.model, target) if config.permute and pattern.is_nm else None
+            if partners is None:
+                pruned, summary = _solve_rows(target.name, goal, hessian, config, coll, consume=last)
+            else:
+                pruned, summary = _permuted_if_better(target, goal, hessian, partners, config, coll, record)
             # round to the stored dtype now: later blocks calibrate on the model as it will be written
             stored = positive_zeros(pruned.to(layered.stored_dtype(target.parameter)))
             weight.copy_(stored.to(weight.dtype))
@@ -225,6 +231,20 @@ def prune_group(
         bar.update(1)
         give_back_memory()  # the solver's temporaries of this layer
     return records
+
+
+def _permuted_if_better(target, goal, hessian, partners, config: RunConfig, coll, record) -> tuple[torch.Tensor, dict]:
+    """Prune a down projection on its inputs as they are and in the balanced order (``apt.solver.permute``),
+    and keep the order whose loss after the exact refit is lower on the calibration tokens; a new order is
+    applied to the gate and up rows too, so the model computes the same function."""
+    plain = _solve_rows(target.name, goal, hessian, config, coll, consume=False)
+    perm = balanced_permutation(goal, hessian, config.solver.pattern.m)
+    moved = _solve_rows(target.name, goal[:, perm], hessian[perm][:, perm], config, coll, consume=True)
+    record["permuted_inputs"] = moved[1]["loss"] < plain[1]["loss"]
+    if not record["permuted_inputs"]:
+        return plain
+    permute_rows(partners, perm)  # the pruned weight's columns are in the new order: its inputs follow
+    return moved
 
 
 def _solve_rows(name, weight, hessian, config: RunConfig, coll: Collective, consume: bool) -> tuple[torch.Tensor, dict]:

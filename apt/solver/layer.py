@@ -27,6 +27,7 @@ from apt.solver.sweeps import LOOKAHEAD_MAX_CANDIDATES
 DEFAULT_DAMP = 0.01
 DEFAULT_REFIT_DAMP = 0.1
 REFINE_MODES = ("off", "local", "window", "exact")
+MASK_SEARCHES = ("off", "admm")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class PruneConfig:
     refit_damp: float | None = None
     reconstruct: bool | None = None
     refine: bool | str | None = None
+    mask_search: str | None = None
     lookahead: bool | None = None
     blocksize: int = 128
     tol: float = 1e-4
@@ -78,7 +80,7 @@ class PruneConfig:
             object.__setattr__(self, "refine", "exact")
         elif self.refine is False:
             object.__setattr__(self, "refine", "off")
-        for option in ("damp", "refit_damp", "reconstruct", "refine", "lookahead"):
+        for option in ("damp", "refit_damp", "reconstruct", "refine", "lookahead", "mask_search"):
             if getattr(self, option) is not None and option not in reads:
                 raise InvalidInputError(
                     f"{option} is not an option of method {self.method!r} "
@@ -88,6 +90,12 @@ class PruneConfig:
             value = getattr(self, option)
             if value is not None and not (value >= 0.0):
                 raise InvalidInputError(f"{option} must be >= 0, got {value}")
+        if self.mask_search is not None and self.mask_search not in MASK_SEARCHES:
+            raise InvalidInputError(f"mask_search takes one of {', '.join(MASK_SEARCHES)}, got {self.mask_search!r}")
+        if self.mask_search not in (None, "off") and not self.pattern.is_nm:
+            raise InvalidInputError(f"mask_search searches N:M supports; pattern {self.pattern} has none")
+        if self.mask_search not in (None, "off") and self.reconstruct is False:
+            raise InvalidInputError("mask_search sets only the mask: the exact refit must set its weights")
         if self.refine is not None and self.refine not in REFINE_MODES:
             raise InvalidInputError(f"refine takes one of {', '.join(REFINE_MODES)}, got {self.refine!r}")
         if self.blocksize < 1 or self.max_iter < 0 or self.max_damp_retries < 0 or self.tol <= 0:
@@ -116,6 +124,10 @@ class PruneConfig:
     @property
     def use_reconstruct(self) -> bool:
         return self.reconstruct is not False
+
+    @property
+    def mask_search_mode(self) -> str:
+        return self.mask_search or "off"
 
     @property
     def refine_mode(self) -> str:
@@ -152,6 +164,7 @@ class SolverStats:
     lookahead: bool = False
     refine_rounds: int = 0
     refine_swaps: int = 0
+    mask_search_steps: int = 0
     loss_before_reconstruction: float | None = None
 
     def as_dict(self) -> dict:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from apt.solver.admm import admm_support
 from apt.solver.hessian import factorise
 from apt.solver.loss import Quadratic
 from apt.solver.patterns import select_mask
@@ -61,6 +62,8 @@ def _apt(W, H, config, may_overwrite_H):
     else:
         W_hat, mask = sparsegpt_sweep(W_target.clone(), U, pattern, config.blocksize)
     del U  # the refit needs only the damped Hessian
+    if pattern.is_nm and config.mask_search_mode == "admm":
+        mask, info["mask_search_steps"] = admm_support(W_target, H_damped, W_hat, pattern)
     info["lookahead"] = lookahead
     if config.use_reconstruct:
         info["loss_before_reconstruction"] = undamped.loss(W_hat, W)
@@ -92,5 +95,5 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(_magnitude, frozenset()),
     "wanda": Method(_wanda, frozenset()),
     "sparsegpt": Method(_sparsegpt, frozenset({"damp"})),
-    "apt": Method(_apt, frozenset({"damp", "refit_damp", "reconstruct", "refine", "lookahead"})),
+    "apt": Method(_apt, frozenset({"damp", "refit_damp", "reconstruct", "refine", "lookahead", "mask_search"})),
 }

@@ -76,9 +76,7 @@ def test_a_layer_off_the_pattern_fails_with_the_plugins_error(tiny, tmp_path):
         tensors["model.layers.1.mlp.up_proj.weight"] = torch.ones_like(tensors["model.layers.1.mlp.up_proj.weight"])
 
     broken = copy_with(tiny / "plain", tmp_path / "broken", densify)
-    with pytest.raises(
-        InvalidInputError, match=r"model\.layers\.1\.mlp\.up_proj breaks 2:4 \(row 0, columns 0\.\.3\)"
-    ):
+    with pytest.raises(InvalidInputError, match=r"model\.layers\.1\.mlp\.up_proj breaks 2:4 \(row 0, columns 0\.\.3\)"):
         run_vllm(["generate", str(broken), "--quantization", "apt_sparse_24", "--max-tokens", "2"])
 
 

@@ -119,3 +119,42 @@ def test_corrected_target_fits_the_dense_outputs_from_the_pruned_inputs():
     torch.testing.assert_close(half, (W + expected) / 2, rtol=0, atol=1e-10)
     # with the same inputs on both sides the target is the weight itself
     torch.testing.assert_close(corrected_target(W, H, H, alpha=1.0, damp=0.0), W, rtol=0, atol=1e-10)
+
+
+def test_admm_support_search_stays_at_the_optimum_once_the_penalty_holds_it(correlated_layer):
+    # with H = I the optimum N:M weight is the magnitude projection of w; under a penalty larger than every
+    # pruned/kept ratio it is a fixed point of the iteration, which then stops after its patience
+    from apt.solver.admm import admm_support, project
+
+    W, _, _ = correlated_layer(8, 32)
+    H = torch.eye(32, dtype=W.dtype)
+    mask, steps = admm_support(W, H, project(W, Pattern(2, 4)), Pattern(2, 4), rho=50.0, patience=4)
+    assert torch.equal(mask, select_mask(W.abs(), Pattern(2, 4))) and steps == 4
+
+
+def test_admm_support_search_gives_an_n_m_mask_no_worse_than_its_start_after_the_refit(correlated_layer):
+    losses = {"off": [], "admm": []}
+    for seed in range(6):
+        W, H, _ = correlated_layer(6, 16, tokens=48, seed=seed)
+        for search in losses:
+            result = prune_layer(W, H, mask_search=search, refit_damp=0.0)
+            assert is_nm(result.weight)
+            losses[search].append(result.loss)
+    # the search starts from the joint-removal support: over these layers it must not lose overall
+    assert sum(losses["admm"]) <= sum(losses["off"]) * 1.02, losses
+
+
+def test_the_balanced_permutation_gives_each_group_one_channel_of_each_saliency_tier(correlated_layer):
+    from apt.solver.permute import balanced_permutation, inverse
+
+    W, H, _ = correlated_layer(8, 32)
+    perm = balanced_permutation(W, H, 4)
+    assert sorted(perm.tolist()) == list(range(32)) and torch.equal(perm[inverse(perm)], torch.arange(32))
+    saliency = H.diagonal() * (W * W).sum(dim=0)
+    tier = torch.empty(32, dtype=torch.long)
+    tier[saliency.argsort(descending=True)] = torch.arange(32) // 8
+    assert all(sorted(tier[perm[g * 4 : g * 4 + 4]].tolist()) == [0, 1, 2, 3] for g in range(8))
+
+
+def is_nm(weight):
+    return bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) <= 2).all())

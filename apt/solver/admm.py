@@ -1,0 +1,70 @@
+"""A search over the N:M support by ADMM (ALPS, Meng et al. 2024, arXiv 2406.07831, §3).
+
+The layer problem ``min (ŵ − w) H (ŵ − w)ᵀ`` subject to ``ŵ`` N:M is split as ``ŵ = d`` with ``d`` N:M and
+solved by the alternating directions, every row at once:
+
+    ŵ ← (w H + ρ (d − v)) (H + ρ I)⁻¹        one eigendecomposition of H serves every ρ
+    d ← Π(ŵ + v)                             per group of M, the N largest |·|
+    v ← v + ŵ − d                            (scaled dual; rescaled when ρ changes)
+
+With ρ small the ŵ step is the loss's own optimum pulled toward ``d``; as ρ rises the two meet and the
+support of ``d`` settles. It starts from apt's joint-removal solution and stops when the support has
+not changed for ``patience`` steps (or after ``max_iter``). The mask is the support of ``d``; the exact
+refit (``apt.solver.refit``) then sets the kept weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from apt.solver.patterns import Pattern
+
+
+def project(W: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The nearest N:M matrix in Frobenius norm: the N largest |w| of every group of M, the rest zero."""
+    rows, cols = W.shape
+    groups = W.reshape(rows, cols // pattern.m, pattern.m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.abs().topk(pattern.n, dim=2).indices, True)
+    return (groups * keep).reshape(rows, cols)
+
+
+def admm_support(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    start: torch.Tensor,
+    pattern: Pattern,
+    rho: float = 0.1,
+    growth: float = 1.3,
+    max_iter: int = 60,
+    patience: int = 4,
+) -> tuple[torch.Tensor, int]:
+    """The keep-mask ``[out, in]`` ADMM settles on for ``W`` ``[out, in]`` and positive definite ``H``
+    ``[in, in]``, from ``start`` (an N:M weight: apt's joint-removal result). ``rho`` is the first penalty
+    relative to ``mean(diag H)``, multiplied by ``growth`` every step. Returns ``(mask, steps)``."""
+    evals, Q = torch.linalg.eigh(H)
+    scale = float(H.diagonal().mean())
+    WH_Q = (W @ H) @ Q  # the loss's own pull, in H's eigenbasis
+    D = start.clone()
+    V = torch.zeros_like(W)
+    penalty = rho * scale
+    mask = D != 0
+    still = steps = 0
+    while steps < max_iter:
+        steps += 1
+        W_hat = ((WH_Q + penalty * ((D - V) @ Q)) / (evals + penalty)) @ Q.T
+        D = project(W_hat + V, pattern)
+        V += W_hat - D
+        new_mask = D != 0
+        still = still + 1 if bool(torch.equal(new_mask, mask)) else 0
+        mask = new_mask
+        if still >= patience:
+            break
+        V *= 1.0 / growth  # the scaled dual follows the penalty: v = λ / ρ
+        penalty *= growth
+    # a group whose largest values tie at zero keeps fewer than N: give it the rest by |w|
+    short = mask.reshape(mask.shape[0], -1, pattern.m).sum(-1) < pattern.n
+    if bool(short.any()):
+        fill = project(torch.where(mask, W.abs() + float("inf"), W.abs()), pattern) != 0
+        mask = torch.where(short.repeat_interleave(pattern.m, dim=1), fill, mask)
+    return mask, steps
