@@ -1,7 +1,6 @@
 """What the rule for starved MoE experts does: each expert's output error on held-out tokens, when experts that
-received few or no calibration tokens are pruned on their routed tokens alone, blended with every token
-the experts received (the default), or zeroed (what SparseGPT's dead-column rule makes of an expert with
-``H = 0``).
+received few or no calibration tokens are pruned on their routed tokens alone, or blended with every token
+the experts received (the default).
 
     python -m runtime_bench.moe_experts [--windows 8] [--seq-len 64]
 
@@ -9,7 +8,8 @@ A DeepSeek-V3 model of tiny, random weights (8 experts, top-2) whose router scor
 of every token and expert 6 of most: the random weights say nothing about accuracy, only about what each
 rule does to an expert's function. The error of expert e is ``‖f_pruned(x) − f_dense(x)‖² / ‖f_dense(x)‖²``
 over every held-out token the experts module receives (the tokens an expert would see once routing
-shifts on other text).
+shifts on other text). Zeroing an expert (what SparseGPT's dead-column rule makes of ``H = 0``) would
+lose its whole output, an error of 1 by definition; it is not run.
 """
 
 from __future__ import annotations
@@ -106,8 +106,6 @@ def run(windows: int, seq_len: int) -> dict:
             row[name] = float(((got - ref) ** 2).sum() / (ref**2).sum())
             if record["skipped"]:
                 row[name + " note"] = "left dense: " + record["skipped"]
-    for row in results["experts"].values():
-        row["zeroed (dead-column rule)"] = 1.0  # f_e ≡ 0: the whole output lost
     return results | {"windows": windows, "seq_len": seq_len, "held_out_rows": len(x)}
 
 
