@@ -165,6 +165,7 @@ class SolverStats:
     refine_rounds: int = 0
     refine_swaps: int = 0
     mask_search_steps: int = 0
+    mask_search_rows: int = 0  # rows that took the searched support (lower calibration loss after the refit)
     loss_before_reconstruction: float | None = None
 
     def as_dict(self) -> dict:

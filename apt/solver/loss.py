@@ -27,13 +27,18 @@ class Quadratic:
 
     def loss(self, W_hat: torch.Tensor | None, W: torch.Tensor) -> float:
         """``tr((Ŵ − W) H (Ŵ − W)ᵀ)``; ``W_hat=None`` is the all-zero weight."""
+        return float(self.row_losses(W_hat, W).sum())
+
+    def row_losses(self, W_hat: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor:
+        """Each row's ``(ŵ − w) H (ŵ − w)ᵀ`` ``[out]`` (float64); ``W_hat=None`` is the all-zero weight."""
         extra = self.matrix.diagonal() - self.diagonal  # zero until the matrix is damped in place
         damped = bool((extra != 0).any())
         step = max(1, CHUNK_ELEMENTS // max(W.shape[1], 1))
-        value = torch.zeros((), dtype=torch.float64, device=W.device)
+        rows = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
         for r0 in range(0, W.shape[0], step):
             D = -W[r0 : r0 + step] if W_hat is None else W_hat[r0 : r0 + step] - W[r0 : r0 + step]
-            value += ((D @ self.matrix) * D).sum(dtype=torch.float64)
+            part = ((D @ self.matrix) * D).sum(dim=1, dtype=torch.float64)
             if damped:
-                value -= ((D * D).sum(dim=0, dtype=torch.float64) * extra.to(torch.float64)).sum()
-        return float(value)
+                part -= (D * D).to(torch.float64) @ extra.to(torch.float64)
+            rows[r0 : r0 + step] = part
+        return rows

@@ -132,16 +132,18 @@ def test_admm_support_search_stays_at_the_optimum_once_the_penalty_holds_it(corr
     assert torch.equal(mask, select_mask(W.abs(), Pattern(2, 4))) and steps == 4
 
 
-def test_admm_support_search_gives_an_n_m_mask_no_worse_than_its_start_after_the_refit(correlated_layer):
-    losses = {"off": [], "admm": []}
+def test_admm_support_search_is_never_worse_than_joint_removal_and_better_somewhere(correlated_layer):
+    # each row keeps the support of lower calibration loss after the same refit: never worse, layer by layer
+    gained = 0
     for seed in range(6):
         W, H, _ = correlated_layer(6, 16, tokens=48, seed=seed)
-        for search in losses:
-            result = prune_layer(W, H, mask_search=search, refit_damp=0.0)
-            assert is_nm(result.weight)
-            losses[search].append(result.loss)
-    # the search starts from the joint-removal support: over these layers it must not lose overall
-    assert sum(losses["admm"]) <= sum(losses["off"]) * 1.02, losses
+        off = prune_layer(W, H, mask_search="off")
+        admm = prune_layer(W, H, mask_search="admm")
+        assert is_nm(admm.weight) and admm.loss <= off.loss * (1 + 1e-12), (seed, admm.loss, off.loss)
+        rows = admm.stats.mask_search_rows
+        assert 0 <= rows <= 6 and (rows == 0) == torch.equal(admm.mask, off.mask)
+        gained += admm.loss < off.loss * (1 - 1e-6)
+    assert gained > 0  # the search finds a better support on some of these layers
 
 
 def test_the_balanced_permutation_gives_each_group_one_channel_of_each_saliency_tier(correlated_layer):
