@@ -8,10 +8,10 @@ solved by the alternating directions, every row at once:
     v ← v + ŵ − d                            (scaled dual; rescaled when ρ changes)
 
 With ρ small the ŵ step is the loss's own optimum pulled toward ``d``; as ρ rises the two meet and the
-support of ``d`` settles. It starts from apt's joint-removal solution and stops when the support has
-not changed for ``patience`` steps (or after ``max_iter``). The mask is the support of ``d``; the exact
-refit (``apt.solver.refit``) then sets the kept weights, and each row keeps whichever support, searched or
-joint-removal, has the lower loss after it (``apt.solver.methods``).
+support of ``d`` settles. It starts from apt's joint-removal solution; a row's support is final once it
+has not changed for ``patience`` steps (or after ``max_iter``), so each row's result is its own. The mask
+is the support of ``d``; the exact refit (``apt.solver.refit``) then sets the kept weights, and each row
+keeps whichever support, searched or joint-removal, has the lower loss after it (``apt.solver.methods``).
 
 The defaults (ρ₀ = 0.03·mean diag H, ×1.2 a step, at most 100 steps, patience 5) were chosen on 21
 SmolLM2-135M layers (``python -m runtime_bench.mask_diagnosis``): a faster rise (ρ₀ 0.3, ×1.5) settles in
@@ -55,19 +55,29 @@ def admm_support(
     V = torch.zeros_like(W)
     penalty = rho * scale
     mask = D != 0
-    still = steps = 0
-    while steps < max_iter:
+    # each row settles on its own and leaves the iteration: rows are independent, so a row's support must
+    # not depend on which other rows share the call (torchrun splits a layer's rows over the ranks)
+    settled = mask.clone()
+    rows = torch.arange(W.shape[0], device=W.device)  # the rows still moving
+    still = torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
+    steps = 0
+    while steps < max_iter and rows.numel():
         steps += 1
         W_hat = ((WH_Q + penalty * ((D - V) @ Q)) / (evals + penalty)) @ Q.T
         D = project(W_hat + V, pattern)
         V += W_hat - D
         new_mask = D != 0
-        still = still + 1 if bool(torch.equal(new_mask, mask)) else 0
+        still = torch.where((new_mask == mask).all(dim=1), still + 1, 0)
         mask = new_mask
-        if still >= patience:
-            break
+        now = still >= patience
+        if bool(now.any()):
+            settled[rows[now]] = mask[now]
+            going = ~now
+            rows, WH_Q, D, V, mask, still = (t[going] for t in (rows, WH_Q, D, V, mask, still))
         V *= 1.0 / growth  # the scaled dual follows the penalty: v = λ / ρ
         penalty *= growth
+    settled[rows] = mask  # rows still moving after max_iter
+    mask = settled
     # a group whose largest values tie at zero keeps fewer than N: give it the rest by |w|
     short = mask.reshape(mask.shape[0], -1, pattern.m).sum(-1) < pattern.n
     if bool(short.any()):

@@ -61,11 +61,13 @@ def test_reduced_hessian_and_row_split_solve_equal_one_process(tmp_path):
     X, W = mix @ torch.randn(64, 400, generator=g), torch.randn(24, 64, generator=g)
     torch.save({"X": X, "W": W}, tmp_path / "layer.pt")
     mp.spawn(one_layer_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    H = X @ X.T
-    single = prune_layer(W, H, config=PruneConfig())
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(got["H"], H, rtol=1e-5, atol=1e-3)  # float sums in another order
+        torch.testing.assert_close(got["H"], X @ X.T, rtol=1e-5, atol=1e-3)  # float sums in another order
+        # on that Hessian, each rank's half of the rows with the other's gathered is the one-process solve
+        # (the default ADMM search included: each row settles on its own)
+        single = prune_layer(W, got["H"], config=PruneConfig())
+        assert single.stats.mask_search_rows > 0
         assert is_nm_sparse(got["W"])
         assert torch.equal(got["W"] != 0, single.weight != 0)  # the same masks
         torch.testing.assert_close(got["W"], single.weight, rtol=1e-4, atol=1e-5)
@@ -83,8 +85,11 @@ FAST = ["--num-calibration-samples", "8", "--max-seq-length", "32", "--batch-siz
 
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])  # DeepSeek-V3: one dense block, then MoE blocks
 def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path, family):
+    # the sweep's masks: the ADMM search's thresholds turn the ranks' float summation order into more mask
+    # flips (measured 94.5 % of groups agree), which would hide what this test looks for; the row split
+    # with the search is checked exactly above
     src = save_tiny_model(family, tmp_path / "src", num_hidden_layers=3)
-    run = torchrun("prune", "--model", str(src), "--out", str(tmp_path / "two"), *FAST)
+    run = torchrun("prune", "--model", str(src), "--out", str(tmp_path / "two"), *FAST, "--mask-search", "off")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 ranks (gloo)" in run.stdout and run.stdout.count("all N:M valid: True") == 1  # rank 0 prints
     one = prune_model(
@@ -94,7 +99,7 @@ def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path, family):
             num_calibration_samples=8,
             max_seq_length=32,
             num_eval_windows=4,
-            run=RunConfig(batch_size=2),
+            run=RunConfig(batch_size=2, solver=PruneConfig(mask_search="off")),
         )
     )
     two = json.loads((tmp_path / "two" / REPORT_NAME).read_text())

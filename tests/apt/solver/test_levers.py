@@ -146,6 +146,18 @@ def test_admm_support_search_is_never_worse_than_joint_removal_and_better_somewh
     assert gained > 0  # the search finds a better support on some of these layers
 
 
+def test_admm_support_of_a_row_does_not_depend_on_the_rows_beside_it(correlated_layer):
+    # torchrun solves a layer's rows in slices: each row must settle on the support it settles on alone
+    from apt.solver.admm import admm_support, project
+
+    W, H, _ = correlated_layer(12, 32, tokens=64, seed=3)
+    start = project(W, Pattern(2, 4))
+    whole, steps = admm_support(W, H, start, Pattern(2, 4))
+    alone = [admm_support(W[r : r + 1], H, start[r : r + 1], Pattern(2, 4)) for r in range(12)]
+    assert torch.equal(whole, torch.cat([mask for mask, _ in alone]))
+    assert steps == max(s for _, s in alone) and len({s for _, s in alone}) > 1  # rows settle at different steps
+
+
 def test_the_balanced_permutation_gives_each_group_one_channel_of_each_saliency_tier(correlated_layer):
     from apt.solver.permute import balanced_permutation, inverse
 

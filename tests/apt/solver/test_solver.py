@@ -68,8 +68,17 @@ def test_single_group_joint_removal_is_exactly_optimal(correlated_layer):
 def test_apt_against_brute_force_optimum(correlated_layer, shape):
     # the optimum of the loss on H itself, so apt refits on H itself (refit_damp=0); the default ridge
     # minimises another objective on purpose (its optimum is checked in test_levers.py)
-    exact = dict(damp=0.0, tol=1e-12, refit_damp=0.0)
-    ratios = {"sparsegpt": [], "apt (plain)": [], "apt": [], "apt+refine": [], "apt (default ridge)": []}
+    # the sweep's own masks (mask_search off), then the default ADMM support search on top of them
+    exact = dict(damp=0.0, tol=1e-12, refit_damp=0.0, mask_search="off")
+    ratios = {
+        "sparsegpt": [],
+        "apt (plain)": [],
+        "apt": [],
+        "apt+refine": [],
+        "apt+admm": [],
+        "apt (default ridge)": [],
+        "apt (defaults)": [],
+    }
     for seed in range(24):
         W, H, _ = correlated_layer(*shape, seed=seed)
         optimum = brute_force_optimum(W, H)
@@ -77,14 +86,20 @@ def test_apt_against_brute_force_optimum(correlated_layer, shape):
         ratios["apt (plain)"].append(prune_layer(W, H, lookahead=False, **exact).loss / optimum)
         ratios["apt"].append(prune_layer(W, H, method="apt", **exact).loss / optimum)
         ratios["apt+refine"].append(prune_layer(W, H, method="apt", refine="exact", **exact).loss / optimum)
-        ratios["apt (default ridge)"].append(prune_layer(W, H, damp=0.0, tol=1e-12).loss / optimum)
+        ratios["apt+admm"].append(prune_layer(W, H, **(exact | {"mask_search": "admm"})).loss / optimum)
+        ratios["apt (default ridge)"].append(prune_layer(W, H, damp=0.0, tol=1e-12, mask_search="off").loss / optimum)
+        ratios["apt (defaults)"].append(prune_layer(W, H, damp=0.0, tol=1e-12).loss / optimum)
     median = {k: torch.tensor(v).median().item() for k, v in ratios.items()}
     assert min(min(v) for v in ratios.values()) >= 1.0 - 1e-9  # nothing beats the optimum
     assert median["apt"] <= 1.5, median
     assert median["apt+refine"] <= 1.1, median
     assert median["apt"] < median["apt (plain)"] < median["sparsegpt"], median
+    # each row keeps the better of the searched and the sweep's support: never worse, layer by layer
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(ratios["apt+admm"], ratios["apt"])), median
+    assert sum(ratios["apt+admm"]) < sum(ratios["apt"]) - 1e-6, median  # and better on some layers
     # the ridge gives up some of the calibration loss, never so much that SparseGPT comes close
     assert median["apt"] <= median["apt (default ridge)"] <= 0.6 * median["sparsegpt"], median
+    assert median["apt (defaults)"] <= median["apt (default ridge)"] * (1 + 1e-9), median
 
 
 def test_reconstruction_matches_per_row_least_squares(correlated_layer):
