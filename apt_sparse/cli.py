@@ -67,7 +67,7 @@ def _add_prune(sub) -> None:
         "--mask-search",
         default=None,
         choices=["off", "admm"],
-        help="apt: search the N:M support by ADMM from the joint-removal mask before the refit (default off)",
+        help="apt: search the N:M support by ADMM from the sweep's mask before the refit (default: admm on N:M)",
     )
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="apt: one-group lookahead")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None, help="apt: exact refit")
@@ -80,7 +80,12 @@ def _add_prune(sub) -> None:
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--num-eval-windows", type=int, default=32)
     p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True, help="measure accuracy")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="compute dtype (auto: bfloat16 for a bfloat16 checkpoint, else float32)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: holds the current block and its Hessians")
     p.add_argument(
         "--offload-activations",
@@ -373,7 +378,11 @@ def _export(args) -> None:
 def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="prune (apt and baselines) → export → bench → report on the offline model")
     d.add_argument("--out", required=True, help="output folder for checkpoints, artifacts, results.json, report.md")
-    d.add_argument("--quick", action="store_true", help="small settings (CI): two methods, tiny calibration")
+    d.add_argument(
+        "--quick",
+        action="store_true",
+        help="small settings (CI): two methods, tiny calibration, apt without the ADMM search",
+    )
     d.add_argument("--model", default="smollm2-135m", help="the model to run the chain on (default smollm2-135m)")
     d.add_argument(
         "--vllm-check",

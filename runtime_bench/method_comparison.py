@@ -1,7 +1,7 @@
 """Accuracy of every pruning method and every accuracy lever, in one run, in and out of the calibration domain.
 
     python -m runtime_bench.method_comparison [--model smollm2-135m] [--encoder minilm] [--windows 32]
-        [--seq-len 512] [--eval-windows 16] [--rows NAME ...] [--keep DIR]
+        [--seq-len 512] [--eval-windows 16] [--rows NAME ...] [--keep DIR] [--out FILE] [--merge]
 
 Every row prunes the model once (``PruneJob``, the same code as ``apt-sparse prune``) and is measured on:
 
@@ -15,7 +15,8 @@ For a causal LM the figure is perplexity, for the encoder (``--encoder``, all-Mi
 sentence embeddings to the dense model's, on the same domains. The dense model is measured once per
 domain, on the same windows. Each row also records its pruning seconds and summed relative layer loss.
 Results are written after every row (``--out``, atomically), so an interrupted run keeps what it measured;
-a section not measured again (``--model ''`` or ``--encoder ''``) is kept from ``--out``.
+a section not measured again (``--model ''`` or ``--encoder ''``) is kept from ``--out``, and with
+``--merge`` so are the rows of a measured section that ``--rows`` does not name (same calibration only).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Row:
     calibration: str = "stdlib"
     windows: int | None = None  # None: the study's --windows
     encoder: bool = False  # also run on the encoder
+    job: dict = field(default_factory=dict)  # PruneJob options (the compute dtype)
 
 
 # One row per method, then one per lever on top of apt's defaults (and apt as it was before them).
@@ -63,12 +65,15 @@ ROWS: dict[str, Row] = {
     "wanda": Row({"method": "wanda"}),
     "sparsegpt": Row({"method": "sparsegpt"}, encoder=True),
     "apt": Row({"method": "apt"}, encoder=True),
-    "apt, no refit ridge (before)": Row({"method": "apt", "refit_damp": 0.0}, encoder=True),
+    "apt, sweep mask only (before the ADMM search)": Row({"method": "apt", "mask_search": "off"}, encoder=True),
+    "apt, no refit ridge (before)": Row({"method": "apt", "refit_damp": 0.0, "mask_search": "off"}, encoder=True),
     "apt, refit ridge 0.3": Row({"method": "apt", "refit_damp": 0.3}),
     "apt, local swaps (3 rounds)": Row({"method": "apt", "refine": "local", "max_refine_rounds": 3}),
     "apt, error-correcting targets α=0.5": Row({"method": "apt"}, run={"correction": 0.5}),
     "apt, 4× calibration tokens": Row({"method": "apt"}, windows=128),
     "sparsegpt, 4× calibration tokens": Row({"method": "sparsegpt"}, windows=128),
+    "apt, permuted down_proj inputs": Row({"method": "apt"}, run={"permute": True}),
+    "apt, bfloat16 compute": Row({"method": "apt"}, job={"dtype": "bfloat16"}),
 }
 
 
@@ -112,11 +117,13 @@ def prune_row(model: str, row: Row, windows: int, seq_len: int, out: Path) -> di
         max_seq_length=seq_len,
         evaluate=False,
         overwrite=True,
+        **row.job,
     )
     report = prune_model(job)
     return {
         "solver": {k: str(v) if k == "pattern" else v for k, v in asdict(solver).items()},
         "run": row.run,
+        "job": row.job,
         "calibration": {"source": row.calibration, "windows": row.windows or windows, "seq_len": seq_len},
         "sum_relative_loss": report["totals"]["sum_relative_loss"],
         "seconds_pruning": report["totals"]["seconds_pruning"],
@@ -199,9 +206,11 @@ def run_study(args, out_root: Path, results: dict) -> None:
         start = time.perf_counter()
         domains = Domains(model, "stdlib", args.domains, args.eval_windows, args.seq_len)
         section = results.setdefault(label, {"model": model, "metric": domains.metric, "rows": {}})
-        section["command"] = shlex.join(
+        command = shlex.join(
             ["python", "-m", "runtime_bench.method_comparison", *(sys.argv[1:] if args.argv is None else args.argv)]
         )
+        merged = args.merge and section.get("command") and section["command"] != command
+        section["command"] = f"{section['command']} && {command}" if merged else command
         section["dense"] = domains.reference
         section["seconds_dense_evaluation"] = time.perf_counter() - start
         print(f"{model} dense: " + "  ".join(f"{d} {v:.4g}" for d, v in domains.reference.items()), flush=True)
@@ -242,6 +251,9 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the pruned folders here")
     parser.add_argument("--out", type=Path, default=RESULTS / "method_comparison.json")
     parser.add_argument("--render", action="store_true", help="only redo the ratios, tables and plot of --out")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep --out's other rows: measure only --rows (same calibration)"
+    )
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(args.out.read_text())
@@ -265,9 +277,13 @@ def main(argv=None) -> None:
     if args.out.is_file():  # a section not measured again (--model '' or --encoder '') is kept
         kept = json.loads(args.out.read_text())
         if kept.get("schema") == results["schema"]:
+            if args.merge and kept["calibration"] != results["calibration"]:
+                raise SystemExit(
+                    f"--merge: {args.out} was calibrated on {kept['calibration']}, not {results['calibration']}"
+                )
             results |= {label: kept[label] for label in ("causal", "encoder") if label in kept}
             for label, model in (("causal", args.model), ("encoder", args.encoder)):
-                if model:
+                if model and not args.merge:
                     results.pop(label, None)
     with tempfile.TemporaryDirectory() as tmp:
         run_study(args, args.keep or Path(tmp), results)

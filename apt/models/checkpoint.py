@@ -167,6 +167,14 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder} has no tensor named {name}")
         return self.tensors[name]
 
+    def float_dtype(self) -> torch.dtype | None:
+        """The dtype most of the checkpoint's floating-point elements are stored in (None: no float tensor)."""
+        elements: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            if info.dtype.is_floating_point:
+                elements[info.dtype] = elements.get(info.dtype, 0) + info.nbytes // info.dtype.itemsize
+        return max(elements, key=elements.get) if elements else None
+
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, read into fresh memory (no memory map is kept), optionally cast to ``dtype``."""
         info = self.info(name)

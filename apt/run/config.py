@@ -50,7 +50,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class PruneJob:
-    """One pruning run. ``dtype`` is the compute dtype (the output keeps the checkpoint's own dtypes);
+    """One pruning run. ``dtype`` is the compute dtype (the output keeps the checkpoint's own dtypes):
+    ``auto`` computes a checkpoint stored in bfloat16 in bfloat16 and any other in float32 (Hessians and
+    the solver are float32 either way);
     ``activations`` where calibration activations live (``host`` memory, the compute ``device``, or
     ``disk`` under ``activation_dir``, default the partial output folder) and ``activation_dtype`` their
     dtype (default: the compute dtype). ``num_eval_windows=None`` evaluates every full window."""
@@ -63,7 +65,7 @@ class PruneJob:
     num_calibration_samples: int = 128
     max_seq_length: int = 512
     num_eval_windows: int | None = 32
-    dtype: str = "float32"
+    dtype: str = "auto"
     activations: str = "host"
     activation_dtype: str | None = None
     activation_dir: str | None = None
@@ -77,8 +79,10 @@ class PruneJob:
     def __post_init__(self):
         if self.num_calibration_samples < 1 or (self.num_eval_windows is not None and self.num_eval_windows < 1):
             raise InvalidInputError("--num-calibration-samples and --num-eval-windows must be at least 1")
-        if self.dtype not in DTYPES or (self.activation_dtype or self.dtype) not in DTYPES:
-            raise InvalidInputError(f"--dtype and --activation-dtype take one of {', '.join(DTYPES)}")
+        if self.dtype not in ("auto", *DTYPES) or (self.activation_dtype or "float32") not in DTYPES:
+            raise InvalidInputError(
+                f"--dtype takes auto or one of {', '.join(DTYPES)}; --activation-dtype one of {', '.join(DTYPES)}"
+            )
         if self.activations not in ACTIVATION_PLACES:
             raise InvalidInputError(f"--offload-activations takes one of {', '.join(ACTIVATION_PLACES)}")
         if self.activation_dir and self.activations != "disk":

@@ -32,6 +32,7 @@ def build_report(
             "causal": layered.layout.causal,
             "base_model": source.origin,
             "layout": layered.layout.how,
+            "compute_dtype": str(layered.dtype).removeprefix("torch."),
         },
         "config": {k: v for k, v in dataclasses.asdict(job).items() if k != "run"}
         | {"run": json.loads(json.dumps(dataclasses.asdict(job.run), default=str))},

@@ -71,6 +71,24 @@ def test_4_8_and_unstructured_patterns_follow_their_pattern(tmp_path, pattern, n
     assert not_2_4 == len(report["layers"])  # every layer uses the freedom 2:4 would not allow
 
 
+def test_the_compute_dtype_follows_a_bfloat16_checkpoint_unless_asked(tmp_path):
+    float32 = save_tiny_model("llama", tmp_path / "f32")
+    bf16 = save_tiny_model("llama", tmp_path / "bf16", poison=lambda model: model.to(torch.bfloat16))
+    reports = {
+        name: prune_model(PruneJob(model=str(src), out=str(tmp_path / name), dtype=dtype, evaluate=False, **FAST))
+        for name, src, dtype in (("a", float32, "auto"), ("b", bf16, "auto"), ("c", bf16, "float32"))
+    }
+    assert [r["model"]["compute_dtype"] for r in reports.values()] == ["float32", "bfloat16", "float32"]
+    computed_bf16, computed_f32 = CheckpointReader(tmp_path / "b"), CheckpointReader(tmp_path / "c")
+    differ = 0
+    for record in reports["b"]["layers"]:
+        a, b = computed_bf16.read(record["tensor"]), computed_f32.read(record["tensor"])
+        # written in the checkpoint's own dtype either way; the compute dtype changes the result
+        assert a.dtype == b.dtype == torch.bfloat16 and is_nm_sparse(a, 2, 4) and is_nm_sparse(b, 2, 4)
+        differ += not torch.equal(a, b)
+    assert differ > 0
+
+
 def quick_prune(src, out, *extra) -> list[str]:
     """The prune command on a tiny calibration set, without evaluation."""
     args = ["--num-calibration-samples", "2", "--max-seq-length", "16", "--no-evaluate", *extra]
