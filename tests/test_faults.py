@@ -17,18 +17,9 @@ from apt.models.loading import resolve_model
 from apt_sparse.cli import main
 
 from .apt.tiny_models import save_tiny_model
+from .faults_driver import FAST
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = [
-    "--num-calibration-samples",
-    "4",
-    "--max-seq-length",
-    "32",
-    "--num-eval-windows",
-    "2",
-    "--max-shard-size",
-    "8MB",
-]
 
 
 def namespaces_work() -> str | None:

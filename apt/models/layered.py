@@ -128,8 +128,14 @@ class LayeredModel:
 
     @classmethod
     def from_folder(
-        cls, folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code=False
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        trust_remote_code=False,
+        reader: CheckpointReader | None = None,
     ) -> LayeredModel:
+        """The model of ``folder``, its tensors read block by block through ``reader`` (default: a new one)."""
         import transformers
 
         folder = Path(folder)
@@ -137,7 +143,7 @@ class LayeredModel:
             config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"could not read a model config from {folder}: {err}") from err
-        reader = CheckpointReader(folder)
+        reader = reader or CheckpointReader(folder)
         with parameters_on_meta():
             model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         for buffer in model.buffers():

@@ -115,8 +115,9 @@ class _Source:
 
 def _open_source(job: PruneJob) -> _Source:
     source, folder = source_folder(job.model, job.trust_remote_code)
-    dtype = compute_dtype(job.dtype, CheckpointReader(folder))
-    layered = LayeredModel.from_folder(folder, DTYPES[dtype], job.run.device, job.trust_remote_code)
+    reader = CheckpointReader(folder)
+    dtype = compute_dtype(job.dtype, reader)
+    layered = LayeredModel.from_folder(folder, DTYPES[dtype], job.run.device, job.trust_remote_code, reader)
     layer_plan(layered, job.run)  # a --targets/--ignore that matches nothing fails here
     tokenizer = load_tokenizer(folder, job.trust_remote_code)
     calibration = load_text(job.calibration_data, seed=job.seed)

@@ -63,7 +63,7 @@ def _apt(W, H, config, may_overwrite_H):
         W_hat, mask = sparsegpt_sweep(W_target.clone(), U, pattern, config.blocksize)
     del U  # the refit needs only the damped Hessian
     searched = None
-    if pattern.is_nm and config.mask_search_mode == "admm":
+    if config.mask_search_mode == "admm":  # N:M only: PruneConfig refuses it on other patterns
         searched, info["mask_search_steps"] = admm_support(W_target, H_damped, W_hat, pattern)
     info["lookahead"] = lookahead
     if config.use_reconstruct:
