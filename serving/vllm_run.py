@@ -47,7 +47,8 @@ def run_vllm(command: list[str], timeout: float = 900) -> dict:
     python = vllm_python()
     if python is None:
         raise InvalidInputError("no environment with vLLM here: set APT_SPARSE_VLLM_PYTHON or run make install")
-    env = os.environ | {"PYTHONPATH": str(REPOSITORY), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the tests' interpreter: not vLLM's
+    env |= {"PYTHONPATH": str(REPOSITORY), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     run = subprocess.run(
         [python, "-m", "serving.vllm_run", *command], capture_output=True, text=True, timeout=timeout, env=env
     )

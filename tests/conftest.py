@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Our Triton kernels (serving.triton24) run on the CPU under Triton's interpreter, which Triton switches on
+# when it is imported with TRITON_INTERPRET=1: set before anything imports triton. On a GPU they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

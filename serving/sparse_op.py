@@ -1,0 +1,308 @@
+"""One sparse linear op for serving: ``torch.ops.apt_sparse.linear24``, and the module that holds its weights.
+
+The op is a ``torch.library`` custom op, so CUDA graphs, ``torch.compile`` and vLLM's compiled path see one
+opaque call (its fake implementation gives the output's shape). Each call looks up the number of tokens M
+in the layer's *dispatch* (bands of M, each with a path and its launch) and runs that path:
+
+=============  ==========================================================================================
+``dense``      cuBLAS on the dense weight (``F.linear``)
+``apt-gemv``   our decode kernel (``serving.triton24``, CUDA cores), M ≤ 8
+``apt-mma``    our tensor-core kernel over the same compressed layout, any M ≥ 1
+``cusparselt`` cuSPARSELt (``torch._cslt_sparse_mm``) on its own compressed copy, with the algorithm
+               chosen at load; eager calls rebuild its plan (~0.45 ms on PyTorch ≤ 2.11), graphed
+               replays do not
+``apt-unpack`` our layout decompressed on the device into a transient buffer, then cuBLAS
+=============  ==========================================================================================
+
+Two memory modes:
+
+- ``speed-first`` keeps the dense weight for the bands where dense wins (and cuSPARSELt's copy where a band
+  uses it): about 1.56× (or 2.1×) the dense bytes, never slower than dense where the dispatch was measured.
+- ``memory-first`` keeps only our layout (0.5625× the dense bytes in fp16/bf16): ``apt-*`` paths only.
+
+Where nothing was measured, ``speed-first`` is dense everywhere and ``memory-first`` takes ``apt-gemv`` up to
+8 tokens, ``apt-mma`` up to 255 and ``apt-unpack`` from 256 (an unmeasured default, said as such);
+``runtime_bench.gpu_suite`` measures the bands per shape (graphed) and writes them to a dispatch file.
+Where a path cannot run (a CPU), the ``apt-*`` paths compute the same product through the dense weight
+unpacked by PyTorch, and a ``cusparselt`` band falls back to the dense weight.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from serving import triton24
+from serving.kernels import cusparselt
+from serving.layout import check_24, pack_24, unpack_24
+from serving.triton24 import KernelConfig
+
+PATHS = ("dense", "apt-gemv", "apt-mma", "cusparselt", "apt-unpack")
+SPEED_FIRST, MEMORY_FIRST = "speed-first", "memory-first"
+MODES = (SPEED_FIRST, MEMORY_FIRST)
+MEMORY_FIRST_PATHS = ("apt-gemv", "apt-mma", "apt-unpack")
+_WORDS = 9  # per band in the op's plan: start, path, and 7 launch integers
+CSLT_PAD = 16  # cuSPARSELt wants the token count padded to this
+
+
+@dataclass(frozen=True)
+class Band:
+    """Token counts from ``start`` on (until the next band) run ``path``: a ``gemv``/``mma`` launch
+    ``config`` for the ``apt-gemv``/``apt-mma`` paths, cuSPARSELt's ``alg_id`` for ``cusparselt``."""
+
+    start: int
+    path: str
+    config: KernelConfig | None = None
+    alg_id: int = 0
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"path {self.path!r}: one of {', '.join(PATHS)}")
+        if self.start < 1:
+            raise ValueError(f"a band starts at 1 token or more, not {self.start}")
+        kernel = {"apt-gemv": "gemv", "apt-mma": "mma"}.get(self.path)
+        if kernel and (self.config is None or self.config.kernel != kernel):
+            raise ValueError(f"a {self.path} band needs a {kernel} KernelConfig")
+        if self.path == "apt-gemv" and self.start > self.config.block_m:
+            raise ValueError(f"an apt-gemv band from {self.start} tokens needs block_m >= the tokens it serves")
+
+    def as_dict(self) -> dict:
+        out = {"start": self.start, "path": self.path}
+        if self.config is not None:
+            out["config"] = self.config.as_dict()
+        if self.path == "cusparselt":
+            out["alg_id"] = self.alg_id
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Band:
+        config = KernelConfig(**data["config"]) if data.get("config") else None
+        return cls(int(data["start"]), data["path"], config, int(data.get("alg_id", 0)))
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Bands of token counts, the first from 1; ``origin`` says where they came from (measured or not)."""
+
+    bands: tuple[Band, ...]
+    origin: str = "unmeasured default"
+
+    def __post_init__(self):
+        starts = tuple(b.start for b in self.bands)
+        if not starts or starts[0] != 1 or list(starts) != sorted(set(starts)):
+            raise ValueError(f"dispatch bands must start at 1 and rise: {starts}")
+        for band, nxt in zip(self.bands, self.bands[1:] + (None,)):
+            if band.path == "apt-gemv" and (nxt is None or nxt.start - 1 > band.config.block_m):
+                raise ValueError(f"the apt-gemv band from {band.start} must end by {band.config.block_m} tokens")
+
+    def band_for(self, tokens: int) -> Band:
+        chosen = self.bands[0]
+        for band in self.bands:
+            if tokens >= band.start:
+                chosen = band
+        return chosen
+
+    @property
+    def paths(self) -> set[str]:
+        return {b.path for b in self.bands}
+
+    def check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: {' or '.join(MODES)}")
+        if mode == MEMORY_FIRST and not self.paths <= set(MEMORY_FIRST_PATHS):
+            raise ValueError(
+                f"memory-first keeps only our compressed layout; this dispatch uses {sorted(self.paths)}: "
+                f"use {', '.join(MEMORY_FIRST_PATHS)}"
+            )
+
+    def encode(self) -> list[int]:
+        """The op's ``plan``: nine integers a band (start, path, then the launch or cuSPARSELt's algorithm)."""
+        plan = []
+        for b in self.bands:
+            launch = b.config.as_list() if b.config is not None else [b.alg_id, 0, 0, 0, 0, 0, 0]
+            plan += [b.start, PATHS.index(b.path), *launch]
+        return plan
+
+    def as_dict(self) -> dict:
+        return {"origin": self.origin, "bands": [b.as_dict() for b in self.bands]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Dispatch:
+        return cls(tuple(Band.from_dict(b) for b in data["bands"]), data.get("origin", "a dispatch file"))
+
+    def describe(self) -> str:
+        parts = []
+        for band, nxt in zip(self.bands, self.bands[1:] + (None,)):
+            upto = f"-{nxt.start - 1}" if nxt is not None else "+"
+            parts.append(f"M {band.start}{upto}: {band.path}")
+        return "; ".join(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded(plan: tuple[int, ...]) -> tuple[tuple[int, str, KernelConfig | None, int], ...]:
+    bands = []
+    for i in range(0, len(plan), _WORDS):
+        start, path, *launch = plan[i : i + _WORDS]
+        name = PATHS[path]
+        config = KernelConfig.from_list(launch) if name in ("apt-gemv", "apt-mma") else None
+        bands.append((start, name, config, launch[0]))
+    return tuple(bands)
+
+
+def dense_dispatch() -> Dispatch:
+    return Dispatch((Band(1, "dense"),), "dense everywhere (nothing measured: speed-first is never slower)")
+
+
+def memory_first_default(n: int, k: int) -> Dispatch:
+    """Our layout only, by rule of thumb: gemv to 8 tokens, mma to 255, unpack + cuBLAS from 256."""
+    return Dispatch(
+        (
+            Band(1, "apt-gemv", triton24.default_config("gemv", 8, n, k)),
+            Band(9, "apt-mma", triton24.default_config("mma", 64, n, k)),
+            Band(256, "apt-unpack"),
+        ),
+        "unmeasured default (gemv ≤ 8, mma ≤ 255, unpack from 256)",
+    )
+
+
+def from_threshold(threshold: int | None) -> Dispatch:
+    """A measured threshold of the older decode-safe rule: dense below it, cuSPARSELt from it (``None``: dense)."""
+    if threshold is None:
+        return dense_dispatch()
+    bands = (Band(threshold, "cusparselt"),) if threshold <= 1 else (Band(1, "dense"), Band(threshold, "cusparselt"))
+    return Dispatch(bands, f"cuSPARSELt from {threshold} tokens (measured threshold)")
+
+
+def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor, bias, alg_id: int) -> torch.Tensor:
+    m = x.shape[0]
+    pad = (-m) % CSLT_PAD
+    padded = F.pad(x, (0, 0, 0, pad)) if pad else x
+    out = torch._cslt_sparse_mm(compressed, padded.t(), bias=bias, transpose_result=True, alg_id=alg_id)
+    return out[:m] if pad else out
+
+
+def _reference(x, values, codes, bias) -> torch.Tensor:
+    """The same product through PyTorch: our layout unpacked, then the dense GEMM (the CPU path)."""
+    from serving.layout import Packed24
+
+    weight = unpack_24(Packed24(values, codes, 4 * values.shape[2]))
+    return F.linear(x, weight, bias)
+
+
+def _run(band, x, values, codes, dense, compressed, bias) -> torch.Tensor:
+    _, path, config, alg_id = band
+    runs_ours = triton24.available(x.device)[0]
+    if path == "cusparselt":
+        if compressed is not None and x.is_cuda:
+            return _cslt_linear(x, compressed, bias, alg_id)
+        path = "dense" if dense is not None else "apt-unpack"
+    if path == "dense":
+        if dense is None:
+            raise RuntimeError("apt_sparse::linear24: a dense band, but the layer keeps no dense weight (memory-first)")
+        return F.linear(x, dense, bias)
+    if not runs_ours:
+        return _reference(x, values, codes, bias)
+    if path == "apt-unpack":
+        return F.linear(x, triton24.unpack24(values, codes), bias)
+    return triton24.linear24(x, values, codes, bias, config)
+
+
+@torch.library.custom_op("apt_sparse::linear24", mutates_args=())
+def linear24(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    dense: torch.Tensor | None,
+    compressed: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    plan: list[int],
+) -> torch.Tensor:
+    """``x @ Wᵀ (+ bias)`` for a 2:4 ``W`` ``[N, K]``: ``x`` ``[..., K]`` → ``[..., N]`` in ``x``'s dtype.
+
+    ``values``/``codes``: ``W`` in our layout; ``dense``: ``W`` itself or ``None`` (memory-first);
+    ``compressed``: cuSPARSELt's copy or ``None``; ``plan``: ``Dispatch.encode()``."""
+    n, k = values.shape[1], x.shape[-1]
+    flat = x.reshape(-1, k)
+    if flat.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    chosen = None
+    for band in _decoded(tuple(plan)):
+        if flat.shape[0] >= band[0]:
+            chosen = band
+    out = _run(chosen, flat, values, codes, dense, compressed, bias)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@linear24.register_fake
+def _linear24_shape(x, values, codes, dense, compressed, bias, plan):
+    return x.new_empty(*x.shape[:-1], values.shape[1])
+
+
+class Sparse24Linear(torch.nn.Module):
+    """A pruned Linear served by ``apt_sparse::linear24``: our layout always, the dense weight in
+    ``speed-first`` mode, cuSPARSELt's copy where a band uses it and this machine runs it."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        mode: str = SPEED_FIRST,
+        dispatch: Dispatch | None = None,
+    ):
+        super().__init__()
+        weight = weight.detach()
+        check_24(weight)
+        self.out_features, self.in_features = weight.shape
+        dispatch = dispatch or (dense_dispatch() if mode == SPEED_FIRST else memory_first_default(*weight.shape))
+        dispatch.check_mode(mode)
+        self.mode, self.dispatch = mode, dispatch
+        packed = pack_24(weight)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("dense", weight if mode == SPEED_FIRST else None)
+        self.register_buffer("bias", bias.detach() if bias is not None else None)
+        self.compressed = None
+        if "cusparselt" in dispatch.paths and weight.is_cuda and cusparselt().available:
+            self.register_buffer("compressed", torch._cslt_compress(weight))
+        self.plan = dispatch.encode()
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, mode: str = SPEED_FIRST, dispatch: Dispatch | None = None):
+        return cls(linear.weight.data, linear.bias.data if linear.bias is not None else None, mode, dispatch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.apt_sparse.linear24(x, self.values, self.codes, self.dense, self.compressed, self.bias, self.plan)
+
+    def path_for(self, tokens: int) -> str:
+        """The path a call with ``tokens`` tokens takes on this layer's device."""
+        path = self.dispatch.band_for(tokens).path
+        if path == "cusparselt" and self.compressed is None:
+            return "dense" if self.dense is not None else "apt-unpack"
+        return path
+
+    def weight_bytes(self) -> int:
+        """Bytes the layer keeps between calls (not the bias): our layout, and the copies its mode keeps."""
+        kept = (self.values, self.codes, self.dense, self.compressed)
+        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, mode={self.mode}, {self.dispatch.describe()}"
+
+
+def shape_key(in_features: int, out_features: int) -> str:
+    return f"{in_features}x{out_features}"
+
+
+def load_dispatches(path: Path | str, mode: str) -> dict[str, Dispatch]:
+    """Per ``"{in}x{out}"`` shape, the dispatch of ``mode`` in a file ``runtime_bench.gpu_suite`` wrote
+    (``{"shapes": {shape: {mode: {"bands": [...]}}}}``)."""
+    data = json.loads(Path(path).read_text())
+    try:
+        return {shape: Dispatch.from_dict(modes[mode]) for shape, modes in data["shapes"].items() if mode in modes}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a dispatch file ({err}); run runtime_bench.gpu_suite again") from err

@@ -1,0 +1,373 @@
+"""Our 2:4 kernels, in Triton, over the layout of ``serving.layout`` (values ``[2, N, K/4]``, 4-bit codes).
+
+- ``gemv``: decode, M = 1…8 tokens, on the CUDA cores. Per group of 4 inputs the kernel loads the 4 input
+  values once and, per row, *selects* the two that the row kept (two ``where``s each): no gather, no
+  scatter, no decompressed tile. The weight moves once, at 0.5625× the dense bytes; the arithmetic per
+  kept weight is a few selects and one FMA per token, so it pays while M is small.
+- ``mma``: M ≥ 16, on the tensor cores. A 2:4 tile ``[BLOCK_N, 4·BLOCK_G]`` is never assembled: its four
+  column phases ``p`` (columns ``4g + p``) are each a ``[BLOCK_N, BLOCK_G]`` matrix of selects, multiplied
+  with the inputs of that phase (``x[:, 4g + p]``), four ``tl.dot`` per step. A sum over K does not care
+  in which order it visits the columns.
+- ``unpack``: the dense weight, decompressed on the device (memory-first mode's large-M path: unpack into
+  a transient buffer, then the dense GEMM).
+
+Tall-skinny shapes (few output rows, long K: a Llama ``down_proj`` at decode) split K over programs
+(``split_k``); the partial sums meet in ``reduce``. Each call takes a ``KernelConfig``; ``candidates``
+lists what ``runtime_bench.gpu_suite`` times per shape and token count, and ``default_config`` is the
+choice where nothing was measured.
+
+The kernels are plain functions, compiled with ``triton.jit`` for a CUDA tensor and run by Triton's
+interpreter for a CPU tensor where ``TRITON_INTERPRET=1`` (the tests here: same code, numpy underneath).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+try:  # the kernel bodies need triton.language at definition; the module imports without triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the package is installed by `make install`
+    triton = tl = None
+
+# Triton reads TRITON_INTERPRET when it is imported: only then do its language helpers run on the CPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+SMS_HINT = 132  # streaming multiprocessors to fill when no GPU is there to ask (an H100/H200)
+KERNELS = ("gemv", "mma")
+GEMV_MAX_M = 8
+
+
+def _gemv24(
+    x_ptr,
+    v_ptr,
+    c_ptr,
+    out_ptr,
+    bias_ptr,
+    M,
+    N,
+    G,
+    stride_xm,
+    stride_vp,
+    stride_vn,
+    stride_cn,
+    stride_os,
+    stride_om,
+    SPLIT_K,
+    ADD_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    span = tl.cdiv(tl.cdiv(G, SPLIT_K), BLOCK_G) * BLOCK_G
+    start = pid_k * span
+    end = tl.minimum(start + span, G)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g0 in range(start, end, BLOCK_G):
+        rg = g0 + tl.arange(0, BLOCK_G)
+        g_ok = rg < end
+        w_ok = n_ok[:, None] & g_ok[None, :]
+        offs = rn[:, None] * stride_vn + rg[None, :]
+        v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0).to(tl.float32)
+        v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0).to(tl.float32)
+        word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
+        code = (word >> ((rg % 8) * 4)[None, :]) & 15
+        i0 = (code & 3)[None, :, :]
+        i1 = (code >> 2)[None, :, :]
+        xp = x_ptr + rm[:, None] * stride_xm + 4 * rg[None, :]
+        x_ok = m_ok[:, None] & g_ok[None, :]
+        x0 = tl.load(xp, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+        x1 = tl.load(xp + 1, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+        x2 = tl.load(xp + 2, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+        x3 = tl.load(xp + 3, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
+        # The left kept weight sits at 0, 1 or 2; the right one at 1, 2 or 3 (i0 < i1).
+        s0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+        s1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+        acc += tl.sum(v0[None, :, :] * s0 + v1[None, :, :] * s1, axis=2)
+    if ADD_BIAS:  # split-K partials get the bias in the reduction
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _mma24(
+    x_ptr,
+    v_ptr,
+    c_ptr,
+    out_ptr,
+    bias_ptr,
+    M,
+    N,
+    G,
+    stride_xm,
+    stride_vp,
+    stride_vn,
+    stride_cn,
+    stride_os,
+    stride_om,
+    SPLIT_K,
+    ADD_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    # Programs that share a weight tile are launched next to each other (M fastest): the tile comes from L2.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    span = tl.cdiv(tl.cdiv(G, SPLIT_K), BLOCK_G) * BLOCK_G
+    start = pid_k * span
+    end = tl.minimum(start + span, G)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g0 in range(start, end, BLOCK_G):
+        rg = g0 + tl.arange(0, BLOCK_G)
+        g_ok = rg < end
+        w_ok = n_ok[:, None] & g_ok[None, :]
+        offs = rn[:, None] * stride_vn + rg[None, :]
+        v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0)
+        v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0)
+        word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
+        code = (word >> ((rg % 8) * 4)[None, :]) & 15
+        i0 = code & 3
+        i1 = code >> 2
+        zero = tl.zeros_like(v0)
+        w0 = tl.where(i0 == 0, v0, zero)
+        w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        w3 = tl.where(i1 == 3, v1, zero)
+        xp = x_ptr + rm[:, None] * stride_xm + 4 * rg[None, :]
+        x_ok = m_ok[:, None] & g_ok[None, :]
+        acc = tl.dot(tl.load(xp, mask=x_ok, other=0.0), tl.trans(w0), acc)
+        acc = tl.dot(tl.load(xp + 1, mask=x_ok, other=0.0), tl.trans(w1), acc)
+        acc = tl.dot(tl.load(xp + 2, mask=x_ok, other=0.0), tl.trans(w2), acc)
+        acc = tl.dot(tl.load(xp + 3, mask=x_ok, other=0.0), tl.trans(w3), acc)
+    if ADD_BIAS:  # split-K partials get the bias in the reduction
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _reduce24(part_ptr, out_ptr, bias_ptr, total, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _unpack24(v_ptr, c_ptr, out_ptr, N, G, stride_vp, stride_vn, stride_cn, stride_on, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rg = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    w_ok = (rn < N)[:, None] & (rg < G)[None, :]
+    offs = rn[:, None] * stride_vn + rg[None, :]
+    v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0)
+    v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0)
+    word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
+    code = (word >> ((rg % 8) * 4)[None, :]) & 15
+    i0 = code & 3
+    i1 = code >> 2
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, zero)
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i1 == 3, v1, zero)
+    # join(join(w0, w2), join(w1, w3)) is [BN, BG, 2, 2] with [.., j, i] = phase 2j + i: row-major it is the
+    # dense tile's column order, stored with one contiguous write per row.
+    tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
+    rk = tl.program_id(1) * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
+    ok = (rn < N)[:, None] & (rk < 4 * G)[None, :]
+    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], tile, mask=ok)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch of ``gemv`` or ``mma``: tile sizes (``block_g`` groups of 4 inputs per step), split-K,
+    warps and pipeline stages (``num_stages`` is ignored by the interpreter)."""
+
+    kernel: str
+    block_m: int
+    block_n: int
+    block_g: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel {self.kernel!r}: one of {', '.join(KERNELS)}")
+        for name in ("block_m", "block_n", "block_g", "split_k"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name}={value}: a power of two")
+        if self.kernel == "mma" and min(self.block_m, self.block_n, self.block_g) < 16:
+            raise ValueError("mma tiles are at least 16 on every side (tensor-core dot)")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def as_list(self) -> list[int]:
+        """``[kernel index, block_m, block_n, block_g, split_k, num_warps, num_stages]``: the op's plan encoding."""
+        return [KERNELS.index(self.kernel), self.block_m, self.block_n, self.block_g, self.split_k] + [
+            self.num_warps,
+            self.num_stages,
+        ]
+
+    @classmethod
+    def from_list(cls, values) -> KernelConfig:
+        kernel, *rest = (int(v) for v in values)
+        return cls(KERNELS[kernel], *rest)
+
+
+def available(device: torch.device | str) -> tuple[bool, str]:
+    """Whether our kernels run on ``device``, and why not: a CUDA device with triton installed, or the CPU
+    under Triton's interpreter (``TRITON_INTERPRET=1``, the tests)."""
+    if importlib.util.find_spec("triton") is None or triton is None:
+        return False, "triton is not installed (pip install triton)"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True, "triton on CUDA"
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and INTERPRETED:
+        return True, "triton's interpreter on the CPU (TRITON_INTERPRET=1)"
+    return False, f"our Triton kernels run on CUDA GPUs (here: {kind}; the CPU only under TRITON_INTERPRET=1)"
+
+
+@functools.cache
+def _kernel(name: str):
+    """The kernel compiled once per process (an interpreted one where ``TRITON_INTERPRET=1`` was set before
+    triton was imported: triton's own language helpers are interpreted only then)."""
+    return triton.jit({"gemv": _gemv24, "mma": _mma24, "reduce": _reduce24, "unpack": _unpack24}[name])
+
+
+def _split_for(programs: int, groups: int, block_g: int, sms: int) -> int:
+    """The power-of-two split of K that gives about two waves of programs, each still at least two steps long."""
+    split = 1
+    while programs * split < 2 * sms and groups // (split * 2) >= 2 * block_g and split < 16:
+        split *= 2
+    return split
+
+
+def _sms(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SMS_HINT
+
+
+def _pow2_at_least(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> KernelConfig:
+    """The launch used where none was measured for this shape and token count."""
+    groups = k // 4
+    if kernel == "gemv":
+        block_m = _pow2_at_least(min(m, GEMV_MAX_M))
+        block_n, block_g = (64, 128) if block_m == 1 else (32, max(16, 256 // block_m))
+        split = _split_for(-(-n // block_n), groups, block_g, sms)
+        return KernelConfig("gemv", block_m, block_n, block_g, split, num_warps=4, num_stages=3)
+    block_m = min(128, max(16, _pow2_at_least(m)))
+    block_n = 64 if block_m <= 64 else 128
+    programs = -(-m // block_m) * -(-n // block_n)
+    split = _split_for(programs, groups, 32, sms) if m <= 256 else 1
+    return KernelConfig("mma", block_m, block_n, 32, split, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+
+
+def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> list[KernelConfig]:
+    """The launches ``runtime_bench.gpu_suite`` times for one shape and token count (the default first)."""
+    groups = k // 4
+    found = [default_config(kernel, m, n, k, sms)]
+    if kernel == "gemv":
+        block_m = _pow2_at_least(min(m, GEMV_MAX_M))
+        budget = 8192 if block_m <= 2 else 16384  # live select products per program: keep them in registers
+        for block_n in (16, 32, 64):
+            for block_g in (64, 128, 256):
+                if block_m * block_n * block_g > budget:
+                    continue
+                split = _split_for(-(-n // block_n), groups, block_g, sms)
+                for warps in (4, 8):
+                    found.append(KernelConfig("gemv", block_m, block_n, block_g, split, warps, 3))
+    else:
+        block_ms = (16,) if m <= 16 else ((32,) if m <= 32 else ((64,) if m <= 64 else (64, 128)))
+        for block_m in block_ms:
+            for block_n in (64, 128):
+                for block_g in (16, 32):
+                    programs = -(-m // block_m) * -(-n // block_n)
+                    split = _split_for(programs, groups, block_g, sms) if m <= 256 else 1
+                    for warps, stages in ((4, 3), (8, 3), (4, 4)):
+                        found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages))
+    unique = list(dict.fromkeys(found))
+    return unique
+
+
+def linear24(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: KernelConfig,
+) -> torch.Tensor:
+    """``x @ Wᵀ (+ bias)`` for ``x`` ``[M, K]`` and the 2:4 ``W`` ``[N, K]`` in our layout (``values``
+    ``[2, N, K/4]``, ``codes``): ``[M, N]`` in ``x``'s dtype, accumulated in float32."""
+    ok, reason = available(x.device)
+    if not ok:
+        raise RuntimeError(f"our 2:4 kernels cannot run here: {reason}")
+    interpret = x.device.type == "cpu"
+    m, k = x.shape
+    n, groups = values.shape[1], values.shape[2]
+    if k != 4 * groups:
+        raise ValueError(f"x has {k} inputs, the 2:4 weight {4 * groups}")
+    x = x.contiguous()
+    split = config.split_k
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else values  # never read without HAS_BIAS
+    args = (x, values, codes, target, bias_arg, m, n, groups, x.stride(0), values.stride(0), values.stride(1))
+    args += (codes.stride(0), m * n if split > 1 else 0, n, split)
+    meta = dict(ADD_BIAS=has_bias and split == 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+    meta |= dict(BLOCK_G=config.block_g)
+    launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.kernel == "gemv":
+        if m > config.block_m:
+            raise ValueError(f"gemv with block_m={config.block_m} takes at most {config.block_m} tokens, got {m}")
+        grid = (-(-n // config.block_n), split)
+    else:
+        grid = (-(-m // config.block_m), -(-n // config.block_n), split)
+    _kernel(config.kernel)[grid](*args, **meta, **launch)
+    if split > 1:
+        block = 1024
+        _kernel("reduce")[(-(-m * n // block),)](
+            target, out, bias_arg, m * n, n, HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=block
+        )
+    return out
+
+
+def unpack24(values: torch.Tensor, codes: torch.Tensor, block_n: int = 32, block_g: int = 32) -> torch.Tensor:
+    """The dense weight ``[N, K]`` from our layout, on the device (exact)."""
+    ok, reason = available(values.device)
+    if not ok:
+        raise RuntimeError(f"our 2:4 kernels cannot run here: {reason}")
+    n, groups = values.shape[1], values.shape[2]
+    out = torch.empty(n, 4 * groups, dtype=values.dtype, device=values.device)
+    grid = (-(-n // block_n), -(-groups // block_g))
+    _kernel("unpack")[grid](
+        values, codes, out, n, groups, values.stride(0), values.stride(1), codes.stride(0), out.stride(0),
+        BLOCK_N=block_n, BLOCK_G=block_g,
+    )  # fmt: skip
+    return out

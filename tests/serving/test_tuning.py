@@ -1,0 +1,75 @@
+"""Choosing a shape's dispatch from measured times, and measuring one (here eagerly, on the CPU)."""
+
+import math
+
+import pytest
+
+from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST
+from serving.tuning import bands_from, measure_shape, speedups
+from serving.triton24 import KernelConfig
+
+from .interpreter import needs_kernels, sparse_weight
+
+GEMV = KernelConfig("gemv", 1, 64, 128, 8).as_dict()
+GEMV4 = KernelConfig("gemv", 4, 32, 64, 4).as_dict()
+MMA = KernelConfig("mma", 16, 64, 32, 8).as_dict()
+
+
+def _row(m, times, config, errors=None):
+    return {
+        "m": m,
+        "graphed": {path: {"median": t} for path, t in times.items()},
+        "error": errors or {path: 1e-4 for path in times},
+        "config": config,
+        "alg_id": 3,
+    }
+
+
+MEASURED = {
+    "rows": [
+        _row(1, {"dense": 10.0, "apt-gemv": 6.0, "apt-mma": 12.0, "cusparselt": 15.0}, {"gemv": GEMV, "mma": MMA}),
+        _row(4, {"dense": 10.0, "apt-gemv": 7.0, "apt-mma": 9.0, "cusparselt": 15.0}, {"gemv": GEMV4, "mma": MMA}),
+        _row(16, {"dense": 10.0, "apt-mma": 9.95, "cusparselt": 14.0}, {"mma": MMA}),
+        _row(256, {"dense": 20.0, "apt-mma": 25.0, "cusparselt": 14.0, "apt-unpack": 22.0}, {"mma": MMA}),
+        _row(4096, {"dense": 200.0, "apt-mma": 260.0, "cusparselt": 140.0, "apt-unpack": 210.0}, {"mma": MMA}),
+    ]
+}
+
+
+def test_speed_first_takes_a_sparse_path_only_where_it_beats_dense_by_the_margin():
+    dispatch = bands_from(MEASURED, SPEED_FIRST)
+    # M=16: apt-mma is faster than dense by 0.5 %, inside the 2 % margin: dense there.
+    assert dispatch.describe() == "M 1-1: apt-gemv; M 2-4: apt-gemv; M 5-16: dense; M 17+: cusparselt"
+    assert dispatch.bands[1].config == KernelConfig(**GEMV4) and dispatch.bands[-1].alg_id == 3
+
+
+def test_memory_first_takes_the_fastest_of_our_paths_even_when_slower_than_dense():
+    dispatch = bands_from(MEASURED, MEMORY_FIRST)
+    assert dispatch.describe() == "M 1-1: apt-gemv; M 2-4: apt-gemv; M 5-16: apt-mma; M 17+: apt-unpack"
+    dispatch.check_mode(MEMORY_FIRST)
+
+
+def test_a_path_whose_output_was_not_finite_is_never_chosen():
+    broken = {"rows": [_row(1, {"dense": 10.0, "apt-gemv": 1.0}, {"gemv": GEMV}, {"dense": 0.0, "apt-gemv": math.inf})]}
+    assert bands_from(broken, SPEED_FIRST).describe() == "M 1+: dense"
+    with pytest.raises(ValueError, match="none of our paths was measured at M=1"):
+        bands_from(broken, MEMORY_FIRST)
+
+
+def test_speedups_are_dense_over_path():
+    assert speedups(MEASURED["rows"][0]) == {"apt-gemv": 10 / 6, "apt-mma": 10 / 12, "cusparselt": 10 / 15}
+
+
+@needs_kernels
+def test_measure_shape_times_every_path_it_can_and_says_what_it_could_not():
+    weight = sparse_weight(48, 128)
+    measured = measure_shape(weight, ms=(1, 3, 16, 80), repeats=1, rotate_bytes=0)
+    assert [row["m"] for row in measured["rows"]] == [1, 3, 16, 80]
+    first, last = measured["rows"][0], measured["rows"][-1]
+    assert set(first["eager"]) == {"dense", "apt-gemv", "apt-mma"}
+    assert set(last["eager"]) == {"dense", "apt-mma", "apt-unpack"}  # gemv only to 8 tokens, unpack from 64
+    assert all(error < 2e-3 for row in measured["rows"] for error in row["error"].values())
+    assert set(measured["tuning"]) == {"gemv M=1", "mma M=16"}
+    assert "graphed" in measured["not_measured"] and "cusparselt" in measured["not_measured"]
+    memory_first = bands_from(measured, MEMORY_FIRST, timing="eager")
+    assert memory_first.band_for(1).path == "apt-gemv" and memory_first.band_for(80).path in ("apt-mma", "apt-unpack")
