@@ -276,7 +276,9 @@ class Sparse24Linear(torch.nn.Module):
         return cls(linear.weight.data, linear.bias.data if linear.bias is not None else None, mode, dispatch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.apt_sparse.linear24(x, self.values, self.codes, self.dense, self.compressed, self.bias, self.plan)
+        return torch.ops.apt_sparse.linear24(
+            x, self.values, self.codes, self.dense, self.compressed, self.bias, self.plan
+        )
 
     def path_for(self, tokens: int) -> str:
         """The path a call with ``tokens`` tokens takes on this layer's device."""

@@ -161,7 +161,9 @@ def _mma24(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _reduce24(part_ptr, out_ptr, bias_ptr, total, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce24(
+    part_ptr, out_ptr, bias_ptr, total, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -172,7 +174,19 @@ def _reduce24(part_ptr, out_ptr, bias_ptr, total, N, HAS_BIAS: tl.constexpr, SPL
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _unpack24(v_ptr, c_ptr, out_ptr, N, G, stride_vp, stride_vn, stride_cn, stride_on, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+def _unpack24(
+    v_ptr,
+    c_ptr,
+    out_ptr,
+    N,
+    G,
+    stride_vp,
+    stride_vn,
+    stride_cn,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rg = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     w_ok = (rn < N)[:, None] & (rg < G)[None, :]

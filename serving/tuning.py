@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from serving import triton24
 from serving.kernels import cusparselt
 from serving.layout import pack_24
-from serving.sparse_op import MEMORY_FIRST, MEMORY_FIRST_PATHS, SPEED_FIRST, Band, Dispatch, _cslt_linear
+from serving.sparse_op import MEMORY_FIRST_PATHS, SPEED_FIRST, Band, Dispatch, _cslt_linear
 from serving.triton24 import GEMV_MAX_M, KernelConfig
 
 PROBE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)

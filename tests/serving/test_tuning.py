@@ -5,8 +5,8 @@ import math
 import pytest
 
 from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST
-from serving.tuning import bands_from, measure_shape, speedups
 from serving.triton24 import KernelConfig
+from serving.tuning import bands_from, measure_shape, speedups
 
 from .interpreter import needs_kernels, sparse_weight
 
