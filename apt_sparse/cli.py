@@ -84,7 +84,8 @@ def _add_prune(sub) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "float16", "bfloat16"],
-        help="compute dtype (auto: bfloat16 for a bfloat16 checkpoint, else float32)",
+        help="compute dtype (auto: bfloat16 for a bfloat16 checkpoint on a device with native bfloat16 matrix "
+        "products, i.e. a CUDA GPU of compute capability 8.0+ or a CPU with AVX512-BF16 or AMX; else float32)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: holds the current block and its Hessians")
     p.add_argument(

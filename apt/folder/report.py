@@ -6,7 +6,8 @@ damaged report or one of another schema with the reason, instead of failing some
 
 Schema ``apt-sparse/prune-report/2``:
 
-- ``model``: ``name``, ``location`` (the folder read), ``gguf_file``, ``model_type``, ``family``
+- ``model``: ``name``, ``location`` (the folder read), ``gguf_file``, ``model_type``, ``family``,
+  ``compute_dtype`` and ``compute_dtype_reason`` (why ``--dtype`` resolved to it, ``apt.run.dtype``)
 - ``config``: every option of the run; ``versions``: python, torch, transformers, apt-sparse
 - ``data``: calibration source, windows, sequence length, tokens; evaluation source and how its
   documents were chosen

@@ -51,8 +51,9 @@ class RunConfig:
 @dataclass(frozen=True)
 class PruneJob:
     """One pruning run. ``dtype`` is the compute dtype (the output keeps the checkpoint's own dtypes):
-    ``auto`` computes a checkpoint stored in bfloat16 in bfloat16 and any other in float32 (Hessians and
-    the solver are float32 either way);
+    ``auto`` computes a checkpoint stored in bfloat16 in bfloat16 where the device multiplies bfloat16
+    natively (a CUDA GPU of compute capability 8.0+, a CPU with AVX512-BF16 or AMX) and everything else in
+    float32 (``apt.run.dtype``; Hessians and the solver are float32 either way);
     ``activations`` where calibration activations live (``host`` memory, the compute ``device``, or
     ``disk`` under ``activation_dir``, default the partial output folder) and ``activation_dtype`` their
     dtype (default: the compute dtype). ``num_eval_windows=None`` evaluates every full window."""

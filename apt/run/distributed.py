@@ -58,9 +58,10 @@ def check_same_job(coll: Collective, fingerprint: dict, identity: dict) -> None:
             if job["fingerprint"].get(k) != reference["fingerprint"].get(k)
         )
         if changed:
+            auto = " and an explicit --dtype (auto resolves per machine)" if changed == ["dtype"] else ""
             raise DistributedError(
                 f"rank {rank} runs other options than rank 0 ({', '.join(changed)}): "
-                "launch every rank with the same command"
+                f"launch every rank with the same command{auto}"
             )
         if job["source"]["files"] != reference["source"]["files"]:
             raise DistributedError(

@@ -34,6 +34,7 @@ from apt.models.layered import LayeredModel
 from apt.models.loading import DTYPES, ModelSource, load_tokenizer, source_folder
 from apt.run.config import PruneJob
 from apt.run.distributed import BroadcastReader, check_same_job
+from apt.run.dtype import compute_dtype
 from apt.run.record import PeakMemory, build_report
 from apt.run.sequential import layer_plan, prune_blocks
 from apt.run.state import (
@@ -111,12 +112,14 @@ class _Source:
     calibration: str
     windows: torch.Tensor
     dtype: str  # the compute dtype, ``auto`` resolved
+    dtype_reason: str  # why (``apt.run.dtype``)
 
 
 def _open_source(job: PruneJob) -> _Source:
     source, folder = source_folder(job.model, job.trust_remote_code)
     reader = CheckpointReader(folder)
-    dtype = compute_dtype(job.dtype, reader)
+    dtype, reason = compute_dtype(job.dtype, reader.float_dtype(), job.run.device)
+    log.info("computing in %s: %s", dtype, reason)
     layered = LayeredModel.from_folder(folder, DTYPES[dtype], job.run.device, job.trust_remote_code, reader)
     layer_plan(layered, job.run)  # a --targets/--ignore that matches nothing fails here
     tokenizer = load_tokenizer(folder, job.trust_remote_code)
@@ -125,16 +128,7 @@ def _open_source(job: PruneJob) -> _Source:
         calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
     )
     log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], calibration.source)
-    return _Source(source, folder, layered, tokenizer, calibration.source, windows, dtype)
-
-
-def compute_dtype(requested: str, reader: CheckpointReader) -> str:
-    """``auto``: bfloat16 for a checkpoint stored in bfloat16 (on SmolLM2 its accuracy in and out of domain
-    was within the float32 run's noise, ``runtime_bench.method_comparison``), float32 for any other (float16
-    activations can overflow where bfloat16's range holds them). Any other request is kept."""
-    if requested != "auto":
-        return requested
-    return "bfloat16" if reader.float_dtype() == torch.bfloat16 else "float32"
+    return _Source(source, folder, layered, tokenizer, calibration.source, windows, dtype, reason)
 
 
 def _check_space(job: PruneJob, work: Path, writer: ShardedWriter, src: _Source, coll: Collective) -> None:
@@ -171,10 +165,13 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
         parse_size(job.max_shard_size),
     )
     identity = {"model": job.model, "folder": str(src.folder), "files": layered.reader.identity()}
-    check_same_job(coll, job.fingerprint(), identity)
+    # the dtype computed in decides the bytes, not the request: ``auto`` resolves per machine, so a rank or
+    # a resume where it resolves otherwise runs another job
+    options = job.fingerprint() | {"dtype": src.dtype}
+    check_same_job(coll, options, identity)
     if coll.is_writer:
         _check_space(job, work, writer, src, coll)
-    state = start_or_resume(work, writer, layered, job, identity) if coll.is_writer else None
+    state = start_or_resume(work, writer, layered, job, options, identity) if coll.is_writer else None
     state = coll.broadcast_object(state)
     done = progress["blocks_done"] = state["blocks_done"]
     written = BroadcastReader(coll, CheckpointReader(work) if coll.is_writer else None, layout)
@@ -199,6 +196,7 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
             source=src.source,
             folder=src.folder,
             layered=layered,
+            dtype_reason=src.dtype_reason,
             calibration={"source": src.calibration, "windows": src.windows},
             layers=state["layers"],
             seconds_pruning=state["seconds_pruning"],

@@ -15,7 +15,19 @@ from apt.folder.report import SCHEMA, versions
 
 
 def build_report(
-    *, job, source, folder, layered, calibration, layers, seconds_pruning, started, checkpoint, peak, accuracy
+    *,
+    job,
+    source,
+    folder,
+    layered,
+    dtype_reason,
+    calibration,
+    layers,
+    seconds_pruning,
+    started,
+    checkpoint,
+    peak,
+    accuracy,
 ) -> dict:
     pruned = [r for r in layers if not r["skipped"]]
     targets_total = sum(r["shape"][0] * r["shape"][1] for r in pruned)
@@ -33,6 +45,7 @@ def build_report(
             "base_model": source.origin,
             "layout": layered.layout.how,
             "compute_dtype": str(layered.dtype).removeprefix("torch."),
+            "compute_dtype_reason": dtype_reason,
         },
         "config": {k: v for k, v in dataclasses.asdict(job).items() if k != "run"}
         | {"run": json.loads(json.dumps(dataclasses.asdict(job.run), default=str))},

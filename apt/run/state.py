@@ -1,9 +1,9 @@
 """The partial folder of a run: ``.OUT.partial`` beside ``OUT``, with the shards written so far and
 ``resume.json``, the state ``--resume`` continues from; renamed into ``OUT`` in one step when complete.
 
-``resume.json`` (schema ``apt-sparse/resume/1``) holds the run's options (``PruneJob.fingerprint``), the
-source's identity (folder, files with sizes and modification times), the blocks done, their layer
-records and the seconds spent pruning them.
+``resume.json`` (schema ``apt-sparse/resume/1``) holds the run's options (``PruneJob.fingerprint``, with
+``dtype`` the compute dtype ``auto`` resolved to), the source's identity (folder, files with sizes and
+modification times), the blocks done, their layer records and the seconds spent pruning them.
 """
 
 from __future__ import annotations
@@ -81,19 +81,25 @@ def output_bytes_needed(work: Path, writer: ShardedWriter) -> int:
     return needed
 
 
-def start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, job: PruneJob, identity: dict) -> dict:
+def start_or_resume(
+    work: Path, writer: ShardedWriter, layered: LayeredModel, job: PruneJob, options: dict, identity: dict
+) -> dict:
     """A new partial folder with every tensor outside the blocks already copied, or the state of the
-    interrupted run it holds, after checking that run was the same job on the same source."""
+    interrupted run it holds, after checking that run was the same job (``options``: the job's fingerprint
+    with the compute dtype resolved) on the same source."""
     if job.resume:
         state = read_resume_state(work)
-        changed = sorted(
-            k
-            for k in set(state["options"]) | set(job.fingerprint())
-            if state["options"].get(k) != job.fingerprint().get(k)
-        )
+        changed = sorted(k for k in set(state["options"]) | set(options) if state["options"].get(k) != options.get(k))
         if changed:
+            started = state["options"].get("dtype")
+            hint = (
+                f" (it computed in {started}, where --dtype auto chooses {options['dtype']} on this machine: "
+                f"pass --dtype {started})"
+                if changed == ["dtype"] and job.dtype == "auto"
+                else ""
+            )
             raise CannotResume(
-                f"cannot resume {work}: it was started with other options ({', '.join(changed)}); "
+                f"cannot resume {work}: it was started with other options ({', '.join(changed)}){hint}; "
                 "run with the same options, or pass --overwrite instead of --resume to start over"
             )
         if state["source"] != identity:
@@ -117,7 +123,7 @@ def start_or_resume(work: Path, writer: ShardedWriter, layered: LayeredModel, jo
     writer.sync()
     state = {
         "schema": RESUME_SCHEMA,
-        "options": job.fingerprint(),
+        "options": options,
         "source": identity,
         "blocks_done": 0,
         "layers": [],
