@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 
 from apt.errors import InvalidInputError
 from apt.folder.targets import PrunedTargets
+from apt.solver import select_mask
+from apt.solver.patterns import Pattern
 from runtime_bench.backends import BACKENDS, availability
 from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency
 from runtime_bench.gemm import (
@@ -139,21 +141,42 @@ def _release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def decode_safe_section(pruned, thresholds: dict, config: BenchConfig, targets) -> tuple[dict | None, str | None]:
-    """Turn ``pruned`` (a model this run owns) decode-safe; returns the check, or why no sparse path ran."""
+def decode_safe_section(pruned, dispatches: dict, config: BenchConfig, targets) -> tuple[dict | None, str | None]:
+    """Serve ``pruned`` (a model this run owns) through the sparse op with each shape's dispatch (speed-first);
+    returns the check against its dense kernels, or why no sparse path ran."""
     ids = torch.randint(10, pruned.config.vocab_size, (2, 64)).to(config.device)
     with torch.no_grad():
         before = pruned(input_ids=ids, use_cache=False).logits.float()
-    counts = make_decode_safe(pruned, thresholds, config.sparse_backend, targets)
+    counts = make_decode_safe(pruned, dispatches, targets)
     if not counts["with_sparse_path"]:
         status = BACKENDS[config.sparse_backend]()
-        return None, status.reason if not status.available else "no measured M where the sparse kernel was faster"
+        return None, status.reason if not status.available else "no measured M where a sparse path was faster"
     with torch.no_grad():
         after = pruned(input_ids=ids, use_cache=False).logits.float()
     return counts | {
         "max_abs_diff_vs_dense_kernels": float((after - before).abs().max()),
-        "backend": config.sparse_backend,
+        "backend": "apt_sparse::linear24 (speed-first)",
     }, None
+
+
+def sparse_op_dispatches(model, targets, config: BenchConfig) -> tuple[dict, dict]:
+    """On a GPU where our kernels run: every path of the sparse op timed at each of the model's pruned shapes
+    (graphed, ``serving.tuning``), and the speed-first dispatch it gives. ``({shape: measured}, {shape:
+    Dispatch})``; empty where they cannot run."""
+    from serving import triton24
+    from serving.sparse_op import SPEED_FIRST
+    from serving.tuning import bands_from, measure_shape
+
+    if not (config.device.startswith("cuda") and triton24.available(config.device)[0]):
+        return {}, {}
+    measured, dispatches = {}, {}
+    dtype = getattr(torch, config.dtype)
+    for _, k, n in model_shapes(model, targets):
+        weight = torch.randn(n, k, device=config.device).to(dtype)
+        weight = weight * select_mask(weight.abs().float(), Pattern(2, 4)).to(dtype)
+        measured[f"{k}x{n}"] = measure_shape(weight, ms=config.gemm_ms, eager=False)
+        dispatches[f"{k}x{n}"] = bands_from(measured[f"{k}x{n}"], SPEED_FIRST)
+    return measured, dispatches
 
 
 def _e2e_rows(model, label: str, backend: str, config: BenchConfig) -> dict:
@@ -283,14 +306,19 @@ def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, e2e: dict, 
     )
     not_measured |= {f"{b} GEMM": reason for b, reason in unmeasured.items()}
     thresholds = sparse_thresholds(gemm, config.sparse_backend)
+    measured, dispatches = sparse_op_dispatches(model, targets, config)
+    if measured:
+        gemm["sparse_op"] = {shape: m | {"dispatch": dispatches[shape].as_dict()} for shape, m in measured.items()}
+    else:
+        not_measured["sparse op (our kernels)"] = "our Triton kernels and CUDA graphs need a CUDA GPU"
     if config.runs(config.sparse_backend):
-        decode_safe, reason = decode_safe_section(model, thresholds, config, targets)
+        decode_safe, reason = decode_safe_section(model, dispatches or thresholds, config, targets)
     else:
         decode_safe, reason = None, "not selected (--backends)"
     if decode_safe is None:
         not_measured[f"decode-safe {config.sparse_backend} end to end"] = reason
     else:
-        for kind, rows in _e2e_rows(model, "pruned", f"decode-safe {config.sparse_backend}", config).items():
+        for kind, rows in _e2e_rows(model, "pruned", "sparse op, speed-first", config).items():
             e2e[kind] += rows
     vocab = model.config.vocab_size
     _release(model)

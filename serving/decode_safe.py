@@ -1,22 +1,22 @@
-"""A Linear for deployment that uses the 2:4 kernel only where the GEMM sweep showed it faster.
+"""A pruned model made to serve through the sparse op: every pruned 2:4 Linear becomes a ``Sparse24Linear``
+(``serving.sparse_op``) with the dispatch measured for its shape.
 
-Sparse kernels lose to dense at small M (decode: one token per sequence). ``DecodeSafeLinear`` keeps
-the dense weight and, where a sparse backend is available, its semi-structured copy; each call takes
-the sparse path only when the number of tokens reaches the per-shape threshold measured by
-the GEMM sweep (``runtime_bench.gemm.sparse_thresholds``). Holding both copies costs about 1.56× the layer's weight
-memory (dense + half the values + metadata); that is the price of never being slower than dense.
+In ``speed-first`` mode (the default: decode-safe) each layer keeps its dense weight for the token counts
+where dense was measured faster, so the model is never slower than dense where its shapes were measured;
+a shape that was not measured stays dense. ``memory-first`` keeps only the compressed layout (0.5625× the
+dense bytes). Dispatches come from ``serving.tuning`` (``runtime_bench.gpu_suite`` writes them per shape);
+a plain measured threshold of the older rule (dense below it, cuSPARSELt from it) is still accepted.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from apt.folder.targets import PrunedTargets, target_linears
 from apt.solver.patterns import is_nm_sparse
-from serving.kernels import kernel_availability, to_sparse
+from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, Dispatch, Sparse24Linear, from_threshold, shape_key
 
-MARGIN = 1.02  # the sparse kernel must beat dense by 2 % to count as faster: timing noise is not a win
+MARGIN = 1.02  # a sparse path must beat dense by 2 % to count as faster: timing noise is not a win
 
 
 def threshold_from(points: list[tuple[int, float | None]], margin: float = MARGIN) -> int | None:
@@ -31,78 +31,40 @@ def threshold_from(points: list[tuple[int, float | None]], margin: float = MARGI
     return threshold
 
 
-PROBE_TOKENS = (1, 16, 64, 256, 1024, 4096)
-
-
-def measure_threshold(weight: torch.Tensor, kernel: str, tokens=PROBE_TOKENS, repeats: int = 10) -> int | None:
-    """The threshold of one CUDA weight ``[out, in]``, measured: dense against the 2:4 kernel at each token
-    count (CUDA events, alternated, median of ``repeats``), through ``threshold_from``. For serving stacks
-    that meet a shape the GEMM sweep did not measure; a GPU is needed."""
-    sparse = to_sparse(weight, kernel)
-    points = []
-    for m in tokens:
-        x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        times = {"dense": [], "sparse": []}
-        for _ in range(repeats + 2):  # the first two warm up
-            for name, w in (("dense", weight), ("sparse", sparse)):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                F.linear(x, w)
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-        dense, fast = (sorted(t[2:])[len(t[2:]) // 2] for t in (times["dense"], times["sparse"]))
-        points.append((m, dense / fast if fast > 0 else None))
-    return threshold_from(points)
-
-
-def choose_path(tokens: int, threshold: int | None, has_sparse: bool) -> str:
-    """``"sparse"`` when a sparse copy exists and ``tokens`` reaches the measured threshold, else ``"dense"``."""
-    return "sparse" if has_sparse and threshold is not None and tokens >= threshold else "dense"
-
-
-class DecodeSafeLinear(torch.nn.Module):
-    def __init__(self, linear: torch.nn.Linear, threshold: int | None, backend: str = "torch-sparse-cusparselt"):
-        super().__init__()
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.threshold = threshold
-        self.backend = backend
-        self.sparse_weight = None
-        if threshold is not None and kernel_availability(backend).available and linear.weight.is_cuda:
-            self.sparse_weight = to_sparse(linear.weight.data, backend)
-
-    @property
-    def uses_sparse(self) -> bool:
-        return self.sparse_weight is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // x.shape[-1]
-        if choose_path(tokens, self.threshold, self.sparse_weight is not None) == "sparse":
-            out = F.linear(x.reshape(tokens, x.shape[-1]), self.sparse_weight)
-            out = out.reshape(*x.shape[:-1], out.shape[-1])
-            return out + self.bias if self.bias is not None else out
-        return F.linear(x, self.weight, self.bias)
+def _dispatch(measured: Dispatch | int | None, mode: str) -> Dispatch | None:
+    if isinstance(measured, Dispatch):
+        return measured
+    if mode == MEMORY_FIRST:
+        return None  # the op's memory-first default for the shape
+    return from_threshold(measured)
 
 
 def make_decode_safe(
     model: torch.nn.Module,
-    thresholds: dict[str, int | None],
-    backend: str = "torch-sparse-cusparselt",
+    dispatches: dict[str, Dispatch | int | None],
     targets: PrunedTargets | None = None,
+    mode: str = SPEED_FIRST,
 ) -> dict:
-    """Replace every pruned Linear (``apt.folder.targets``: the folder's report, else the family adapter) that
-    is 2:4 by a ``DecodeSafeLinear`` with the threshold of its ``"{in}x{out}"`` shape (a shape that was
-    not measured stays dense). Returns counts."""
+    """Replace every pruned Linear (``apt.folder.targets``: the folder's report, else discovery) whose weight
+    is 2:4 by a ``Sparse24Linear`` in ``mode``, with the dispatch of its ``"{in}x{out}"`` shape
+    (a ``Dispatch``, or a measured cuSPARSELt threshold; a shape not listed stays dense in speed-first mode).
+    Returns ``{"replaced", "with_sparse_path", "weight_bytes", "dense_weight_bytes"}``."""
     modules = dict(model.named_modules())
-    replaced = sparse = 0
+    counts = {"replaced": 0, "with_sparse_path": 0, "weight_bytes": 0, "dense_weight_bytes": 0}
     for name, linear in target_linears(model, targets):
         if not isinstance(linear, torch.nn.Linear) or not is_nm_sparse(linear.weight.data, 2, 4):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name in modules else model.get_submodule(parent_name)
-        safe = DecodeSafeLinear(linear, thresholds.get(f"{linear.in_features}x{linear.out_features}"), backend)
-        setattr(parent, child, safe)
-        replaced += 1
-        sparse += safe.uses_sparse
-    return {"replaced": replaced, "with_sparse_path": sparse}
+        dispatch = _dispatch(dispatches.get(shape_key(linear.in_features, linear.out_features)), mode)
+        layer = Sparse24Linear.from_linear(linear, mode, dispatch)
+        setattr(parent, child, layer)
+        counts["replaced"] += 1
+        counts["with_sparse_path"] += any(layer.path_for(m) != "dense" for m in _band_starts(layer.dispatch))
+        counts["weight_bytes"] += layer.weight_bytes()
+        counts["dense_weight_bytes"] += linear.weight.nbytes
+    return counts
+
+
+def _band_starts(dispatch: Dispatch) -> list[int]:
+    return [band.start for band in dispatch.bands]

@@ -280,6 +280,12 @@ class Sparse24Linear(torch.nn.Module):
             x, self.values, self.codes, self.dense, self.compressed, self.bias, self.plan
         )
 
+    def unpacked(self) -> torch.Tensor:
+        """The dense weight ``[out, in]``, from our layout (exact)."""
+        from serving.layout import Packed24
+
+        return unpack_24(Packed24(self.values, self.codes, self.in_features))
+
     def path_for(self, tokens: int) -> str:
         """The path a call with ``tokens`` tokens takes on this layer's device."""
         path = self.dispatch.band_for(tokens).path

@@ -42,6 +42,25 @@ KERNELS = ("gemv", "mma")
 GEMV_MAX_M = 8
 
 
+def _group_tile(v_ptr, c_ptr, rn, rg, n_ok, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, WIDE_CODES):
+    """One tile of the weight: the two kept values ``[BLOCK_N, BLOCK_G]`` (storage dtype) and their positions
+    ``i0 < i1`` in each group. ``WIDE_CODES``: load each row's code words once (``BLOCK_G / 8`` of them) and
+    spread their nibbles in registers; else each group loads its own word (eight lanes read one address)."""
+    offs = rn[:, None] * stride_vn + rg[None, :]
+    v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0)
+    v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0)
+    if WIDE_CODES:
+        rw = g0 // 8 + tl.arange(0, BLOCK_G // 8)
+        word_ok = n_ok[:, None] & (rw < (G + 7) // 8)[None, :]
+        words = tl.load(c_ptr + rn[:, None] * stride_cn + rw[None, :], mask=word_ok, other=0)
+        nibbles = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15
+        code = tl.reshape(nibbles, (BLOCK_N, BLOCK_G))
+    else:
+        word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
+        code = (word >> ((rg % 8) * 4)[None, :]) & 15
+    return v0, v1, code & 3, code >> 2
+
+
 def _gemv24(
     x_ptr,
     v_ptr,
@@ -62,6 +81,7 @@ def _gemv24(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    WIDE_CODES: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -77,13 +97,11 @@ def _gemv24(
         rg = g0 + tl.arange(0, BLOCK_G)
         g_ok = rg < end
         w_ok = n_ok[:, None] & g_ok[None, :]
-        offs = rn[:, None] * stride_vn + rg[None, :]
-        v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0).to(tl.float32)
-        v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0).to(tl.float32)
-        word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
-        code = (word >> ((rg % 8) * 4)[None, :]) & 15
-        i0 = (code & 3)[None, :, :]
-        i1 = (code >> 2)[None, :, :]
+        v0, v1, i0, i1 = _group_tile(
+            v_ptr, c_ptr, rn, rg, n_ok, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, WIDE_CODES
+        )
+        v0, v1 = v0.to(tl.float32), v1.to(tl.float32)
+        i0, i1 = i0[None, :, :], i1[None, :, :]
         xp = x_ptr + rm[:, None] * stride_xm + 4 * rg[None, :]
         x_ok = m_ok[:, None] & g_ok[None, :]
         x0 = tl.load(xp, mask=x_ok, other=0.0).to(tl.float32)[:, None, :]
@@ -120,6 +138,7 @@ def _mma24(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    WIDE_CODES: tl.constexpr,
 ):
     # Programs that share a weight tile are launched next to each other (M fastest): the tile comes from L2.
     pid_m = tl.program_id(0)
@@ -137,13 +156,9 @@ def _mma24(
         rg = g0 + tl.arange(0, BLOCK_G)
         g_ok = rg < end
         w_ok = n_ok[:, None] & g_ok[None, :]
-        offs = rn[:, None] * stride_vn + rg[None, :]
-        v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0)
-        v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0)
-        word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
-        code = (word >> ((rg % 8) * 4)[None, :]) & 15
-        i0 = code & 3
-        i1 = code >> 2
+        v0, v1, i0, i1 = _group_tile(
+            v_ptr, c_ptr, rn, rg, n_ok, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, WIDE_CODES
+        )
         zero = tl.zeros_like(v0)
         w0 = tl.where(i0 == 0, v0, zero)
         w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
@@ -190,13 +205,10 @@ def _unpack24(
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rg = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     w_ok = (rn < N)[:, None] & (rg < G)[None, :]
-    offs = rn[:, None] * stride_vn + rg[None, :]
-    v0 = tl.load(v_ptr + offs, mask=w_ok, other=0.0)
-    v1 = tl.load(v_ptr + stride_vp + offs, mask=w_ok, other=0.0)
-    word = tl.load(c_ptr + rn[:, None] * stride_cn + (rg // 8)[None, :], mask=w_ok, other=0)
-    code = (word >> ((rg % 8) * 4)[None, :]) & 15
-    i0 = code & 3
-    i1 = code >> 2
+    g0 = tl.program_id(1) * BLOCK_G
+    v0, v1, i0, i1 = _group_tile(
+        v_ptr, c_ptr, rn, rg, rn < N, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, True
+    )
     zero = tl.zeros_like(v0)
     w0 = tl.where(i0 == 0, v0, zero)
     w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
@@ -208,6 +220,10 @@ def _unpack24(
     rk = tl.program_id(1) * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
     ok = (rn < N)[:, None] & (rk < 4 * G)[None, :]
     tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], tile, mask=ok)
+
+
+if triton is not None:  # a helper the kernels call: compiled (or interpreted) with them
+    _group_tile = triton.jit(_group_tile)
 
 
 @dataclass(frozen=True)
@@ -222,6 +238,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    wide_codes: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -230,6 +247,8 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name}={value}: a power of two")
+        if self.block_g < 8:
+            raise ValueError("block_g is at least 8: a tile reads whole 32-bit code words")
         if self.kernel == "mma" and min(self.block_m, self.block_n, self.block_g) < 16:
             raise ValueError("mma tiles are at least 16 on every side (tensor-core dot)")
 
@@ -237,16 +256,15 @@ class KernelConfig:
         return asdict(self)
 
     def as_list(self) -> list[int]:
-        """``[kernel index, block_m, block_n, block_g, split_k, num_warps, num_stages]``: the op's plan encoding."""
-        return [KERNELS.index(self.kernel), self.block_m, self.block_n, self.block_g, self.split_k] + [
-            self.num_warps,
-            self.num_stages,
-        ]
+        """``[kernel index, block_m, block_n, block_g, split_k, num_warps, num_stages · 2 + wide_codes]``: the
+        op's plan encoding (seven integers)."""
+        head = [KERNELS.index(self.kernel), self.block_m, self.block_n, self.block_g, self.split_k]
+        return head + [self.num_warps, self.num_stages * 2 + int(self.wide_codes)]
 
     @classmethod
     def from_list(cls, values) -> KernelConfig:
-        kernel, *rest = (int(v) for v in values)
-        return cls(KERNELS[kernel], *rest)
+        kernel, block_m, block_n, block_g, split_k, warps, stages = (int(v) for v in values)
+        return cls(KERNELS[kernel], block_m, block_n, block_g, split_k, warps, stages // 2, bool(stages % 2))
 
 
 def available(device: torch.device | str) -> tuple[bool, str]:
@@ -314,8 +332,8 @@ def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> list
                 if block_m * block_n * block_g > budget:
                     continue
                 split = _split_for(-(-n // block_n), groups, block_g, sms)
-                for warps in (4, 8):
-                    found.append(KernelConfig("gemv", block_m, block_n, block_g, split, warps, 3))
+                for stages, wide in ((3, False), (3, True), (4, True)):
+                    found.append(KernelConfig("gemv", block_m, block_n, block_g, split, 4, stages, wide))
     else:
         block_ms = (16,) if m <= 16 else ((32,) if m <= 32 else ((64,) if m <= 64 else (64, 128)))
         for block_m in block_ms:
@@ -323,8 +341,8 @@ def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> list
                 for block_g in (16, 32):
                     programs = -(-m // block_m) * -(-n // block_n)
                     split = _split_for(programs, groups, block_g, sms) if m <= 256 else 1
-                    for warps, stages in ((4, 3), (8, 3), (4, 4)):
-                        found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages))
+                    for warps, stages, wide in ((4, 3, False), (4, 3, True), (8, 4, True)):
+                        found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages, wide))
     unique = list(dict.fromkeys(found))
     return unique
 
@@ -355,7 +373,7 @@ def linear24(
     args = (x, values, codes, target, bias_arg, m, n, groups, x.stride(0), values.stride(0), values.stride(1))
     args += (codes.stride(0), m * n if split > 1 else 0, n, split)
     meta = dict(ADD_BIAS=has_bias and split == 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
-    meta |= dict(BLOCK_G=config.block_g)
+    meta |= dict(BLOCK_G=config.block_g, WIDE_CODES=config.wide_codes)
     launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if config.kernel == "gemv":
         if m > config.block_m:

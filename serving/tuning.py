@@ -89,9 +89,9 @@ def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 class _Copies:
     """Several copies of one 2:4 weight in every form the paths read (dense, our layout, cuSPARSELt's)."""
 
-    def __init__(self, weight: torch.Tensor, with_cslt: bool, rotate_bytes: int):
+    def __init__(self, weight: torch.Tensor, dense: torch.Tensor, with_cslt: bool, rotate_bytes: int):
         self.count = max(1, min(32, math.ceil(rotate_bytes / max(1, weight.nbytes))))
-        self.dense = [weight.clone() for _ in range(self.count)]
+        self.dense = [dense.clone() for _ in range(self.count)]
         packed = pack_24(weight)
         self.values = [packed.values.clone() for _ in range(self.count)]
         self.codes = [packed.codes.clone() for _ in range(self.count)]
@@ -139,13 +139,16 @@ def _nearest(tuned: dict[int, object], m: int):
 def measure_shape(
     weight: torch.Tensor,
     ms=PROBE_MS,
+    dense_weight: torch.Tensor | None = None,
     tune: bool = True,
     eager: bool = True,
     repeats: int = 10,
     rotate_bytes: int = ROTATE_BYTES,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Every path of the sparse op on the 2:4 ``weight`` ``[N, K]`` at each M of ``ms``.
+    """Every path of the sparse op on the 2:4 ``weight`` ``[N, K]`` at each M of ``ms``. ``dense_weight``: the
+    weight the dense path is timed on (the unpruned original, so dense never gains from zeros; its error is
+    then not compared), by default ``weight`` itself.
 
     Returns ``{"in", "out", "dtype", "copies", "rows": [{"m", "graphed": {path: summary}, "eager": {...},
     "error": {path: relative error vs dense}, "config": {kernel: launch}, "alg_id"}], "tuning": {...},
@@ -155,7 +158,7 @@ def measure_shape(
     graphs = weight.is_cuda
     with_cslt = weight.is_cuda and cusparselt().available and weight.dtype in (torch.float16, torch.bfloat16)
     ours = triton24.available(device)[0]
-    copies = _Copies(weight, with_cslt, rotate_bytes)
+    copies = _Copies(weight, weight if dense_weight is None else dense_weight, with_cslt, rotate_bytes)
     result = {"in": k, "out": n, "dtype": str(weight.dtype).removeprefix("torch."), "copies": copies.count}
     not_measured = {}
     if not graphs:
@@ -208,7 +211,8 @@ def measure_shape(
         row["config"] = {kernel: config.as_dict() for kernel, config in launches.items()}
         for path, config in paths.items():
             calls = _calls(path, copies, x, config, alg_id)
-            row["error"][path] = _relative_error(calls[0](), reference)
+            if path != "dense" or dense_weight is None:
+                row["error"][path] = _relative_error(calls[0](), reference)
             if graphs:
                 row["graphed"][path] = time_calls(calls, True, repeats, x.is_cuda)
             if eager or not graphs:
@@ -231,7 +235,8 @@ def bands_from(measured: dict, mode: str, timing: str = "graphed", margin: float
     finite never), and between two measured Ms the choice of the larger one."""
     choices = []
     for row in measured["rows"]:
-        times = {p: t["median"] for p, t in row[timing].items() if math.isfinite(row["error"].get(p, math.inf))}
+        finite = {p for p in row[timing] if p == "dense" or math.isfinite(row["error"].get(p, math.inf))}
+        times = {p: t["median"] for p, t in row[timing].items() if p in finite}
         if mode == SPEED_FIRST:
             dense = times["dense"]
             sparse = {p: t for p, t in times.items() if p not in ("dense", "apt-unpack") and t * margin < dense}

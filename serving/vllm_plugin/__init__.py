@@ -14,9 +14,9 @@ every process it starts, which registers the quantization config (``serving.vllm
   Its ``apt_sparse_24.json`` says which layers are pruned and, where measured, from which token count
   the sparse kernel is faster; without it every 2:4 Linear is served.
 
-Each pruned Linear keeps vLLM's dense path and, on a GPU with 2:4 sparse tensor cores (sm80+), a copy in
-PyTorch core's semi-structured format; a call takes the sparse kernel only from the per-shape token
-threshold on (``serving.decode_safe``: never slower than dense). On CPU every layer computes dense.
+On a GPU each pruned Linear is served by the sparse op ``apt_sparse::linear24`` (``serving.sparse_op``): per
+token count our Triton 2:4 kernels, cuSPARSELt or dense, as measured for its shape (speed-first: never
+slower than dense where measured). On CPU every layer computes dense through vLLM's own GEMM.
 """
 
 from __future__ import annotations

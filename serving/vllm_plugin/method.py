@@ -2,10 +2,12 @@
 
 vLLM asks the config once per layer for its method (``get_quant_method``), under vLLM's fused names
 (``qkv_proj`` for the checkpoint's q/k/v). Pruned layers get ``Sparse24LinearMethod``, a subclass of
-vLLM's ``UnquantizedLinearMethod``: vLLM's own dense GEMM (packed for oneDNN on CPU) serves every call
-below the layer's token threshold, and on an sm80+ GPU a semi-structured copy of the weight serves the
-calls from it on. Every other Linear gets vLLM's unquantized method; embeddings, the LM head and
-attention are vLLM's own.
+vLLM's ``UnquantizedLinearMethod``. On a GPU every call of such a layer is one ``apt_sparse::linear24``
+(``serving.sparse_op``: our Triton 2:4 kernels, cuSPARSELt or dense by token count, the dispatch read from
+``APT_SPARSE_VLLM_DISPATCH``, the folder's thresholds, or measured once per shape at load); speed-first by
+default (never slower than dense where measured), memory-first (our compressed layout alone) with
+``APT_SPARSE_VLLM_MEMORY=compressed``. On a CPU vLLM's own dense GEMM (packed for oneDNN) serves it. Every
+other Linear gets vLLM's unquantized method; embeddings, the LM head and attention are vLLM's own.
 
 A bitmask folder's ``<module>.compressed/.bitmask/.shape`` tensors load into parameters of those names
 (vLLM's loader routes q/k/v and gate/up shards into the fused layer) and are decoded after loading; a
@@ -34,14 +36,22 @@ from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
 from serving.bitmask import FORMAT, unpack_bitmask
-from serving.decode_safe import choose_path, measure_threshold
-from serving.kernels import kernel_availability, to_sparse
+from serving.sparse_op import (
+    MEMORY_FIRST,
+    SPEED_FIRST,
+    Dispatch,
+    Sparse24Linear,
+    from_threshold,
+    load_dispatches,
+    shape_key,
+)
 from serving.vllm_plugin import NAME, REPORT_ENV, SIDE_FILE
 
 log = logging.getLogger(__name__)
 
-KERNEL = "torch-sparse-cusparselt"
-MEMORY_ENV = "APT_SPARSE_VLLM_MEMORY"  # "decode-safe" (default: dense + sparse copies) or "compressed"
+MEMORY_ENV = "APT_SPARSE_VLLM_MEMORY"  # "decode-safe" (default: speed-first) or "compressed" (memory-first)
+DISPATCH_ENV = "APT_SPARSE_VLLM_DISPATCH"  # a dispatch file of runtime_bench.gpu_suite: no measuring at load
+PROBE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def _is_bitmask(config: dict) -> bool:
@@ -69,6 +79,7 @@ class Sparse24Config(QuantizationConfig):
         self.targets = list(targets) if targets else None
         self.ignore = list(ignore) if ignore else ["lm_head"]
         self.thresholds = dict(thresholds or {})
+        self._dispatches: dict[tuple, Dispatch] = {}
         self.origin = "every Linear whose weight is 2:4"
 
     def get_name(self) -> str:
@@ -121,6 +132,25 @@ class Sparse24Config(QuantizationConfig):
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{NAME}: {path} is damaged ({err}); export the folder again") from err
         self.origin = f"{path.name}: {len(self.targets)} pruned layers"
+
+    def dispatch_for(self, weight: torch.Tensor, mode: str) -> Dispatch:
+        """The dispatch of this weight's shape in ``mode``: from the dispatch file (``APT_SPARSE_VLLM_DISPATCH``),
+        else the folder's measured cuSPARSELt threshold (speed-first), else measured on this GPU, once per shape
+        and mode in this process (``serving.tuning``, graphed)."""
+        shape = shape_key(weight.shape[1], weight.shape[0])
+        key = (shape, mode, weight.dtype)
+        if key not in self._dispatches:
+            path = os.environ.get(DISPATCH_ENV)
+            found = load_dispatches(path, mode).get(shape) if path else None
+            if found is None and mode == SPEED_FIRST and shape in self.thresholds:
+                found = from_threshold(self.thresholds[shape])
+            if found is None:
+                from serving.tuning import bands_from, measure_shape
+
+                log.info("%s: measuring the sparse op's paths for %s (%s)", NAME, shape, mode)
+                found = bands_from(measure_shape(weight.detach(), ms=PROBE_MS, eager=False), mode)
+            self._dispatches[key] = found
+        return self._dispatches[key]
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         def mapped(name: str) -> str:
@@ -283,14 +313,14 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
                 raise ValueError(f"{NAME}: {message}, but {self.config.origin} lists it as pruned; prune it again")
             log.warning("%s: %s: served dense", NAME, message)
         info |= {"served": True, "shape": list(weight.shape), "kept": round(float((weight != 0).float().mean()), 4)}
-        info["sparse_kernel"] = self._sparse_copy(layer, weight) if info["is_24"] else "not 2:4"
+        info["sparse_kernel"] = self._sparse_op(layer, weight) if info["is_24"] else "not 2:4"
         path = os.environ.get(REPORT_ENV)
         if path:
             with open(path, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "layer": self.prefix} | info) + "\n")
-        if layer.apt_sparse_24.get("threshold") == 0 and os.environ.get(MEMORY_ENV) == "compressed":
+        if info.get("mode") == MEMORY_FIRST:
             layer.weight = Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
-            return  # the semi-structured copy alone serves every call (0.56× the dense bytes)
+            return  # our compressed layout alone serves every call (0.5625x the dense bytes)
         super().process_weights_after_loading(layer)  # vLLM's dense path (on CPU: packs for oneDNN)
 
     @staticmethod
@@ -308,26 +338,19 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
             delattr(layer, name)
         return dense
 
-    def _sparse_copy(self, layer, weight: torch.Tensor) -> str:
-        """The semi-structured copy and the layer's token threshold, where a 2:4 kernel runs here."""
-        available = kernel_availability(KERNEL)
-        if not (available.available and weight.is_cuda):
-            return f"none: {available.reason if not available.available else 'the weight is not on a GPU'}"
-        shape = f"{weight.shape[1]}x{weight.shape[0]}"
-        threshold = 0 if os.environ.get(MEMORY_ENV) == "compressed" else self.config.thresholds.get(shape)
-        if threshold is None and shape not in self.config.thresholds:
-            threshold = measure_threshold(weight, KERNEL)
-        layer.apt_sparse_24["threshold"] = threshold
-        if threshold is None:
-            return "none: dense was faster at every measured token count"
-        layer.apt_sparse_weight = to_sparse(weight, KERNEL)
-        return f"{KERNEL} from {threshold} tokens"
+    def _sparse_op(self, layer, weight: torch.Tensor) -> str:
+        """On a GPU: the layer served by ``apt_sparse::linear24`` (``serving.sparse_op``) with its shape's
+        dispatch (from the dispatch file, the folder's measured threshold, or measured here once per shape)."""
+        if not weight.is_cuda:
+            return "none: the weight is not on a GPU (vLLM's dense GEMM serves it)"
+        mode = MEMORY_FIRST if os.environ.get(MEMORY_ENV) == "compressed" else SPEED_FIRST
+        dispatch = self.config.dispatch_for(weight, mode)
+        layer.apt_sparse_op = Sparse24Linear(weight, None, mode, dispatch)
+        layer.apt_sparse_24 |= {"mode": mode, "dispatch": dispatch.describe(), "origin": dispatch.origin}
+        return f"apt_sparse::linear24, {mode}: {dispatch.describe()}"
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        sparse = getattr(layer, "apt_sparse_weight", None)
-        tokens = x.numel() // x.shape[-1]
-        if choose_path(tokens, layer.apt_sparse_24.get("threshold"), sparse is not None) == "sparse":
-            out = torch.nn.functional.linear(x.reshape(tokens, x.shape[-1]), sparse)
-            out = out.reshape(*x.shape[:-1], out.shape[-1])
-            return out + bias if bias is not None else out
+        op = getattr(layer, "apt_sparse_op", None)
+        if op is not None:  # one opaque op: vLLM's CUDA graphs and torch.compile see a single call
+            return torch.ops.apt_sparse.linear24(x, op.values, op.codes, op.dense, op.compressed, bias, op.plan)
         return super().apply(layer, x, bias)

@@ -15,19 +15,22 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}
 CASES = [
     # (M, N, K, launch): odd N and K, K not a multiple of a tile, M below and across the tile
     (1, 40, 100, KernelConfig("gemv", 1, 16, 16)),
+    (1, 40, 100, KernelConfig("gemv", 1, 16, 16, wide_codes=True)),
     (3, 70, 264, KernelConfig("gemv", 4, 32, 16, split_k=2)),
-    (8, 33, 516, KernelConfig("gemv", 8, 16, 32, split_k=4)),
+    (8, 33, 516, KernelConfig("gemv", 8, 16, 32, split_k=4, wide_codes=True)),
     (5, 96, 4100, KernelConfig("gemv", 8, 64, 64, split_k=8)),
     (1, 24, 40, KernelConfig("mma", 16, 16, 16)),
-    (20, 50, 200, KernelConfig("mma", 16, 32, 16)),
+    (20, 50, 200, KernelConfig("mma", 16, 32, 16, wide_codes=True)),
     (37, 64, 520, KernelConfig("mma", 32, 32, 16, split_k=4)),
-    (130, 72, 136, KernelConfig("mma", 64, 64, 32)),
+    (130, 72, 136, KernelConfig("mma", 64, 64, 32, split_k=2, wide_codes=True)),
 ]
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[3].kernel}-M{c[0]}-N{c[1]}-K{c[2]}-s{c[3].split_k}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[3].kernel}-M{c[0]}-N{c[1]}-K{c[2]}-s{c[3].split_k}-w{int(c[3].wide_codes)}"
+)
 def test_kernel_matches_the_dense_product_of_the_decompressed_weight(case, dtype, bf16_dot):  # noqa: F811
     m, n, k, config = case
     w = sparse_weight(n, k, dtype, seed=m + n + k).to(DEVICE)
@@ -87,6 +90,11 @@ def test_launch_choices_are_valid_for_the_shapes_that_matter():
         for m in (16, 64, 256, 4096, 16384):
             mma = candidates("mma", m, n, k)
             assert all(c.kernel == "mma" and k // 4 // c.split_k >= c.block_g for c in mma)
+
+
+def test_a_launch_round_trips_through_the_ops_plan():
+    for config in (KernelConfig("gemv", 4, 32, 64, 8, 4, 4, True), KernelConfig("mma", 64, 128, 32, 1, 8, 3, False)):
+        assert KernelConfig.from_list(config.as_list()) == config and len(config.as_list()) == 7
 
 
 def test_a_bad_launch_is_refused():

@@ -1,0 +1,37 @@
+"""The GPU suite, run here as a smoke test on the CPU (tiny shapes, our kernels under Triton's interpreter,
+eager host timing): it writes every file, with the structure the GPU run writes, and its dispatch file is
+what the sparse op loads. The speed figures themselves only come from a GPU."""
+
+import json
+
+from runtime_bench.gpu_suite import main
+from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, load_dispatches
+from tests.serving.interpreter import needs_kernels
+
+
+@needs_kernels
+def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, capsys):
+    main(["--cpu-smoke", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["errors"], results["errors"]
+    assert set(results["gemm"]) == {"tiny up float16", "tiny down float16"}
+    up = results["gemm"]["tiny up float16"]
+    assert [row["m"] for row in up["rows"]] == [1, 3, 16, 80]
+    assert all(err < 2e-3 for row in up["rows"] for err in row["error"].values())
+    for mode in (SPEED_FIRST, MEMORY_FIRST):
+        loaded = load_dispatches(tmp_path / "dispatch.json", mode)
+        assert set(loaded) == {"64x96", "96x64"}
+    e2e = results["e2e"]["tiny"]
+    assert "error" not in e2e
+    assert {(r["mode"], r["kind"]) for r in e2e["rows"]} == {
+        (mode, kind) for mode in ("dense", SPEED_FIRST, MEMORY_FIRST) for kind in ("prefill", "decode")
+    }
+    assert all(error < 1e-2 for error in e2e["logits_error"].values())
+    memory = e2e["weight_bytes"][MEMORY_FIRST]["block_linears"] / e2e["weight_bytes"]["dense"]["block_linears"]
+    assert memory == 0.5625
+    claims = [h["claim"] for h in results["headline"]]
+    assert "decode M=1, 8B MLP" in claims and "max relative error of any path vs dense" in claims
+    assert "not measured" in printed  # the 8B targets cannot be measured on tiny CPU shapes, and say so
+    assert (tmp_path / "report.md").read_text().startswith("# GPU suite: CPU (Triton interpreter)")
+    assert (tmp_path / "gemm.png").is_file() and (tmp_path / "e2e_tiny.png").is_file()
