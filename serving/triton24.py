@@ -284,13 +284,16 @@ def available(device: torch.device | str) -> tuple[bool, str]:
 def _kernel(name: str):
     """The kernel compiled once per process (an interpreted one where ``TRITON_INTERPRET=1`` was set before
     triton was imported: triton's own language helpers are interpreted only then)."""
-    return triton.jit({"gemv": _gemv24, "mma": _mma24, "reduce": _reduce24, "unpack": _unpack24}[name])
+    fn = {"gemv": _gemv24, "mma": _mma24, "reduce": _reduce24, "unpack": _unpack24}[name]
+    # split-K is a loop bound, not a shape: one compiled kernel serves every split
+    return triton.jit(fn, do_not_specialize=["SPLIT_K"] if name in ("gemv", "mma") else None)
 
 
-def _split_for(programs: int, groups: int, block_g: int, sms: int) -> int:
-    """The power-of-two split of K that gives about two waves of programs, each still at least two steps long."""
+def _split_for(programs: int, groups: int, block_g: int, sms: int, per_sm: int = 4) -> int:
+    """The power-of-two split of K that gives at least ``per_sm`` programs per multiprocessor (a memory-bound
+    kernel hides DRAM latency with many small programs in flight), each still at least two steps long."""
     split = 1
-    while programs * split < 2 * sms and groups // (split * 2) >= 2 * block_g and split < 16:
+    while programs * split < per_sm * sms and groups // (split * 2) >= 2 * block_g and split < 16:
         split *= 2
     return split
 
@@ -305,46 +308,52 @@ def _pow2_at_least(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
+# gemv tiles (block_n, block_g) per block_m: block_m × block_n × block_g select products are live per step, so
+# the tile shrinks as M grows (4096 products over 128 threads: 32 registers a live tensor).
+GEMV_TILES = {
+    1: ((32, 64), (16, 128), (16, 64), (32, 128), (64, 64)),
+    2: ((32, 64), (16, 64), (16, 128), (32, 32)),
+    4: ((16, 64), (32, 32), (16, 32)),
+    8: ((16, 32), (16, 16), (32, 16)),
+}
+MMA_TILES = ((64, 32), (64, 16), (128, 32), (128, 16))  # (block_n, block_g): BLOCK_K = 4 · block_g dense columns
+
+
 def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> KernelConfig:
     """The launch used where none was measured for this shape and token count."""
     groups = k // 4
     if kernel == "gemv":
         block_m = _pow2_at_least(min(m, GEMV_MAX_M))
-        block_n, block_g = (64, 128) if block_m == 1 else (32, max(16, 256 // block_m))
+        block_n, block_g = GEMV_TILES[block_m][0]
         split = _split_for(-(-n // block_n), groups, block_g, sms)
         return KernelConfig("gemv", block_m, block_n, block_g, split, num_warps=4, num_stages=3)
     block_m = min(128, max(16, _pow2_at_least(m)))
     block_n = 64 if block_m <= 64 else 128
     programs = -(-m // block_m) * -(-n // block_n)
-    split = _split_for(programs, groups, 32, sms) if m <= 256 else 1
+    split = _split_for(programs, groups, 32, sms, per_sm=2) if m <= 256 else 1
     return KernelConfig("mma", block_m, block_n, 32, split, num_warps=4 if block_m <= 64 else 8, num_stages=3)
 
 
 def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> list[KernelConfig]:
-    """The launches ``runtime_bench.gpu_suite`` times for one shape and token count (the default first)."""
+    """The launches ``runtime_bench.gpu_suite`` times for one shape and token count (the default first): tiles,
+    split-K (the split that fills the GPU, and none), the code-word load, warps and pipeline depth."""
     groups = k // 4
     found = [default_config(kernel, m, n, k, sms)]
     if kernel == "gemv":
         block_m = _pow2_at_least(min(m, GEMV_MAX_M))
-        budget = 8192 if block_m <= 2 else 16384  # live select products per program: keep them in registers
-        for block_n in (16, 32, 64):
-            for block_g in (64, 128, 256):
-                if block_m * block_n * block_g > budget:
-                    continue
-                split = _split_for(-(-n // block_n), groups, block_g, sms)
-                for stages, wide in ((3, False), (3, True), (4, True)):
-                    found.append(KernelConfig("gemv", block_m, block_n, block_g, split, 4, stages, wide))
+        for block_n, block_g in GEMV_TILES[block_m]:
+            for split in dict.fromkeys((_split_for(-(-n // block_n), groups, block_g, sms), 1)):
+                for wide in (False, True):
+                    found.append(KernelConfig("gemv", block_m, block_n, block_g, split, 4, 3, wide))
     else:
         block_ms = (16,) if m <= 16 else ((32,) if m <= 32 else ((64,) if m <= 64 else (64, 128)))
         for block_m in block_ms:
-            for block_n in (64, 128):
-                for block_g in (16, 32):
-                    programs = -(-m // block_m) * -(-n // block_n)
-                    split = _split_for(programs, groups, block_g, sms) if m <= 256 else 1
-                    for warps, stages, wide in ((4, 3, False), (4, 3, True), (8, 4, True)):
-                        found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages, wide))
-    unique = list(dict.fromkeys(found))
-    return unique
+            for block_n, block_g in MMA_TILES:
+                programs = -(-m // block_m) * -(-n // block_n)
+                split = _split_for(programs, groups, block_g, sms, per_sm=2) if m <= 256 else 1
+                for warps, stages, wide in ((4, 3, False), (4, 3, True), (8, 4, True)):
+                    found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages, wide))
+    return list(dict.fromkeys(found))
 
 
 def linear24(
