@@ -352,5 +352,5 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         op = getattr(layer, "apt_sparse_op", None)
         if op is not None:  # one opaque op: vLLM's CUDA graphs and torch.compile see a single call
-            return torch.ops.apt_sparse.linear24(x, op.values, op.codes, op.dense, op.compressed, bias, op.plan)
+            return op.apply(x, bias)
         return super().apply(layer, x, bias)
