@@ -276,9 +276,12 @@ class Sparse24Linear(torch.nn.Module):
         return cls(linear.weight.data, linear.bias.data if linear.bias is not None else None, mode, dispatch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.apt_sparse.linear24(
-            x, self.values, self.codes, self.dense, self.compressed, self.bias, self.plan
-        )
+        return self.apply(x, self.bias)
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The op on ``x`` with ``bias`` (the vLLM plugin passes the layer's own bias)."""
+        op = torch.ops.apt_sparse.linear24
+        return op(x, self.values, self.codes, self.dense, self.compressed, bias, self.plan)
 
     def unpacked(self) -> torch.Tensor:
         """The dense weight ``[out, in]``, from our layout (exact)."""
