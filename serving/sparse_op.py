@@ -276,10 +276,11 @@ class Sparse24Linear(torch.nn.Module):
         return cls(linear.weight.data, linear.bias.data if linear.bias is not None else None, mode, dispatch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x, self.bias)
+        return self.linear(x, self.bias)
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The op on ``x`` with ``bias`` (the vLLM plugin passes the layer's own bias)."""
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The op on ``x`` with ``bias`` (the vLLM plugin passes the layer's own bias; ``nn.Module.apply`` is
+        another thing, hence the name)."""
         op = torch.ops.apt_sparse.linear24
         return op(x, self.values, self.codes, self.dense, self.compressed, bias, self.plan)
 

@@ -352,5 +352,5 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         op = getattr(layer, "apt_sparse_op", None)
         if op is not None:  # one opaque op: vLLM's CUDA graphs and torch.compile see a single call
-            return op.apply(x, bias)
+            return op.linear(x, bias)
         return super().apply(layer, x, bias)
