@@ -19,7 +19,7 @@ PARTS = ("compressed", "bitmask", "shape")
 def keep_mask_24(weight: torch.Tensor) -> torch.Tensor:
     """Exactly 2 kept slots per group of 4 along the input dimension: the two largest |w|, ties to the left."""
     rows, cols = weight.shape
-    groups = weight.abs().float().reshape(rows, cols // 4, 4)
+    groups = weight.float().abs().reshape(rows, cols // 4, 4)  # float first: float8 has no abs on every device
     order = groups.argsort(dim=-1, descending=True, stable=True)[..., :2]
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).reshape(rows, cols)
 

@@ -9,9 +9,10 @@ A weight ``[N, K]`` (2:4 along K, the input dimension) becomes:
 - ``codes`` ``[N, ceil(K/32)]`` int32: per group of 4 inputs a 4-bit code ``i0 | i1 << 2`` (the kept
   positions, ``0 <= i0 < i1 <= 3``), eight groups per word, group ``g`` at bits ``4·(g mod 8)``.
 
-That is half the values plus one bit per dense weight: 0.5625× the dense bytes in fp16/bf16, the least
-a 2:4 weight can move at decode (the 1.78× ceiling). A group with fewer than two non-zeros still names two
-slots (the two largest |w|, ties to the left, as ``serving.bitmask``), so every group decodes alike.
+That is half the values plus one bit per dense weight: 0.5625× the dense bytes in fp16/bf16 (0.625× in
+FP8), the least a 2:4 weight can move at decode (the 1.78× ceiling in fp16/bf16). A group with fewer than
+two non-zeros still names two slots (the two largest |w|, ties to the left, as ``serving.bitmask``), so
+every group decodes alike; a pruned ``-0.0`` comes back as ``+0.0``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def check_24(weight: torch.Tensor) -> None:
     """Refuse a weight that is not ``[N, K]`` with K a multiple of 4 and at most 2 non-zeros per group of 4."""
     if weight.dim() != 2 or weight.shape[1] % 4:
         raise ValueError(f"a 2:4 weight is [out, in] with in a multiple of 4; got shape {tuple(weight.shape)}")
-    groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+    groups = (weight.float().reshape(weight.shape[0], -1, 4) != 0).sum(-1)
     if bool((groups > 2).any()):
         row, group = (int(i) for i in (groups > 2).nonzero()[0])
         raise ValueError(
@@ -66,8 +67,9 @@ def pack_24(weight: torch.Tensor) -> Packed24:
     slot = torch.arange(4, device=weight.device)
     # The kept slots first, in column order: kept slots sort by their position, the others after them.
     order = torch.where(keep, slot, slot + 4).sort(dim=-1).values[..., :2]
-    grouped = weight.reshape(n, groups, 4)
+    grouped = _bits(weight).reshape(n, groups, 4)  # values move as their bits: exact for every dtype, float8 too
     values = torch.stack([grouped.gather(-1, order[..., i : i + 1]).squeeze(-1) for i in (0, 1)]).contiguous()
+    values = values.view(weight.dtype)
     nibbles = (order[..., 0] | (order[..., 1] << 2)).to(torch.int64)
     words = -(-groups // GROUPS_PER_WORD)
     padded = torch.zeros(n, words * GROUPS_PER_WORD, dtype=torch.int64, device=weight.device)
@@ -90,7 +92,13 @@ def unpack_24(packed: Packed24) -> torch.Tensor:
     """The dense weight ``[N, K]`` back from our layout (exact: values are copied, never rounded)."""
     n, groups = packed.out_features, packed.in_features // 4
     i0, i1 = group_positions(packed.codes, groups)
-    dense = torch.zeros(n, groups, 4, dtype=packed.values.dtype, device=packed.values.device)
-    dense.scatter_(-1, i0.unsqueeze(-1), packed.values[0].unsqueeze(-1))
-    dense.scatter_(-1, i1.unsqueeze(-1), packed.values[1].unsqueeze(-1))
-    return dense.reshape(n, packed.in_features)
+    bits = _bits(packed.values)
+    dense = torch.zeros(n, groups, 4, dtype=bits.dtype, device=bits.device)
+    dense.scatter_(-1, i0.unsqueeze(-1), bits[0].unsqueeze(-1))
+    dense.scatter_(-1, i1.unsqueeze(-1), bits[1].unsqueeze(-1))
+    return dense.reshape(n, packed.in_features).view(packed.values.dtype)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` viewed as integers of its width (gather and scatter then copy bits, on any device)."""
+    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[tensor.element_size()])

@@ -178,12 +178,50 @@ def from_threshold(threshold: int | None) -> Dispatch:
     return Dispatch(bands, f"cuSPARSELt from {threshold} tokens (measured threshold)")
 
 
-def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor, bias, alg_id: int) -> torch.Tensor:
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor for a dynamic per-token scale
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 quantization of ``x`` ``[M, K]``, as vLLM's FP8 path does it: ``(x_q, scale)``,
+    ``scale`` ``[M]`` float32 = max(amax(|x_row|) / 448, 1/(448·512)), ``x_q`` = e4m3(x / scale)."""
+    scale = (x.abs().amax(-1).float() / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if not rows:
+        return x
+    if x.dtype == FP8:  # F.pad has no float8 kernel everywhere: pad the bits
+        return F.pad(x.view(torch.uint8), (0, 0, 0, rows)).view(FP8)
+    return F.pad(x, (0, 0, 0, rows)) if x.dim() == 2 else F.pad(x, (0, rows), value=1.0)
+
+
+def fp8_linear(x_q, scale_x, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
+    """Dense FP8: ``torch._scaled_mm`` with per-token and per-channel scales (rows padded to 16)."""
+    m = x_q.shape[0]
+    pad = (-m) % CSLT_PAD
+    x_q, scale_x = _pad_rows(x_q, pad), _pad_rows(scale_x, pad)
+    out = torch._scaled_mm(
+        x_q, weight.t(), scale_a=scale_x[:, None], scale_b=weight_scale[None, :], bias=bias, out_dtype=out_dtype
+    )
+    return out[:m] if pad else out
+
+
+def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor, bias, alg_id: int, scales=None, out_dtype=None):
     m = x.shape[0]
     pad = (-m) % CSLT_PAD
-    padded = F.pad(x, (0, 0, 0, pad)) if pad else x
-    out = torch._cslt_sparse_mm(compressed, padded.t(), bias=bias, transpose_result=True, alg_id=alg_id)
-    return out[:m] if pad else out
+    padded = _pad_rows(x, pad)
+    if scales is None:
+        out = torch._cslt_sparse_mm(compressed, padded.t(), bias=bias, transpose_result=True, alg_id=alg_id)
+        return out[:m] if pad else out
+    # FP8: cuSPARSELt scales by one alpha; the per-token and per-channel scales follow in float32
+    out = torch._cslt_sparse_mm(compressed, padded.t(), out_dtype=torch.float32, transpose_result=True, alg_id=alg_id)[
+        :m
+    ]
+    out = out * scales[0][:, None] * scales[1][None, :]
+    return (out + bias if bias is not None else out).to(out_dtype)
 
 
 def _reference(x, values, codes, bias) -> torch.Tensor:
@@ -212,6 +250,27 @@ def _run(band, x, values, codes, dense, compressed, bias) -> torch.Tensor:
     return triton24.linear24(x, values, codes, bias, config)
 
 
+def _run_fp8(band, x, values, codes, dense, compressed, bias, weight_scale) -> torch.Tensor:
+    """The FP8 paths: ``x`` quantized per token once, every path the same W8A8 product."""
+    _, path, config, alg_id = band
+    x_q, scale_x = quantize_tokens(x)
+    if path == "cusparselt":
+        if compressed is not None and x.is_cuda:
+            return _cslt_linear(x_q, compressed, bias, alg_id, (scale_x, weight_scale), x.dtype)
+        path = "dense" if dense is not None else "apt-unpack"
+    if path == "dense":
+        if dense is None:
+            raise RuntimeError("apt_sparse::linear24: a dense band, but the layer keeps no dense weight (memory-first)")
+        return fp8_linear(x_q, scale_x, dense, weight_scale, bias, x.dtype)
+    runs_ours = triton24.available(x.device)[0]
+    if path == "apt-unpack" or not runs_ours:
+        from serving.layout import Packed24
+
+        unpacked = triton24.unpack24(values, codes) if runs_ours else unpack_24(Packed24(values, codes, x.shape[1]))
+        return fp8_linear(x_q, scale_x, unpacked, weight_scale, bias, x.dtype)
+    return triton24.linear24(x_q, values, codes, bias, config, scale_x, weight_scale, x.dtype)
+
+
 @torch.library.custom_op("apt_sparse::linear24", mutates_args=())
 def linear24(
     x: torch.Tensor,
@@ -220,12 +279,15 @@ def linear24(
     dense: torch.Tensor | None,
     compressed: torch.Tensor | None,
     bias: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
     plan: list[int],
 ) -> torch.Tensor:
     """``x @ Wᵀ (+ bias)`` for a 2:4 ``W`` ``[N, K]``: ``x`` ``[..., K]`` → ``[..., N]`` in ``x``'s dtype.
 
     ``values``/``codes``: ``W`` in our layout; ``dense``: ``W`` itself or ``None`` (memory-first);
-    ``compressed``: cuSPARSELt's copy or ``None``; ``plan``: ``Dispatch.encode()``."""
+    ``compressed``: cuSPARSELt's copy or ``None``; ``weight_scale``: ``None``, or for an FP8 ``W``
+    (``float8_e4m3fn``) its per-output-channel scales ``[N]`` (float32), the activations then quantized per
+    token as vLLM does (``quantize_tokens``); ``plan``: ``Dispatch.encode()``."""
     n, k = values.shape[1], x.shape[-1]
     flat = x.reshape(-1, k)
     if flat.shape[0] == 0:
@@ -234,12 +296,15 @@ def linear24(
     for band in _decoded(tuple(plan)):
         if flat.shape[0] >= band[0]:
             chosen = band
-    out = _run(chosen, flat, values, codes, dense, compressed, bias)
+    if weight_scale is None:
+        out = _run(chosen, flat, values, codes, dense, compressed, bias)
+    else:
+        out = _run_fp8(chosen, flat, values, codes, dense, compressed, bias, weight_scale)
     return out.reshape(*x.shape[:-1], n)
 
 
 @linear24.register_fake
-def _linear24_shape(x, values, codes, dense, compressed, bias, plan):
+def _linear24_shape(x, values, codes, dense, compressed, bias, weight_scale, plan):
     return x.new_empty(*x.shape[:-1], values.shape[1])
 
 
@@ -253,10 +318,16 @@ class Sparse24Linear(torch.nn.Module):
         bias: torch.Tensor | None = None,
         mode: str = SPEED_FIRST,
         dispatch: Dispatch | None = None,
+        weight_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         weight = weight.detach()
         check_24(weight)
+        if (weight.dtype == FP8) != (weight_scale is not None):
+            raise ValueError(
+                f"an FP8 (float8_e4m3fn) weight needs its per-output-channel weight_scale, and only it takes one; "
+                f"got a {weight.dtype} weight with{'out' if weight_scale is None else ''} a scale"
+            )
         self.out_features, self.in_features = weight.shape
         dispatch = dispatch or (dense_dispatch() if mode == SPEED_FIRST else memory_first_default(*weight.shape))
         dispatch.check_mode(mode)
@@ -266,6 +337,8 @@ class Sparse24Linear(torch.nn.Module):
         self.register_buffer("codes", packed.codes)
         self.register_buffer("dense", weight if mode == SPEED_FIRST else None)
         self.register_buffer("bias", bias.detach() if bias is not None else None)
+        scale = weight_scale.detach().float().reshape(-1) if weight_scale is not None else None
+        self.register_buffer("weight_scale", scale)
         self.compressed = None
         if "cusparselt" in dispatch.paths and weight.is_cuda and cusparselt().available:
             self.register_buffer("compressed", torch._cslt_compress(weight))
@@ -282,7 +355,7 @@ class Sparse24Linear(torch.nn.Module):
         """The op on ``x`` with ``bias`` (the vLLM plugin passes the layer's own bias; ``nn.Module.apply`` is
         another thing, hence the name)."""
         op = torch.ops.apt_sparse.linear24
-        return op(x, self.values, self.codes, self.dense, self.compressed, bias, self.plan)
+        return op(x, self.values, self.codes, self.dense, self.compressed, bias, self.weight_scale, self.plan)
 
     def unpacked(self) -> torch.Tensor:
         """The dense weight ``[out, in]``, from our layout (exact)."""
@@ -298,8 +371,8 @@ class Sparse24Linear(torch.nn.Module):
         return path
 
     def weight_bytes(self) -> int:
-        """Bytes the layer keeps between calls (not the bias): our layout, and the copies its mode keeps."""
-        kept = (self.values, self.codes, self.dense, self.compressed)
+        """Bytes the layer keeps between calls (not the bias): our layout, the copies its mode keeps, FP8 scales."""
+        kept = (self.values, self.codes, self.dense, self.compressed, self.weight_scale)
         return sum(t.numel() * t.element_size() for t in kept if t is not None)
 
     def extra_repr(self) -> str:

@@ -67,6 +67,8 @@ def _gemv24(
     c_ptr,
     out_ptr,
     bias_ptr,
+    sx_ptr,
+    sw_ptr,
     M,
     N,
     G,
@@ -78,6 +80,7 @@ def _gemv24(
     stride_om,
     SPLIT_K,
     ADD_BIAS: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -112,6 +115,8 @@ def _gemv24(
         s0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
         s1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
         acc += tl.sum(v0[None, :, :] * s0 + v1[None, :, :] * s1, axis=2)
+    if HAS_SCALES:  # FP8: the token's and the output channel's scales (exact on each split-K partial: linear)
+        acc *= tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None] * tl.load(sw_ptr + rn, mask=n_ok, other=0.0)[None, :]
     if ADD_BIAS:  # split-K partials get the bias in the reduction
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
@@ -124,6 +129,8 @@ def _mma24(
     c_ptr,
     out_ptr,
     bias_ptr,
+    sx_ptr,
+    sw_ptr,
     M,
     N,
     G,
@@ -135,6 +142,7 @@ def _mma24(
     stride_om,
     SPLIT_K,
     ADD_BIAS: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -170,6 +178,8 @@ def _mma24(
         acc = tl.dot(tl.load(xp + 1, mask=x_ok, other=0.0), tl.trans(w1), acc)
         acc = tl.dot(tl.load(xp + 2, mask=x_ok, other=0.0), tl.trans(w2), acc)
         acc = tl.dot(tl.load(xp + 3, mask=x_ok, other=0.0), tl.trans(w3), acc)
+    if HAS_SCALES:  # FP8: the token's and the output channel's scales (exact on each split-K partial: linear)
+        acc *= tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None] * tl.load(sw_ptr + rn, mask=n_ok, other=0.0)[None, :]
     if ADD_BIAS:  # split-K partials get the bias in the reduction
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
@@ -362,9 +372,15 @@ def linear24(
     codes: torch.Tensor,
     bias: torch.Tensor | None,
     config: KernelConfig,
+    scale_x: torch.Tensor | None = None,
+    scale_w: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x @ Wᵀ (+ bias)`` for ``x`` ``[M, K]`` and the 2:4 ``W`` ``[N, K]`` in our layout (``values``
-    ``[2, N, K/4]``, ``codes``): ``[M, N]`` in ``x``'s dtype, accumulated in float32."""
+    ``[2, N, K/4]``, ``codes``): ``[M, N]`` in ``out_dtype`` (default ``x``'s), accumulated in float32.
+
+    FP8 (W8A8): ``x`` and ``values`` in ``float8_e4m3fn`` with ``scale_x`` ``[M]`` (per token) and ``scale_w``
+    ``[N]`` (per output channel), float32: the product is ``(x_q · W_qᵀ) · scale_x ⊗ scale_w``, as vLLM's."""
     ok, reason = available(x.device)
     if not ok:
         raise RuntimeError(f"our 2:4 kernels cannot run here: {reason}")
@@ -375,13 +391,17 @@ def linear24(
         raise ValueError(f"x has {k} inputs, the 2:4 weight {4 * groups}")
     x = x.contiguous()
     split = config.split_k
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     has_bias = bias is not None
     bias_arg = bias if has_bias else values  # never read without HAS_BIAS
-    args = (x, values, codes, target, bias_arg, m, n, groups, x.stride(0), values.stride(0), values.stride(1))
+    scaled = scale_x is not None
+    if scaled != (scale_w is not None):
+        raise ValueError("FP8 needs both scales: scale_x per token and scale_w per output channel")
+    sx, sw = (scale_x.reshape(-1).float(), scale_w.reshape(-1).float()) if scaled else (values, values)
+    args = (x, values, codes, target, bias_arg, sx, sw, m, n, groups, x.stride(0), values.stride(0), values.stride(1))
     args += (codes.stride(0), m * n if split > 1 else 0, n, split)
-    meta = dict(ADD_BIAS=has_bias and split == 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+    meta = dict(ADD_BIAS=has_bias and split == 1, HAS_SCALES=scaled, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
     meta |= dict(BLOCK_G=config.block_g, WIDE_CODES=config.wide_codes)
     launch = {} if interpret else dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if config.kernel == "gemv":

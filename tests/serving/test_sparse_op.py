@@ -17,6 +17,7 @@ from serving.sparse_op import (
     from_threshold,
     load_dispatches,
     memory_first_default,
+    quantize_tokens,
 )
 from serving.triton24 import KernelConfig
 
@@ -119,8 +120,48 @@ def test_torch_compile_and_opcheck_see_one_op():
     x = torch.randn(2, 3, weight.shape[1]).half().to(DEVICE)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), layer(x))
-    args = (x, layer.values, layer.codes, layer.dense, layer.compressed, layer.bias, layer.plan)
+    args = (x, layer.values, layer.codes, layer.dense, layer.compressed, layer.bias, layer.weight_scale, layer.plan)
     torch.library.opcheck(torch.ops.apt_sparse.linear24.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _fp8_layer(mode, dispatch, n=48, k=160):
+    """A 2:4 weight quantized per output channel to e4m3 (the scale and rounding of ``issue 26``)."""
+    weight = sparse_weight(n, k, torch.float32)
+    scale = weight.abs().amax(1) / 448
+    quantized = (weight / scale[:, None]).to(torch.float8_e4m3fn)
+    bias = torch.randn(n).to(torch.bfloat16)
+    return quantized, scale, bias, Sparse24Linear(quantized, bias, mode, dispatch, weight_scale=scale).to(DEVICE)
+
+
+def test_tokens_are_quantized_per_token_as_vllm_does():
+    x = torch.tensor([[1.0, -896.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    x_q, scale = quantize_tokens(x)
+    assert scale.tolist() == [2.0, 1.0 / (448 * 512)]  # amax / 448; an all-zero token gets vLLM's floor
+    assert x_q.float().tolist() == [[0.5, -448.0, 1.5, 0.25], [0.0, 0.0, 0.0, 0.0]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", [SPEED_FIRST, MEMORY_FIRST])
+def test_fp8_every_path_gives_the_w8a8_product(mode):
+    bands = EVERY_PATH if mode == SPEED_FIRST else memory_first_default(48, 160)
+    weight, scale, bias, layer = _fp8_layer(mode, bands)
+    for tokens in (1, 3, 17, 45, 300):
+        x = torch.randn(tokens, 160).to(torch.bfloat16).to(DEVICE)
+        x_q, scale_x = quantize_tokens(x)
+        reference = (x_q.double() * scale_x[:, None].double()) @ (weight.double() * scale[:, None].double()).T
+        out = layer(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (tokens, 48)
+        assert relative_error(out, reference + bias.double()) < 1e-2, layer.path_for(tokens)
+
+
+def test_fp8_layers_keep_what_they_promise_and_refuse_a_missing_scale():
+    weight, scale, bias, layer = _fp8_layer(MEMORY_FIRST, None)
+    # half the values (1 byte each) and a 1-bit code per weight: 0.625 of the FP8 weight, plus its scales
+    assert layer.weight_bytes() - layer.weight_scale.nbytes == 0.625 * weight.nbytes
+    with pytest.raises(ValueError, match="needs its per-output-channel weight_scale"):
+        Sparse24Linear(weight, None, MEMORY_FIRST)
+    with pytest.raises(ValueError, match="only it takes one"):
+        Sparse24Linear(weight.float(), None, MEMORY_FIRST, weight_scale=scale)
 
 
 def test_dispatch_files_load_per_shape_and_damaged_ones_are_refused(tmp_path):
