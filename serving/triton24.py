@@ -232,6 +232,24 @@ def _unpack24(
     tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], tile, mask=ok)
 
 
+def _quantize24(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """Dynamic per-token FP8 quantization, one program a token: amax, scale = max(amax/448, floor), then
+    e4m3(x / scale) with IEEE division (as PyTorch's), in one launch instead of six."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
 if triton is not None:  # a helper the kernels call: compiled (or interpreted) with them
     _group_tile = triton.jit(_group_tile)
 
@@ -294,7 +312,7 @@ def available(device: torch.device | str) -> tuple[bool, str]:
 def _kernel(name: str):
     """The kernel compiled once per process (an interpreted one where ``TRITON_INTERPRET=1`` was set before
     triton was imported: triton's own language helpers are interpreted only then)."""
-    fn = {"gemv": _gemv24, "mma": _mma24, "reduce": _reduce24, "unpack": _unpack24}[name]
+    fn = {"gemv": _gemv24, "mma": _mma24, "reduce": _reduce24, "unpack": _unpack24, "quantize": _quantize24}[name]
     # split-K is a loop bound, not a shape: one compiled kernel serves every split
     return triton.jit(fn, do_not_specialize=["SPLIT_K"] if name in ("gemv", "mma") else None)
 
@@ -432,3 +450,19 @@ def unpack24(values: torch.Tensor, codes: torch.Tensor, block_n: int = 32, block
         BLOCK_N=block_n, BLOCK_G=block_g,
     )  # fmt: skip
     return out
+
+
+def quantize_tokens(x: torch.Tensor, fp8_max: float, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_q, scale)``: ``x`` ``[M, K]`` quantized per token to float8_e4m3fn in one launch (``scale`` ``[M]``
+    float32 = max(amax/fp8_max, min_scale)); bit-identical to ``serving.sparse_op.quantize_tokens``'s PyTorch."""
+    ok, reason = available(x.device)
+    if not ok:
+        raise RuntimeError(f"our 2:4 kernels cannot run here: {reason}")
+    m, k = x.shape
+    x_q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(1024, _pow2_at_least(k))
+        _kernel("quantize")[(m,)](x, x_q, scale, k, x.stride(0), x_q.stride(0), FP8_MAX=fp8_max, MIN_SCALE=min_scale,
+                                  BLOCK=block)  # fmt: skip
+    return x_q, scale

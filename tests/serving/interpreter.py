@@ -17,16 +17,21 @@ needs_kernels = pytest.mark.skipif(not RUNS, reason=f"our Triton kernels: {WHY}"
 
 
 @pytest.fixture
-def bf16_dot(monkeypatch):
-    """Triton 3.6's interpreter multiplies bf16 ``tl.dot`` operands as their raw uint16 storage (bf16 is kept
-    as uint16 in numpy). The tensor cores multiply the bf16 values exactly into float32: so does this
-    patched ``create_dot``. Only the interpreter changes; the kernel is the one that compiles on a GPU."""
+def interpreter_fixes(monkeypatch):
+    """Two fixes to Triton 3.6's interpreter (only the interpreter changes; the kernels are the ones that
+    compile on a GPU, where the hardware does both right):
+
+    - ``tl.dot`` on bf16 operands multiplies their raw uint16 storage (bf16 is kept as uint16 in numpy);
+      the tensor cores multiply the bf16 values exactly into float32, and so does the patched ``create_dot``.
+    - float32 → float8_e4m3fn rounds wrongly where rounding carries into the exponent (31.6 becomes 16, not
+      32); the GPU's ``cvt.rn.satfinite`` rounds to nearest even, as PyTorch's cast, which the patch uses."""
     if DEVICE == "cuda":
         return
     import triton.language as tl
     from triton.runtime import interpreter
 
-    original = interpreter.InterpreterBuilder.create_dot
+    original_dot = interpreter.InterpreterBuilder.create_dot
+    original_convert = interpreter._convert_float
 
     def widen(handle):
         if handle.dtype.scalar != tl.bfloat16:
@@ -35,11 +40,18 @@ def bf16_dot(monkeypatch):
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
-            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+            return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         product = np.matmul(widen(a), widen(b), dtype=d.data.dtype)
         return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
 
+    def convert_float(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
+            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32))
+            return values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return original_convert(data, input_dtype, output_dtype, rounding_mode)
+
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(interpreter, "_convert_float", convert_float)
 
 
 def sparse_weight(n: int, k: int, dtype=torch.float16, seed: int = 0) -> torch.Tensor:

@@ -21,7 +21,7 @@ from serving.sparse_op import (
 )
 from serving.triton24 import KernelConfig
 
-from .interpreter import DEVICE, bf16_dot, needs_kernels, relative_error, sparse_weight  # noqa: F401
+from .interpreter import DEVICE, interpreter_fixes, needs_kernels, relative_error, sparse_weight  # noqa: F401
 
 GEMV = KernelConfig("gemv", 4, 16, 16, split_k=2)
 MMA = KernelConfig("mma", 16, 32, 16)
@@ -68,7 +68,7 @@ def test_bad_dispatches_are_refused():
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_every_path_gives_the_layers_product(dtype, bf16_dot):  # noqa: F811
+def test_every_path_gives_the_layers_product(dtype, interpreter_fixes):  # noqa: F811
     weight, bias, layer = _layer(SPEED_FIRST, EVERY_PATH, dtype)
     for tokens, path in ((1, "apt-gemv"), (3, "apt-gemv"), (17, "apt-mma"), (45, "dense"), (96, "apt-unpack")):
         assert layer.path_for(tokens) == path
@@ -136,13 +136,14 @@ def _fp8_layer(mode, dispatch, n=48, k=160):
 def test_tokens_are_quantized_per_token_as_vllm_does():
     x = torch.tensor([[1.0, -896.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     x_q, scale = quantize_tokens(x)
-    assert scale.tolist() == [2.0, 1.0 / (448 * 512)]  # amax / 448; an all-zero token gets vLLM's floor
+    floor = torch.tensor(1.0 / (448 * 512), dtype=torch.float32)  # vLLM's floor, for an all-zero token
+    assert torch.equal(scale, torch.stack([torch.tensor(2.0), floor]))  # amax / 448
     assert x_q.float().tolist() == [[0.5, -448.0, 1.5, 0.25], [0.0, 0.0, 0.0, 0.0]]
 
 
 @needs_kernels
 @pytest.mark.parametrize("mode", [SPEED_FIRST, MEMORY_FIRST])
-def test_fp8_every_path_gives_the_w8a8_product(mode):
+def test_fp8_every_path_gives_the_w8a8_product(mode, interpreter_fixes):  # noqa: F811
     bands = EVERY_PATH if mode == SPEED_FIRST else memory_first_default(48, 160)
     weight, scale, bias, layer = _fp8_layer(mode, bands)
     for tokens in (1, 3, 17, 45, 300):
@@ -196,3 +197,15 @@ def test_graphs_and_cusparselt_on_gpu():
         reference = F.linear(fresh.double(), weight.double(), bias.double())
         assert relative_error(out, reference) < 2e-3, layer.path_for(tokens)
         torch.testing.assert_close(out, layer(fresh), atol=1e-2, rtol=1e-2)  # replay = eager
+
+
+@needs_kernels
+def test_the_fused_quantization_kernel_is_bit_identical_to_pytorch(interpreter_fixes):  # noqa: F811
+    from serving.sparse_op import FP8_MAX, FP8_MIN_SCALE
+    from serving.triton24 import quantize_tokens as fused
+
+    x = (torch.randn(7, 1500) * torch.logspace(-3, 3, 7)[:, None]).to(torch.bfloat16).to(DEVICE)
+    x[3] = 0.0
+    q, scale = fused(x, FP8_MAX, FP8_MIN_SCALE)
+    q_ref, scale_ref = quantize_tokens(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

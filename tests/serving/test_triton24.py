@@ -7,7 +7,7 @@ import torch
 from serving.layout import pack_24, unpack_24
 from serving.triton24 import KernelConfig, candidates, default_config, linear24, unpack24
 
-from .interpreter import DEVICE, bf16_dot, needs_kernels, relative_error, sparse_weight  # noqa: F401
+from .interpreter import DEVICE, interpreter_fixes, needs_kernels, relative_error, sparse_weight  # noqa: F401
 
 # Accumulated in float32 from half-precision operands: the output's own rounding dominates.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}
@@ -31,7 +31,7 @@ CASES = [
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"{c[3].kernel}-M{c[0]}-N{c[1]}-K{c[2]}-s{c[3].split_k}-w{int(c[3].wide_codes)}"
 )
-def test_kernel_matches_the_dense_product_of_the_decompressed_weight(case, dtype, bf16_dot):  # noqa: F811
+def test_kernel_matches_the_dense_product_of_the_decompressed_weight(case, dtype, interpreter_fixes):  # noqa: F811
     m, n, k, config = case
     w = sparse_weight(n, k, dtype, seed=m + n + k).to(DEVICE)
     packed = pack_24(w)
