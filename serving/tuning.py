@@ -26,7 +26,17 @@ import torch.nn.functional as F
 from serving import triton24
 from serving.kernels import cusparselt
 from serving.layout import pack_24
-from serving.sparse_op import MEMORY_FIRST_PATHS, SPEED_FIRST, Band, Dispatch, _cslt_linear
+from serving.sparse_op import (
+    FP8,
+    MEMORY_FIRST_PATHS,
+    SPEED_FIRST,
+    Band,
+    Dispatch,
+    _pad_rows,
+    _run,
+    _run_fp8,
+    quantize_tokens,
+)
 from serving.triton24 import GEMV_MAX_M, KernelConfig
 
 PROBE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -80,6 +90,16 @@ def time_calls(calls: list[Callable[[], object]], graphed: bool, repeats: int = 
     return _summary(samples)
 
 
+def _reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> torch.Tensor:
+    """The product every path must give: float64 on the CPU, float32 on a GPU; FP8 as W8A8 (per-token
+    quantized inputs, per-channel weight scales)."""
+    wide = torch.float32 if weight.is_cuda else torch.float64
+    if weight_scale is None:
+        return F.linear(x.to(wide), weight.to(wide))
+    x_q, scale_x = quantize_tokens(x)
+    return F.linear(x_q.to(wide) * scale_x[:, None].to(wide), weight.to(wide) * weight_scale[:, None].to(wide))
+
+
 def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
     if not bool(torch.isfinite(out).all()):
         return math.inf
@@ -87,28 +107,30 @@ def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class _Copies:
-    """Several copies of one 2:4 weight in every form the paths read (dense, our layout, cuSPARSELt's)."""
+    """Several copies of one 2:4 weight in every form the paths read (dense, our layout, cuSPARSELt's), and
+    its FP8 scales where it is FP8."""
 
-    def __init__(self, weight: torch.Tensor, dense: torch.Tensor, with_cslt: bool, rotate_bytes: int):
+    def __init__(self, weight, dense, with_cslt: bool, rotate_bytes: int, scale: torch.Tensor | None = None):
         self.count = max(1, min(32, math.ceil(rotate_bytes / max(1, weight.nbytes))))
         self.dense = [dense.clone() for _ in range(self.count)]
         packed = pack_24(weight)
         self.values = [packed.values.clone() for _ in range(self.count)]
         self.codes = [packed.codes.clone() for _ in range(self.count)]
         self.cslt = [torch._cslt_compress(weight) for _ in range(self.count)] if with_cslt else None
+        self.scale = scale
 
 
 def _calls(path: str, copies: _Copies, x: torch.Tensor, config: KernelConfig | None = None, alg_id: int = 0):
-    n = range(copies.count)
-    if path == "dense":
-        calls = [lambda i=i: F.linear(x, copies.dense[i]) for i in n]
-    elif path == "cusparselt":
-        calls = [lambda i=i: _cslt_linear(x, copies.cslt[i], None, alg_id) for i in n]
-    elif path == "apt-unpack":
-        calls = [lambda i=i: F.linear(x, triton24.unpack24(copies.values[i], copies.codes[i])) for i in n]
-    else:
-        calls = [lambda i=i: triton24.linear24(x, copies.values[i], copies.codes[i], None, config) for i in n]
-    return calls
+    """One call per copy of the op's own code for ``path`` (FP8: the activation quantization included)."""
+    band = (1, path, config, alg_id)
+
+    def call(i):
+        cslt = copies.cslt[i] if copies.cslt else None
+        if copies.scale is None:
+            return _run(band, x, copies.values[i], copies.codes[i], copies.dense[i], cslt, None)
+        return _run_fp8(band, x, copies.values[i], copies.codes[i], copies.dense[i], cslt, None, copies.scale)
+
+    return [lambda i=i: call(i) for i in range(copies.count)]
 
 
 def _best_config(kernel: str, copies: _Copies, x: torch.Tensor, graphed: bool) -> tuple[KernelConfig, list[dict]]:
@@ -140,6 +162,7 @@ def measure_shape(
     weight: torch.Tensor,
     ms=PROBE_MS,
     dense_weight: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
     tune: bool = True,
     eager: bool = True,
     repeats: int = 10,
@@ -148,7 +171,9 @@ def measure_shape(
 ) -> dict:
     """Every path of the sparse op on the 2:4 ``weight`` ``[N, K]`` at each M of ``ms``. ``dense_weight``: the
     weight the dense path is timed on (the unpruned original, so dense never gains from zeros; its error is
-    then not compared), by default ``weight`` itself.
+    then not compared), by default ``weight`` itself. FP8: ``weight`` (and ``dense_weight``) in
+    float8_e4m3fn with ``weight_scale`` ``[N]``; inputs are bf16 and every path includes the per-token
+    quantization, dense FP8 being ``torch._scaled_mm``.
 
     Returns ``{"in", "out", "dtype", "copies", "rows": [{"m", "graphed": {path: summary}, "eager": {...},
     "error": {path: relative error vs dense}, "config": {kernel: launch}, "alg_id"}], "tuning": {...},
@@ -156,9 +181,11 @@ def measure_shape(
     n, k = weight.shape
     device = weight.device
     graphs = weight.is_cuda
-    with_cslt = weight.is_cuda and cusparselt().available and weight.dtype in (torch.float16, torch.bfloat16)
+    with_cslt = weight.is_cuda and cusparselt().available and weight.dtype in (torch.float16, torch.bfloat16, FP8)
     ours = triton24.available(device)[0]
-    copies = _Copies(weight, weight if dense_weight is None else dense_weight, with_cslt, rotate_bytes)
+    dense = weight if dense_weight is None else dense_weight
+    copies = _Copies(weight, dense, with_cslt, rotate_bytes, weight_scale)
+    x_dtype = torch.bfloat16 if weight.dtype == FP8 else weight.dtype
     result = {"in": k, "out": n, "dtype": str(weight.dtype).removeprefix("torch."), "copies": copies.count}
     not_measured = {}
     if not graphs:
@@ -172,8 +199,8 @@ def measure_shape(
     tuning, algs = {}, {}
     rows = []
     for m in ms:
-        x = torch.randn(m, k, generator=g).to(weight.dtype).to(device)
-        reference = F.linear(x.double(), weight.double()) if not weight.is_cuda else F.linear(x.float(), weight.float())
+        x = torch.randn(m, k, generator=g).to(x_dtype).to(device)
+        reference = _reference(x, weight, weight_scale)
         if progress:
             progress(f"{k}x{n} M={m}")
         launches = {}
@@ -192,7 +219,8 @@ def measure_shape(
                     config = _nearest(tuned["mma"], m) or triton24.default_config("mma", m, n, k)
                 launches[kernel] = config
         if with_cslt and m in CSLT_SEARCH_MS:
-            padded = F.pad(x, (0, 0, 0, (-m) % 16))
+            probe = quantize_tokens(x)[0] if weight_scale is not None else x  # FP8 searches on FP8 inputs
+            padded = _pad_rows(probe, (-m) % 16)
             try:
                 algs[m] = int(torch._cslt_sparse_mm_search(copies.cslt[0], padded.t()))
             except (RuntimeError, AttributeError) as err:

@@ -3,12 +3,13 @@
 import math
 
 import pytest
+import torch
 
 from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST
 from serving.triton24 import KernelConfig
 from serving.tuning import bands_from, measure_shape, speedups
 
-from .interpreter import needs_kernels, sparse_weight
+from .interpreter import interpreter_fixes, needs_kernels, sparse_weight  # noqa: F401
 
 GEMV = KernelConfig("gemv", 1, 64, 128, 8).as_dict()
 GEMV4 = KernelConfig("gemv", 4, 32, 64, 4).as_dict()
@@ -74,3 +75,14 @@ def test_measure_shape_times_every_path_it_can_and_says_what_it_could_not():
     memory_first = bands_from(measured, MEMORY_FIRST, timing="eager")  # which path wins is the timer's call
     memory_first.check_mode(MEMORY_FIRST)
     assert memory_first.band_for(1).path in ("apt-gemv", "apt-mma") and memory_first.band_for(80).path != "dense"
+
+
+@needs_kernels
+def test_measure_shape_times_fp8_paths_against_the_w8a8_product(interpreter_fixes):  # noqa: F811
+    weight = sparse_weight(48, 128, torch.float32)
+    scale = weight.abs().amax(1) / 448
+    quantized = (weight / scale[:, None]).to(torch.float8_e4m3fn)
+    measured = measure_shape(quantized, ms=(1, 16, 80), weight_scale=scale, repeats=1, rotate_bytes=0)
+    assert measured["dtype"] == "float8_e4m3fn"
+    assert {"dense", "apt-gemv", "apt-mma"} == set(measured["rows"][0]["eager"])
+    assert all(err < 1e-2 for row in measured["rows"] for err in row["error"].values())  # bf16 outputs
