@@ -213,19 +213,58 @@ def from_transformers(hf_model, max_batch: int, max_len: int) -> StaticLlama:
     return model
 
 
-def sparsify(model: StaticLlama, mode: str, dispatch_for: Callable[[int, int], object] | None = None) -> int:
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel e4m3: ``(weight_q, scale [N] float32)``, scale = amax(|row|)/448 (zeros stay +0)."""
+    scale = (weight.float().abs().amax(1) / 448.0).clamp_min(1e-12)
+    return (weight.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+class DenseFp8Linear(torch.nn.Module):
+    """Dense W8A8 FP8 (the baseline an FP8 2:4 model is compared with): e4m3 weights with per-channel scales,
+    activations quantized per token, ``torch._scaled_mm`` (``serving.sparse_op.fp8_linear``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        quantized, scale = quantize_rows(weight)
+        self.register_buffer("weight", quantized)
+        self.register_buffer("weight_scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from serving import triton24
+        from serving.sparse_op import FP8_MAX, FP8_MIN_SCALE, fp8_linear, quantize_tokens
+
+        flat = x.reshape(-1, x.shape[-1])
+        if triton24.available(x.device)[0]:
+            x_q, scale_x = triton24.quantize_tokens(flat, FP8_MAX, FP8_MIN_SCALE)
+        else:
+            x_q, scale_x = quantize_tokens(flat)
+        out = fp8_linear(x_q, scale_x, self.weight, self.weight_scale, None, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return self.weight.nbytes + self.weight_scale.nbytes
+
+
+def sparsify(
+    model: StaticLlama, mode: str, dispatch_for: Callable[[int, int], object] | None = None, fp8: bool = False
+) -> int:
     """Serve every block Linear (an ``nn.Linear`` with a 2:4 weight, or a ``Sparse24Linear`` already) by a new
-    ``Sparse24Linear`` in ``mode`` with the dispatch ``dispatch_for(in, out)`` (``None``: the op's default).
-    The dense weight is shared, never copied. Returns how many were replaced."""
+    ``Sparse24Linear`` in ``mode`` with the dispatch ``dispatch_for(in, out)`` (``None``: the op's default);
+    ``fp8``: its weight quantized per output channel to e4m3 (an FP8 layer keeps its weight and scales). The
+    dense weight is shared, never copied. Returns how many were replaced."""
     from serving.sparse_op import Sparse24Linear
 
     replaced = 0
     for i, name, module in list(model.linears()):
+        scale = getattr(module, "weight_scale", None)
         weight = module.weight if isinstance(module, torch.nn.Linear) else module.dense
         if weight is None:
             weight = module.unpacked()
+        if fp8 and scale is None:
+            weight, scale = quantize_rows(weight)
         dispatch = dispatch_for(module.in_features, module.out_features) if dispatch_for else None
-        setattr(model.blocks[i], name, Sparse24Linear(weight.detach(), None, mode, dispatch))
+        setattr(model.blocks[i], name, Sparse24Linear(weight.detach(), None, mode, dispatch, weight_scale=scale))
         replaced += 1
     return replaced
 

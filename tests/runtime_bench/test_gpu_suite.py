@@ -6,32 +6,37 @@ import json
 
 from runtime_bench.gpu_suite import main
 from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, load_dispatches
-from tests.serving.interpreter import needs_kernels
+from tests.serving.interpreter import interpreter_fixes, needs_kernels  # noqa: F401
 
 
 @needs_kernels
-def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, capsys):
+def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, capsys, interpreter_fixes):  # noqa: F811
     main(["--cpu-smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results["errors"], results["errors"]
-    assert set(results["gemm"]) == {"tiny up float16", "tiny down float16"}
+    assert set(results["gemm"]) == {"tiny up float16", "tiny down float16", "tiny up float8_e4m3fn"}
     up = results["gemm"]["tiny up float16"]
     assert [row["m"] for row in up["rows"]] == [1, 3, 16, 80]
     assert all(err < 2e-3 for row in up["rows"] for err in row["error"].values())
+    fp8 = results["gemm"]["tiny up float8_e4m3fn"]  # against the W8A8 product, bf16 outputs
+    assert all(err < 1e-2 for row in fp8["rows"] for err in row["error"].values())
+    assert set(results["dispatch"]["fp8_shapes"]) == {"64x96"}
     for mode in (SPEED_FIRST, MEMORY_FIRST):
         loaded = load_dispatches(tmp_path / "dispatch.json", mode)
         assert set(loaded) == {"64x96", "96x64"}
     e2e = results["e2e"]["tiny"]
     assert "error" not in e2e
-    assert {(r["mode"], r["kind"]) for r in e2e["rows"]} == {
-        (mode, kind) for mode in ("dense", SPEED_FIRST, MEMORY_FIRST) for kind in ("prefill", "decode")
-    }
-    assert all(error < 1e-2 for error in e2e["logits_error"].values())
+    modes = ("dense", "fp8 dense", SPEED_FIRST, MEMORY_FIRST, f"fp8 {SPEED_FIRST}", f"fp8 {MEMORY_FIRST}")
+    assert {(r["mode"], r["kind"]) for r in e2e["rows"]} == {(m, k) for m in modes for k in ("prefill", "decode")}
+    assert e2e["logits_error"][SPEED_FIRST] < 1e-2 and e2e["logits_error"][MEMORY_FIRST] < 1e-2
+    assert e2e["logits_error"][f"fp8 {SPEED_FIRST}"] < 0.1  # FP8's own rounding, against the bf16 model
     memory = e2e["weight_bytes"][MEMORY_FIRST]["block_linears"] / e2e["weight_bytes"]["dense"]["block_linears"]
     assert memory == 0.5625
     claims = [h["claim"] for h in results["headline"]]
-    assert "decode M=1, 8B MLP" in claims and "max relative error of any path vs dense" in claims
+    assert "decode M=1, 8B MLP" in claims and "FP8 2:4 M>=512, 8B MLP, over dense FP8" in claims
+    worst_error = next(h for h in results["headline"] if h["claim"].startswith("worst path error"))
+    assert worst_error["met"], worst_error
     assert "not measured" in printed  # the 8B targets cannot be measured on tiny CPU shapes, and say so
     assert (tmp_path / "report.md").read_text().startswith("# GPU suite: CPU (Triton interpreter)")
     assert (tmp_path / "gemm.png").is_file() and (tmp_path / "e2e_tiny.png").is_file()
