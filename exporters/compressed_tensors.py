@@ -84,6 +84,12 @@ def export_compressed_tensors(
     if dtype not in DTYPES:
         raise InvalidInputError(f"compressed-tensors export dtype must be float16 or bfloat16, got {dtype!r}")
     source = open_pruned(src, "compressed-tensors", accepts, experts=EXPERTS)
+    transposed = [n for n in source.targets.tensors if n not in source.targets.experts and source.targets.axis(n) != -1]
+    if transposed:  # a Conv1D (GPT-2) keeps [in, out]: compressed along its last axis it would lose kept weights
+        raise InvalidInputError(
+            f"the compressed-tensors export cannot hold {transposed[0]}: it is stored [in, out] (transformers' "
+            "Conv1D, as in GPT-2) and the bitmask format compresses [out, in] Linear weights; export onnx or vllm"
+        )
     layers = check_pattern(source)
     reader, target_dtype = source.reader, DTYPES[dtype]
     check_space(out, source, target_dtype.itemsize * 0.6)

@@ -373,6 +373,13 @@ def export_onnx(
     _require("onnxruntime")
     source = open_pruned(src, "onnx")
     config = transformers.AutoConfig.from_pretrained(source.folder)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if is_causal(config) and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InvalidInputError(
+            f"the onnx export traces a causal LM, and transformers has none for {config.model_type} (a "
+            "vision-language model): export vllm, which carries the whole model"
+        )
     if with_past and not (is_causal(config) and hasattr(config, "num_attention_heads")):
         raise InvalidInputError(
             f"with_past needs a decoder with a key/value cache of attention heads; {config.model_type} has none: "

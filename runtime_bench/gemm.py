@@ -46,10 +46,12 @@ class GemmConfig:
 
 
 def model_shapes(model, targets: PrunedTargets | None = None) -> tuple[tuple[str, int, int], ...]:
-    """The distinct ``(label, in, out)`` of the model's pruned Linear layers (``apt.folder.targets``)."""
+    """The distinct ``(label, in, out)`` of the model's pruned Linear layers (``apt.folder.targets``); a
+    transformers ``Conv1D`` (GPT-2: weight stored ``[in, out]``) counts by its GEMM's shape."""
     seen = {}
     for name, module in target_linears(model, targets):
-        seen.setdefault((module.in_features, module.out_features), name.split(".")[-1])
+        k, n = (module.in_features, module.out_features) if hasattr(module, "in_features") else module.weight.shape
+        seen.setdefault((int(k), int(n)), name.split(".")[-1])
     return tuple((f"model {label} {k}x{n}", k, n) for (k, n), label in seen.items())
 
 

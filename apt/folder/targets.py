@@ -6,9 +6,10 @@ pruned (and the checkpoint tensors that hold it) and the pattern; that is the an
 skeleton built from its config, no weights read), with the pattern the caller names (2:4 unless told
 otherwise, and then recorded as assumed). Never from a substring of a tensor name.
 
-A pruned tensor is a Linear's weight ``[out, in]``, or holds MoE experts: one expert's piece stored on
-its own (``[out, in]``), or every expert in one 3-D tensor, ``[E, out, in]`` or transposed
-``[E, in, out]``; ``in_axis`` says along which axis of the stored tensor the pattern runs.
+A pruned tensor is a Linear's weight ``[out, in]``, a transformers ``Conv1D``'s (GPT-2) ``[in, out]``, or
+holds MoE experts: one expert's piece stored on its own (``[out, in]``), or every expert in one 3-D
+tensor, ``[E, out, in]`` or transposed ``[E, in, out]``; ``in_axis`` says along which axis of the stored
+tensor the pattern runs (-2 for a Conv1D and for transposed experts).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def _targets(pieces: list[tuple[str, int, bool]], pattern: Pattern, source: str)
 
 def target_linears(model, targets: PrunedTargets | None = None) -> list[tuple[str, torch.nn.Linear]]:
     """``(module name, Linear)`` of the pruned Linear layers of an in-memory model: the ``targets`` read from
-    its folder, or every Linear discovery prunes. Experts are not Linears and are not listed."""
+    its folder, or every Linear discovery prunes. Experts are not Linears and are not listed; a GPT-2
+    ``Conv1D`` is listed as it is (its weight ``[in, out]``: the tensor's ``in_axis`` is -2)."""
     if targets is not None:
         modules = dict(model.named_modules())
         found = []

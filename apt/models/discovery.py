@@ -4,8 +4,10 @@
   (the unit transformers never splits across devices), searched under the text decoder of
   vision-language wrappers.
 - **Prunable matrices** of a block: every ``nn.Linear``, except routers (they choose experts: a class
-  named ``*Router``, or a ``gate``/``router`` whose outputs are the experts), and every expert of a
-  fused experts module (``apt.models.experts``), each expert's gate/up and down a matrix of its own.
+  named ``*Router``, or a ``gate``/``router`` whose outputs are the experts), every transformers
+  ``Conv1D`` (GPT-2's Linear, its weight stored transposed ``[in, out]``: pruned along ``in`` like any
+  Linear and kept in its own layout), and every expert of a fused experts module
+  (``apt.models.experts``), each expert's gate/up and down a matrix of its own.
 - **Groups** that share a Hessian: the layers that read the same input tensor, found in one forward
   pass of the block with a pre-hook on each (``find_groups``): {q, k, v}, {gate, up}, DeepSeek's
   {q_a_proj, kv_a_proj_with_mqa}, Llama 4's {shared_expert.gate, shared_expert.up}. Each expert is a
@@ -76,7 +78,7 @@ class Target:
     def weight(self) -> torch.Tensor:
         """The matrix ``[out, in]``: a view of the parameter (writes go through)."""
         if self.expert is None:
-            return self.module.weight.data
+            return self.module.weight.data.T if is_conv1d(self.module) else self.module.weight.data
         return expert_matrix(self.module, self.layout, self.part, self.expert).data
 
     @property
@@ -86,6 +88,8 @@ class Target:
     @property
     def in_axis(self) -> int:
         """The axis of the stored parameter along which the pattern runs."""
+        if self.expert is None:
+            return -2 if is_conv1d(self.module) else -1
         return -2 if self.layout is not None and self.layout.transposed else -1
 
 
@@ -169,7 +173,7 @@ def find_block_path(model: torch.nn.Module) -> str:
             if isinstance(module, torch.nn.ModuleList)
             and len(module) > 1
             and len({type(m) for m in module}) == 1
-            and any(isinstance(m, torch.nn.Linear) for m in module[0].modules())
+            and any(isinstance(m, torch.nn.Linear) or is_conv1d(m) for m in module[0].modules())
         ]
         lists.sort(key=lambda item: -len(item[1]))
         lists = lists[:1]
@@ -184,6 +188,22 @@ def find_block_path(model: torch.nn.Module) -> str:
             f"_no_split_modules: {sorted(classes) or 'not set'}): this model needs an entry in apt.models.families"
         )
     return lists[0][0]
+
+
+def shared_between_blocks(model: torch.nn.Module, block_path: str) -> tuple[str, str] | None:
+    """Two names, in different blocks, of one parameter several blocks share (Zamba's one transformer block
+    reused at every hybrid layer), or None. Such a weight cannot be pruned block by block: each block
+    would re-prune it on its own inputs, and no single Hessian describes it."""
+    owners: dict[int, tuple[str, str]] = {}
+    prefix = block_path + "."
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not name.startswith(prefix):
+            continue
+        block = name[len(prefix) :].partition(".")[0]
+        first = owners.setdefault(id(param), (block, name))
+        if first[0] != block:
+            return first[1], name
+    return None
 
 
 def find_final(model: torch.nn.Module, block_path: str) -> tuple[str, ...]:
@@ -215,11 +235,19 @@ def _experts_count(config) -> int:
     return 0
 
 
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT-1, ImageGPT): ``y = x @ W + b`` with ``W`` stored ``[in, out]``,
+    a Linear despite its name (``pytorch_utils.py``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
 def is_router(name: str, module: torch.nn.Linear, experts: int) -> bool:
-    """A Linear that chooses experts (or gates a shared expert): never pruned."""
+    """A Linear that chooses experts (or gates a shared expert): never pruned. It is named ``gate``/``router``,
+    or sits inside one (Granite MoE's ``router.layer`` in transformers before 5.25), with one output per
+    expert at most."""
     if "Router" in type(module).__name__:
         return True
-    return name.rpartition(".")[2] in ROUTER_NAMES and module.out_features <= max(experts, 1)
+    return bool(set(name.split(".")) & set(ROUTER_NAMES)) and module.out_features <= max(experts, 1)
 
 
 def block_targets(
@@ -241,7 +269,7 @@ def block_targets(
                         Target(f"{full}.{part}[{e}]", module, f"{full}.{part}", expert=e, layout=layout)
                         for e in range(count)
                     ]
-        elif isinstance(module, torch.nn.Linear) and not is_router(name, module, experts):
+        elif (isinstance(module, torch.nn.Linear) and not is_router(name, module, experts)) or is_conv1d(module):
             if _selected(full, targets, ignore):
                 found.append(Target(full, module, f"{full}.weight"))
     return found

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import inspect
 import logging
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ import torch
 
 from apt.models.checkpoint import CheckpointError, CheckpointReader
 from apt.models.discovery import is_causal, layout_of
-from apt.models.names import Stored, candidates, stored_layout
+from apt.models.names import Stored, stored_layout
 from apt.solver.patterns import positive_zeros
 
 if TYPE_CHECKING:
@@ -80,8 +81,14 @@ _LIBC = None
 
 
 def auto_class(config):
+    """The transformers class the checkpoint is loaded as: a vision-language model as itself (its language
+    model is pruned, its vision tower and projector come along untouched), a causal LM, or an encoder."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLMS
 
+    architectures = getattr(config, "architectures", None) or []
+    if VLMS.get(config.model_type) in architectures:
+        return transformers.AutoModelForImageTextToText
     return transformers.AutoModelForCausalLM if is_causal(config) else transformers.AutoModel
 
 
@@ -169,7 +176,8 @@ class LayeredModel:
         """Which checkpoint tensors hold each parameter (``apt.models.names``), checked against the config's
         shapes; persistent buffers the checkpoint holds (a router's bias) are read now, once."""
         by_alias = {alias: names[0] for names in self._aliases.values() for alias in names}
-        layout = stored_layout(self.model, self.reader.names(), list(by_alias))
+        buffers = [name for name, _ in self.model.named_buffers()]
+        layout = stored_layout(self.model, self.reader.names(), list(by_alias) + buffers)
         missing = []
         for names in self._aliases.values():
             stored = next((layout[n] for n in names if n in layout), None)
@@ -192,9 +200,9 @@ class LayeredModel:
                 f"{self.reader.folder} lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}: "
                 "the checkpoint is incomplete or is not a transformers checkpoint of this model_type"
             )
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
         for name, buffer in list(self.model.named_buffers()):
-            key = next((k for k in candidates(name, prefix) if k in self.reader), None)
+            stored = layout.get(name)
+            key = stored.keys[0][0] if stored is not None and not stored.stacked else None
             if key is not None and tuple(self.reader.info(key).shape) == tuple(buffer.shape):
                 module_name, _, attr = name.rpartition(".")
                 module = self.model.get_submodule(module_name)
@@ -221,10 +229,12 @@ class LayeredModel:
 
     def target_tensors(self, target) -> dict:
         """Where a pruned matrix (``apt.models.discovery.Target``) is in the checkpoint, as the report records
-        it: ``tensor`` (a Linear's weight), or for an expert ``tensors`` (its own per-expert pieces, or the
-        fused 3-D tensor) and ``in_axis`` (the stored tensor's axis the pattern runs along)."""
+        it: ``tensor`` (a Linear's weight; ``in_axis`` -2 for a Conv1D's ``[in, out]``), or for an expert
+        ``tensors`` (its own per-expert pieces, or the fused 3-D tensor) and ``in_axis`` (the stored tensor's
+        axis the pattern runs along)."""
         if not target.is_expert:
-            return {"tensor": self.checkpoint_key(target.parameter)}
+            axis = {"in_axis": target.in_axis} if target.in_axis != -1 else {}  # a Conv1D stores [in, out]
+            return {"tensor": self.checkpoint_key(target.parameter)} | axis
         stored = self._stored.get(target.parameter)
         if stored is not None and stored.stacked:
             return {"tensor": stored.keys[target.expert][0], "tensors": list(stored.keys[target.expert]), "in_axis": -1}
@@ -345,7 +355,7 @@ class LayeredModel:
                 records[-1]["kwargs"].append({k: v for k, v in arguments.items() if k not in _CACHE_KWARGS})
                 if index == len(self.blocks) - 1:
                     raise _Stop
-                return hidden
+                return _stand_in_output(block, hidden)
 
             return forward
 
@@ -398,6 +408,17 @@ class LayeredModel:
         if self.layout.logit_softcap:
             hidden = torch.tanh(hidden / self.layout.logit_softcap) * self.layout.logit_softcap
         return hidden
+
+
+def _stand_in_output(block: torch.nn.Module, hidden: torch.Tensor):
+    """What the model's loop gets back from a recording block so that it goes on to the next (only block 0's
+    input and each block's keyword arguments are kept): the hidden states, or a tuple of the length the
+    block's ``forward`` is annotated to return (Bamba unpacks ``hidden, attn_weights``)."""
+    annotation = inspect.signature(type(block).forward).return_annotation
+    arguments = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
+    if arguments and Ellipsis not in arguments:
+        return (hidden, *[None] * (len(arguments) - 1))
+    return hidden
 
 
 def _shared(per_block: list[dict]) -> list[dict]:

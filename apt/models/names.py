@@ -62,63 +62,34 @@ def candidates(name: str, prefix: str) -> list[str]:
 
 
 def stored_layout(model: torch.nn.Module, checkpoint_keys: list[str], names: list[str]) -> dict[str, Stored]:
-    """For each parameter in ``names``, how the checkpoint stores it; a parameter found nowhere is left out
-    (the caller names what is missing)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    available = set(checkpoint_keys)
-    layout: dict[str, Stored] = {}
-    for name in names:
-        key = next((k for k in candidates(name, prefix) if k in available), None)
-        if key is not None:
-            layout[name] = Stored(((key,),))
-    missing = set(names) - set(layout)
-    if missing:
-        layout |= _converted(model, [k for k in checkpoint_keys if k not in _direct(layout)], missing, prefix)
-    return layout
+    """For each parameter or buffer in ``names``, how the checkpoint stores it; one found nowhere is left out
+    (the caller names what is missing).
 
-
-def _direct(layout: dict[str, Stored]) -> set[str]:
-    return {k for stored in layout.values() for k in stored.all_keys}
-
-
-def _converted(model, keys: list[str], missing: set[str], prefix: str) -> dict[str, Stored]:
-    """The parameters transformers builds from renamed or merged checkpoint tensors (its conversion
-    mapping for this model type)."""
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import (
-            Concatenate,
-            MergeModulelist,
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
-    except ImportError:  # a transformers without conversion mappings stores parameters under their names
-        return {}
-    mapping = get_checkpoint_conversion_mapping(model.config.model_type) or []
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    if not mapping:
-        return {}
+    The ground truth is transformers' own loading: every checkpoint key is renamed exactly as
+    ``from_pretrained`` renames it (``get_model_conversion_mapping`` over the model and its sub-models, then
+    ``rename_source_key`` against the skeleton's state dict), so a rename transformers adds in a release
+    (GPT-NeoX's ``embed_out`` → ``lm_head`` in 5.25) is followed the day it ships. A transformers without
+    that machinery (4.x) stores every parameter under its own name, with or without the base model's prefix.
+    """
+    wanted = set(names)
+    loading = _loading_names(model, checkpoint_keys)
+    if loading is None:
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        available = set(checkpoint_keys)
+        layout = {}
+        for name in names:
+            key = next((k for k in candidates(name, prefix) if k in available), None)
+            if key is not None:
+                layout[name] = Stored(((key,),))
+        return layout
     found: dict[str, dict] = {}
-    for key in keys:
-        renamed, pattern = rename_source_key(key, renamings, converters)
-        target = next((n for n in candidates(renamed, prefix) if n in missing), None)
-        if target is None:
+    for key, (target, pattern, converter) in loading.items():
+        if target not in wanted:
             continue
-        if pattern is None:
-            found[target] = {"single": key}
+        if converter is None:
+            found.setdefault(target, {"single": key})
             continue
-        converter = next(c for c in converters if pattern in c.source_patterns)
-        ops = [type(op) for op in converter.operations]
-        if ops not in ([MergeModulelist], [MergeModulelist, Concatenate]) or any(
-            getattr(op, "dim", 0) != (1 if isinstance(op, Concatenate) else 0) for op in converter.operations
-        ):
-            used = [type(op).__name__ for op in converter.operations]
-            raise UnsupportedModelError(
-                f"{key}: transformers builds {target} from it with {used}, which apt-sparse cannot stream; "
-                "save the model with save_pretrained(save_original_format=False) and prune that folder"
-            )
+        _check_streamable(key, target, converter)
         expert = int(re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key).group(1))
         entry = found.setdefault(target, {"experts": {}, "parts": len(converter.source_patterns)})
         entry["experts"].setdefault(expert, {})[converter.source_patterns.index(pattern)] = key
@@ -133,3 +104,43 @@ def _converted(model, keys: list[str], missing: set[str], prefix: str) -> dict[s
         keys = tuple(tuple(experts[e][p] for p in range(entry["parts"])) for e in range(len(experts)))
         layout[name] = Stored(keys, stacked=True, concat_dim=0)
     return layout
+
+
+def _loading_names(model, keys: list[str]) -> dict[str, tuple[str, str | None, object]] | None:
+    """``{checkpoint key: (the state-dict name transformers loads it into, the converter source pattern it
+    matched or None, that converter or None)}``, computed by transformers' own loading functions, the way
+    ``convert_and_load_state_dict_in_model`` calls them; ``None`` for a transformers without them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return None
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()  # the skeleton's: names and meta tensors, nothing is read
+    prefix = model.base_model_prefix
+    out = {}
+    for key in keys:
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:  # as transformers: a key it should not have renamed
+            renamed, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        out[key] = (renamed, pattern, by_pattern.get(pattern) if pattern is not None else None)
+    return out
+
+
+def _check_streamable(key: str, target: str, converter) -> None:
+    """Only converters that stack per-expert tensors (and join gate and up) can be read and written back one
+    tensor at a time; any other is refused with what to do."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = [type(op) for op in converter.operations]
+    if ops not in ([MergeModulelist], [MergeModulelist, Concatenate]) or any(
+        getattr(op, "dim", 0) != (1 if isinstance(op, Concatenate) else 0) for op in converter.operations
+    ):
+        used = [type(op).__name__ for op in converter.operations]
+        raise UnsupportedModelError(
+            f"{key}: transformers builds {target} from it with {used}, which apt-sparse cannot stream; "
+            "save the model with save_pretrained(save_original_format=False) and prune that folder"
+        )

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from apt.collective import Collective
 from apt.errors import InvalidInputError, UnsupportedModelError
 from apt.models.activations import ActivationStore
-from apt.models.discovery import Group, Target, block_targets, find_groups
+from apt.models.discovery import Group, Target, block_targets, find_groups, shared_between_blocks
 from apt.models.layered import LayeredModel, give_back_memory, to_device
 from apt.models.permutation import free_partners, permute_rows
 from apt.run.calibration import Statistics, collect, collect_corrected
@@ -40,7 +40,14 @@ BlockDone = Callable[[int, list[dict]], None]
 
 
 def layer_plan(layered: LayeredModel, config: RunConfig) -> list[list[Target]]:
-    """Per block, the prunable matrices in module order; refuses a selection that matches nothing."""
+    """Per block, the prunable matrices in module order; refuses a selection that matches nothing, and a model
+    whose blocks share weights."""
+    shared = shared_between_blocks(layered.model, layered.block_path)
+    if shared:
+        raise UnsupportedModelError(
+            f"{layered.layout.name}: {shared[0]} is the same weight as {shared[1]}; blocks that share weights "
+            "(one block reused at several depths) cannot be pruned block by block"
+        )
     plans = [
         block_targets(block, layered.block_prefix(i)[:-1], layered.config, config.targets, config.ignore)
         for i, block in enumerate(layered.blocks)

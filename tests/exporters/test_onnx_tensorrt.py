@@ -20,7 +20,7 @@ FAST = dict(num_calibration_samples=4, max_seq_length=32, evaluate=False)
 def pruned(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     folders = {}
-    for family in ("llama", "bert", "mamba"):
+    for family in ("llama", "bert", "mamba", "gpt2"):
         src = save_tiny_model(family, root / f"{family}-src")
         prune_model(PruneJob(model=str(src), out=str(root / family), **FAST))
         folders[family] = root / family
@@ -28,12 +28,15 @@ def pruned(tmp_path_factory):
 
 
 def matmul_weights_24_along_axis0(path) -> tuple[int, int]:
-    """An independent reading of the file: (2:4-along-K MatMul initializers, all 2-D MatMul initializers)."""
+    """An independent reading of the file: (2:4-along-K MatMul initializers, all 2-D MatMul initializers); a Gemm
+    without transB (x @ B + bias) counts as a MatMul."""
     model = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     good = total = 0
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].ndim == 2:
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        plain = node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b)  # Gemm: GPT-2's Conv1D
+        if plain and node.input[1] in inits and inits[node.input[1]].ndim == 2:
             b = inits[node.input[1]].astype(np.float32)  # [K, N]
             total += 1
             if b.shape[0] % 4 == 0 and ((b.reshape(-1, 4, b.shape[1]) != 0).sum(axis=1) <= 2).all():
@@ -61,6 +64,15 @@ def test_onnx_decoder_export(pruned, tmp_path, dtype):
     files = {f["path"] for f in manifest["files"]}
     assert {"model.onnx", "model.onnx.data", "config.json"} <= files
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
+
+
+def test_onnx_gpt2_conv1d_keeps_2_4_along_k(pruned, tmp_path):
+    # Conv1D's [in, out] weight is the MatMul's B [K, N] as stored: the pruned axis is K
+    manifest = export("onnx", pruned["gpt2"], tmp_path / "onnx", dtype="float32")
+    v = manifest["validation"]
+    assert v["pruned_layers_found_in_pattern"] == 8 and v["eligible_initializers"] == 8
+    assert matmul_weights_24_along_axis0(tmp_path / "onnx" / "model.onnx")[0] == 8
+    assert v["onnxruntime"]["passed"]
 
 
 def test_onnx_with_past_decodes_like_pytorch(pruned, tmp_path):

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 from apt.folder.inspect import inspect_checkpoint
 from apt.folder.report import REPORT_NAME
@@ -26,8 +27,9 @@ from apt.run import PruneJob, RunConfig, prune_model
 from apt.run.sequential import calibrate_and_prune
 from apt.solver.patterns import as_rows, is_nm_sparse
 from apt.text.sources import load_text, token_windows
+from apt_sparse.cli import main
 
-from ..tiny_models import CONFIGS, MOE, save_tiny_model
+from ..tiny_models import CONFIGS, MOE, REFUSED, save_tiny_model
 
 RUN = RunConfig(batch_size=2)
 FAST = dict(num_calibration_samples=4, max_seq_length=32, num_eval_windows=2)
@@ -49,7 +51,25 @@ EXPECTED = {
     "llama4_text": (22, 8),  # MoE block: attention 4 + shared expert 3 + experts 8; the router stays dense
     "deepseek_v3": (24, 8),  # latent attention 5 per block; dense MLP 3; shared expert 3 + experts 8
     "gpt_oss": (24, 16),
+    "gpt2": (8, 0),  # c_attn, attn.c_proj, c_fc, mlp.c_proj: Conv1D, 2:4 along their stored axis 0
+    "gpt_neox": (8, 0),  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    "mamba2": (4, 0),  # in_proj, out_proj
+    "bamba": (12, 0),  # mamba in/out + MLP 3; attention 4 + MLP 3
+    "falcon_h1": (18, 0),  # per block: attention 4, mamba in/out, MLP 3
+    "granitemoehybrid": (26, 16),  # mamba in/out or attention 4; shared MLP 2; experts 8 per block
+    "jamba": (18, 8),  # mamba in/x/out (dt_proj read directly: dense) + MLP 3; attention 4 + experts 8
+    "qwen3_next": (29, 16),  # DeltaNet qkvz, ba, out or attention 4; shared expert 3; experts 8 per block
+    "lfm2": (12, 0),  # conv in/out or attention 4; MLP w1, w2, w3
+    "nemotron_h": (6, 0),  # mamba in/out; attention 4
 }
+
+# where an older transformers implements a family otherwise (tests/test_pinned_transformers.py runs 5.12.1)
+if Version(transformers.__version__) < Version("5.25"):
+    EXPECTED |= {
+        "jamba": (19, 8),  # its Mamba mixer calls dt_proj (5.25 reads its weight): pruned too
+        # its experts are GraniteMoeHybridParallelExperts [E, out, in], not fused experts: dense; its router too
+        "granitemoehybrid": (10, 0),
+    }
 
 
 def load_whole(folder, family):
@@ -86,6 +106,8 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
     for name in state:
         assert torch.equal(state[name], written[name]), name
     output = CheckpointReader(out)
+    if family == "gpt_neox":  # as every Pythia checkpoint: transformers 5.25 loads it as lm_head.weight
+        assert "embed_out.weight" in source.names()
     assert output.names() == source.names()  # the checkpoint's own names (per-expert or fused), order, dtypes
     assert all(output.info(n).dtype == source.info(n).dtype for n in source.names())
 
@@ -108,7 +130,11 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
             assert is_nm_sparse(as_rows(after, axes[name]), 2, 4), name
         else:
             assert torch.equal(before, after), f"{name} is not a pruning target but changed"
-    routers = [n for n in source.names() if n.endswith(("mlp.gate.weight", "router.weight", "moe.gate.weight"))]
+    routers = [
+        n
+        for n in source.names()
+        if n.endswith(("mlp.gate.weight", "router.weight", "moe.gate.weight", "router.layer.weight"))
+    ]
     assert (family in MOE) == bool(routers) and not set(routers) & targets
     summary = inspect_checkpoint(out)
     rows = {r["name"]: r for r in summary["tensors"]}
@@ -132,3 +158,14 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
         assert 0 <= accuracy["dense"]["retrieval_top1"] <= 1 and "embedding_cosine" not in accuracy["dense"]
     else:
         assert accuracy["metric"] == "perplexity" and accuracy["pruned"]["perplexity"] > 1
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_a_refused_family_gets_one_line_naming_it_and_exit_2(tmp_path, capsys, family):
+    src = save_tiny_model(family, tmp_path / "src")
+    capsys.readouterr()
+    assert main(["prune", "--model", str(src), "--out", str(tmp_path / "out"), "--num-calibration-samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert all(word in err for word in REFUSED[family][1]), err
+    assert not (tmp_path / "out").exists()

@@ -107,8 +107,10 @@ def test_wrong_model_path_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "not found" in err and not (tmp_path / "o").exists()
 
 
-def test_a_model_without_linear_layers_says_what_discovery_found(tmp_path, capsys):
-    # GPT-2 keeps its projections in Conv1D modules, not nn.Linear
+def test_a_model_without_linear_layers_says_what_discovery_found(tmp_path, capsys, monkeypatch):
+    # GPT-2 keeps its projections in Conv1D modules, which discovery now prunes: with that recognition switched
+    # off, it stands for a family whose layers are of a kind discovery does not know
+    monkeypatch.setattr("apt.models.discovery.is_conv1d", lambda module: False)
     config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     code, _, err = run_cli(capsys, "prune", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
