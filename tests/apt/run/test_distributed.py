@@ -120,8 +120,10 @@ def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path, family):
                 block = r["name"].split(".mlp.")[0]
                 routed[block] = routed.get(block, 0) + r["tokens"]
         assert all(n == 8 * 32 * 2 for n in routed.values()) and (family == "llama") == (not routed)
-    for key in ("dense", "pruned"):
-        assert two["accuracy"][key]["perplexity"] == pytest.approx(one["accuracy"][key]["perplexity"], rel=1e-3)
+    # dense: the same weights, only the evaluation's summation order differs; pruned: the mask flips above carry
+    # into the perplexity (DeepSeek-V3's routed experts: 1.2e-3 measured on an AVX512/AMX CPU, under 1e-3 on AVX2)
+    for key, tolerance in (("dense", 1e-3), ("pruned", 5e-3)):
+        assert two["accuracy"][key]["perplexity"] == pytest.approx(one["accuracy"][key]["perplexity"], rel=tolerance)
     readers = CheckpointReader(tmp_path / "one"), CheckpointReader(tmp_path / "two")
     agree = total = 0
     for record in one["layers"]:
