@@ -109,7 +109,7 @@ class StaticLlama(torch.nn.Module):
         self.register_buffer("cos", angles.cos().to(dtype), persistent=False)
         self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
 
-    def _attention(self, i: int, block: _Block, x, positions, decode_pos):
+    def _attention(self, i: int, block: _Block, x, positions, decode_pos, window: int):
         b, t, _ = x.shape
         s, d = self.shape, self.shape.head_dim
         q = block.q_proj(x).view(b, t, s.num_attention_heads, d).transpose(1, 2)
@@ -118,24 +118,28 @@ class StaticLlama(torch.nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # [t, d]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        # grouped-query attention by repeating the key/value heads: every SDPA kernel (flash too) takes it
+        repeat = s.num_attention_heads // s.num_key_value_heads
         if decode_pos is None:  # prefill from position 0: causal over the prompt, which fills the cache
             self.k_cache[i, :b, :, :t] = k
             self.v_cache[i, :b, :, :t] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # one token against the first ``window`` cache positions, those past ``pos`` masked
             self.k_cache[i, :b].index_copy_(2, positions, k)
             self.v_cache[i, :b].index_copy_(2, positions, v)
-            visible = (torch.arange(self.max_len, device=x.device) <= decode_pos).view(1, 1, 1, -1)
-            out = F.scaled_dot_product_attention(
-                q, self.k_cache[i, :b], self.v_cache[i, :b], attn_mask=visible, enable_gqa=True
-            )
+            keys = self.k_cache[i, :b, :, :window].repeat_interleave(repeat, dim=1)
+            values = self.v_cache[i, :b, :, :window].repeat_interleave(repeat, dim=1)
+            visible = (torch.arange(window, device=x.device) <= decode_pos).view(1, 1, 1, -1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
         return block.o_proj(out.transpose(1, 2).reshape(b, t, s.hidden_size))
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, decode_pos) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, decode_pos, window: int = 0) -> torch.Tensor:
         s = self.shape
         x = F.embedding(ids, self.embed)
         for i, block in enumerate(self.blocks):
-            x = x + self._attention(i, block, _rms_norm(x, block.input_norm, s.rms_norm_eps), positions, decode_pos)
+            normed = _rms_norm(x, block.input_norm, s.rms_norm_eps)
+            x = x + self._attention(i, block, normed, positions, decode_pos, window)
             h = _rms_norm(x, block.post_norm, s.rms_norm_eps)
             x = x + block.down_proj(F.silu(block.gate_proj(h)) * block.up_proj(h))
         last = _rms_norm(x[:, -1], self.norm, s.rms_norm_eps)
@@ -148,9 +152,11 @@ class StaticLlama(torch.nn.Module):
         return self._forward(ids, positions, None)
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, vocab]`` of one token per sequence (``ids`` ``[B, 1]``) at position ``pos`` (0-d int64)."""
-        return self._forward(ids, pos.reshape(1), pos)
+    def decode(self, ids: torch.Tensor, pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one token per sequence (``ids`` ``[B, 1]``) at position ``pos`` (0-d int64),
+        attending to the first ``window`` cache positions (a fixed size, so one graph serves every step; by
+        default the whole cache). A server attends to the tokens there are: pass the sequence's length."""
+        return self._forward(ids, pos.reshape(1), pos, window or self.max_len)
 
     def linears(self):
         """``(block index, name, nn.Module)`` of every block Linear."""
@@ -351,8 +357,10 @@ def decode_tokens_per_s(
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros((), dtype=torch.long, device=device)
 
+    window = min(model.max_len, prompt + new_tokens + 4)  # the graph's warm-up steps run 3 past the end
+
     def step():
-        logits = model.decode(token, pos)
+        logits = model.decode(token, pos, window)
         token.copy_(logits.argmax(-1, keepdim=True))
         pos.add_(1)
         return logits

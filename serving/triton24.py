@@ -42,7 +42,22 @@ KERNELS = ("gemv", "mma")
 GEMV_MAX_M = 8
 
 
-def _group_tile(v_ptr, c_ptr, rn, rg, n_ok, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, WIDE_CODES):
+def _group_tile(
+    v_ptr,
+    c_ptr,
+    rn,
+    rg,
+    n_ok,
+    w_ok,
+    g0,
+    G,
+    stride_vp,
+    stride_vn,
+    stride_cn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    WIDE_CODES: tl.constexpr,
+):
     """One tile of the weight: the two kept values ``[BLOCK_N, BLOCK_G]`` (storage dtype) and their positions
     ``i0 < i1`` in each group. ``WIDE_CODES``: load each row's code words once (``BLOCK_G / 8`` of them) and
     spread their nibbles in registers; else each group loads its own word (eight lanes read one address)."""
