@@ -182,16 +182,16 @@ def gemm_job(job, config: SuiteConfig, budget: Budget, results: dict) -> None:
     scale = None
     if fp8:  # the pruned weight keeps every row's largest |w|: both share the row scales
         (dense, scale), pruned = quantize_rows(dense), quantize_rows(pruned)[0]
+    timing = "graphed" if config.device.startswith("cuda") else "eager"
     try:
         measured = measure_shape(
             pruned, config.ms, dense, scale, repeats=config.repeats, rotate_bytes=config.rotate_bytes
         )
+        dispatch = {mode: bands_from(measured, mode, timing).as_dict() for mode in (SPEED_FIRST, MEMORY_FIRST)}
     except Exception as err:  # recorded; the suite goes on
         results["errors"][f"gemm {key}"] = "".join(traceback.format_exception_only(err)).strip()
         _say(f"gemm {key}: FAILED {results['errors'][f'gemm {key}']}")
         return
-    timing = "graphed" if config.device.startswith("cuda") else "eager"
-    dispatch = {mode: bands_from(measured, mode, timing).as_dict() for mode in (SPEED_FIRST, MEMORY_FIRST)}
     seconds = time.perf_counter() - started
     results["gemm"][key] = measured | {"label": label, "dispatch": dispatch, "seconds": seconds}
     if dtype in (config.dtype, "float8_e4m3fn"):

@@ -4,12 +4,16 @@ what the sparse op loads. The speed figures themselves only come from a GPU."""
 
 import json
 
+import pytest
+import torch
+
 from runtime_bench.gpu_suite import main
 from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, load_dispatches
 from tests.serving.interpreter import interpreter_fixes, needs_kernels  # noqa: F401
 
 
 @needs_kernels
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite itself runs: this is its CPU smoke run")
 def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, capsys, interpreter_fixes):  # noqa: F811
     main(["--cpu-smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
