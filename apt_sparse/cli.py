@@ -72,6 +72,20 @@ def _add_prune(sub) -> None:
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None, help="apt: one-group lookahead")
     p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=None, help="apt: exact refit")
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["fp8"],
+        help="also quantize the pruned Linears: fp8 = e4m3 weights with per-channel scales, dynamic per-token "
+        "activations (compressed-tensors FP8_DYNAMIC); later blocks calibrate on the quantized model",
+    )
+    p.add_argument(
+        "--fp8-compensate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--quantize fp8: round with the error-compensating pass (GPTQ-style, through each layer's Hessian) "
+        "instead of to nearest",
+    )
     p.add_argument("--targets", default=None, help="regex over module names: prune only matching layers")
     p.add_argument("--ignore", default=None, help="regex over module names: leave matching layers dense")
     p.add_argument("--calibration-data", default="stdlib", help="stdlib, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
@@ -148,6 +162,8 @@ def job_from_args(args, device: str):
             correction=args.correction,
             expert_min_tokens=args.expert_min_tokens,
             permute=args.permute,
+            quantize=args.quantize,
+            fp8_compensate=args.fp8_compensate,
             device=device,
             batch_size=args.batch_size,
         ),
@@ -203,6 +219,9 @@ def _print_prune_summary(args, report: dict, coll) -> None:
                 for r in ranks
             )
         )
+    if report.get("quantization"):
+        quant = report["quantization"]
+        print(f"FP8: {quant['weights_quantized']} weights in float8_e4m3fn with per-channel scales ({quant['pass']})")
     print(f"wrote {args.out} (report: {args.out}/prune_report.json)")
 
 
@@ -270,12 +289,19 @@ def _inspect(args) -> None:
     for r in rows:
         follows = {True: "yes", False: "NO", None: "-"}[r["follows_pattern"]]
         role = "pruned" if r["target"] else "dense "
-        print(f"{r['name']:{width}s}  {str(r['shape']):14s}  {role}  sparsity {r['sparsity']:.3f}  {pattern} {follows}")
+        scale = f"  fp8, scales {r['scale']['min']:.3g}..{r['scale']['max']:.3g}" if "scale" in r else ""
+        print(
+            f"{r['name']:{width}s}  {str(r['shape']):14s}  {role}  sparsity {r['sparsity']:.3f}  {pattern} {follows}"
+            + scale
+        )
     targets = [r for r in rows if r["target"]]
     print(
         f"{sum(r['follows_pattern'] is True for r in targets)}/{len(targets)} pruned weights follow {pattern} "
         f"along the input dimension (pruned weights from {summary['targets_from']})"
     )
+    fp8 = [r for r in rows if "scale" in r]
+    if fp8:
+        print(f"{len(fp8)} weights in float8_e4m3fn, each with float32 per-output-channel scales (.weight_scale)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,7 +483,34 @@ def _bench(args) -> None:
     print(f"report: {report}")
 
 
-_EXTRA_COMMANDS: list = [_add_export, _add_demo, _add_bench]
+def _add_quantize(sub) -> None:
+    q = sub.add_parser(
+        "quantize", help="write a pruned (or dense) folder in FP8: compressed-tensors float-quantized, W8A8"
+    )
+    q.add_argument("src", help="a pruned Hugging Face folder, a dense one (the dense FP8 baseline), or a short name")
+    q.add_argument("out", help="output folder (written atomically)")
+    q.add_argument("--scheme", default="fp8", choices=["fp8"], help="fp8: e4m3, per-channel weights, per-token inputs")
+    q.add_argument("--max-shard-size", default="5GB")
+    q.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
+    q.set_defaults(handler=_quantize)
+
+
+def _quantize(args) -> None:
+    from apt.models.loading import source_folder
+    from apt.run.quantize import quantize_folder
+
+    src = args.src
+    if not os.path.isdir(src):
+        src = source_folder(src)[1]  # a short name or hub id: its dense folder
+    record = quantize_folder(src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    what = f"{record['pattern']} sparse" if record["pattern"] else "dense"
+    print(
+        f"wrote {args.out}: {record['weights_quantized']} {what} weights in float8_e4m3fn with per-channel scales; "
+        f"unquantized: {', '.join(record['ignore'])}"
+    )
+
+
+_EXTRA_COMMANDS: list = [_add_export, _add_demo, _add_bench, _add_quantize]
 
 
 def main(argv=None) -> int:

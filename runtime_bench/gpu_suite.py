@@ -38,6 +38,7 @@ import torch
 
 from apt.atomic import write_json_atomic
 from apt.solver import select_mask
+from apt.solver.fp8 import quantize_weight
 from apt.solver.patterns import Pattern
 from runtime_bench.static_llama import (
     LLAMA3_8B,
@@ -46,7 +47,6 @@ from runtime_bench.static_llama import (
     LlamaShape,
     decode_tokens_per_s,
     prefill_ms,
-    quantize_rows,
     random_weights,
     sparsify,
 )
@@ -181,7 +181,7 @@ def gemm_job(job, config: SuiteConfig, budget: Budget, results: dict) -> None:
     dense, pruned = _pruned_pair(n, k, torch.bfloat16 if fp8 else getattr(torch, dtype), config.device, seed=n + k)
     scale = None
     if fp8:  # the pruned weight keeps every row's largest |w|: both share the row scales
-        (dense, scale), pruned = quantize_rows(dense), quantize_rows(pruned)[0]
+        (dense, scale), pruned = quantize_weight(dense), quantize_weight(pruned)[0]
     timing = "graphed" if config.device.startswith("cuda") else "eager"
     try:
         measured = measure_shape(

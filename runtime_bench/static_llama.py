@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from apt.solver import select_mask
+from apt.solver.fp8 import quantize_weight
 from apt.solver.patterns import Pattern
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -219,12 +220,6 @@ def from_transformers(hf_model, max_batch: int, max_len: int) -> StaticLlama:
     return model
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel e4m3: ``(weight_q, scale [N] float32)``, scale = amax(|row|)/448 (zeros stay +0)."""
-    scale = (weight.float().abs().amax(1) / 448.0).clamp_min(1e-12)
-    return (weight.float() / scale[:, None]).to(torch.float8_e4m3fn), scale
-
-
 class DenseFp8Linear(torch.nn.Module):
     """Dense W8A8 FP8 (the baseline an FP8 2:4 model is compared with): e4m3 weights with per-channel scales,
     activations quantized per token, ``torch._scaled_mm`` (``serving.sparse_op.fp8_linear``)."""
@@ -232,7 +227,7 @@ class DenseFp8Linear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        quantized, scale = quantize_rows(weight)
+        quantized, scale = quantize_weight(weight)
         self.register_buffer("weight", quantized)
         self.register_buffer("weight_scale", scale)
 
@@ -268,7 +263,7 @@ def sparsify(
         if weight is None:
             weight = module.unpacked()
         if fp8 and scale is None:
-            weight, scale = quantize_rows(weight)
+            weight, scale = quantize_weight(weight)
         dispatch = dispatch_for(module.in_features, module.out_features) if dispatch_for else None
         setattr(model.blocks[i], name, Sparse24Linear(weight.detach(), None, mode, dispatch, weight_scale=scale))
         replaced += 1

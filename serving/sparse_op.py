@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from apt.solver.fp8 import FP8, FP8_MAX, MIN_TOKEN_SCALE, quantize_activations
 from serving import triton24
 from serving.kernels import cusparselt
 from serving.layout import check_24, pack_24, unpack_24
@@ -178,16 +179,14 @@ def from_threshold(threshold: int | None) -> Dispatch:
     return Dispatch(bands, f"cuSPARSELt from {threshold} tokens (measured threshold)")
 
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # vLLM's floor for a dynamic per-token scale
+FP8_MIN_SCALE = MIN_TOKEN_SCALE  # vLLM's floor for a dynamic per-token scale (apt.solver.fp8)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token FP8 quantization of ``x`` ``[M, K]``, as vLLM's FP8 path does it: ``(x_q, scale)``,
-    ``scale`` ``[M]`` float32 = max(amax(|x_row|) / 448, 1/(448·512)), ``x_q`` = e4m3(x / scale)."""
-    scale = (x.abs().amax(-1).float() / FP8_MAX).clamp_min(FP8_MIN_SCALE)
-    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """Dynamic per-token FP8 quantization of ``x`` ``[M, K]`` as vLLM's FP8 path does it
+    (``apt.solver.fp8.quantize_activations``): ``(x_q, scale)`` with ``scale`` ``[M]`` float32."""
+    x_q, scale = quantize_activations(x)
+    return x_q, scale.reshape(-1)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apt.folder.fp8 import SCALE_SUFFIX, DequantizingReader
 from apt.folder.targets import targets_of_folder
-from apt.models.checkpoint import CheckpointReader
 from apt.solver.patterns import as_rows, conforms, sparsity_of
 
 
@@ -14,14 +14,18 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
     """``{pattern, targets_from, tensors}``; one row per 2-D floating-point tensor and per pruned 3-D experts
     tensor: ``name``, ``shape``, ``sparsity``, ``target`` (pruned, per ``apt.folder.targets``) and
     ``follows_pattern`` along the tensor's input axis (None where the pattern cannot apply: an N:M pattern
-    on a width that is not a multiple of M)."""
-    reader = CheckpointReader(path)
+    on a width that is not a multiple of M). An FP8 folder (``apt.folder.fp8``; a weight without its scales is
+    refused) also gives each FP8 weight's ``dtype`` and ``scale`` (min, max of its per-channel scales); the
+    scales are not rows of their own."""
+    reader = DequantizingReader(path)
     targets = targets_of_folder(path, pattern)
     pruned = set(targets.tensors)
     rows = []
     for name in reader.names():
         info = reader.info(name)
         if not info.dtype.is_floating_point or (len(info.shape) != 2 and name not in pruned):
+            continue
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) + ".weight" in reader.fp8:
             continue
         tensor = as_rows(reader.read(name), targets.axis(name))
         applies = not targets.pattern.is_nm or tensor.shape[1] % targets.pattern.m == 0
@@ -32,6 +36,10 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
                 "sparsity": sparsity_of(tensor),
                 "target": name in pruned,
                 "follows_pattern": conforms(tensor, targets.pattern) if applies else None,
+                "dtype": str(info.dtype).removeprefix("torch."),
             }
         )
+        if name in reader.fp8:
+            scale = reader.scale(name)
+            rows[-1]["scale"] = {"min": float(scale.min()), "max": float(scale.max())}
     return {"pattern": str(targets.pattern), "targets_from": targets.source, "tensors": rows}

@@ -39,6 +39,8 @@ def command_of(config: dict) -> str:
         "batch_size",
         "expert_min_tokens",
         "permute",
+        "quantize",
+        "fp8_compensate",
     ):
         value = config["run"].get(key)
         if key == "device" and value:

@@ -211,8 +211,28 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
             accuracy=accuracy,
         )
         report["distributed"] = {"world_size": coll.world, "backend": coll.backend, "ranks": ranks}
-        finish_folder(work, out, src.folder, writer, report, job.overwrite)
+        if job.run.quantize:
+            _finish_quantized(work, out, src.folder, writer, report, job.overwrite)
+        else:
+            finish_folder(work, out, src.folder, writer, report, job.overwrite)
     return coll.broadcast_object(report)
+
+
+def _finish_quantized(work: Path, out: Path, source: Path, writer, report: dict, overwrite: bool) -> None:
+    """``--quantize fp8``: the pruned folder (its weights already on the FP8 grid) is completed beside ``out``,
+    then written in FP8 to ``out`` (``apt.run.quantize``) and removed (kept where quantizing fails)."""
+    from apt.run.quantize import quantize_folder
+
+    staged = out.with_name(f".{out.name}.unquantized")
+    shutil.rmtree(staged, ignore_errors=True)
+    finish_folder(work, staged, source, writer, report, overwrite=True)
+    try:
+        report["quantization"] = quantize_folder(staged, out, overwrite=overwrite)
+    except AptError as err:  # the pruned folder stays: quantizing it again is all that is left to do
+        raise type(err)(
+            f"{err} (the pruned folder is complete in {staged}: apt-sparse quantize {staged} {out})"
+        ) from err
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 def _calibrate(

@@ -28,7 +28,8 @@ from apt.models.layered import LayeredModel, give_back_memory, to_device
 from apt.models.permutation import free_partners, permute_rows
 from apt.run.calibration import Statistics, collect, collect_corrected
 from apt.run.config import RunConfig
-from apt.solver import corrected_target, prune_layer
+from apt.solver import corrected_target, layer_loss, prune_layer
+from apt.solver.fp8 import compensated_fp8, dequantize_weight, quantize_weight
 from apt.solver.patterns import Pattern, conforms, positive_zeros, sparsity_of
 from apt.solver.permute import balanced_permutation
 
@@ -222,10 +223,14 @@ def prune_group(
                 goal = corrected_target(weight, hessian, cross, config.correction, config.solver.damp_value)
             last = position == len(group.targets) - 1
             partners = free_partners(layered.model, target) if config.permute and pattern.is_nm else None
+            fp8 = config.quantize == "fp8" and not target.is_expert and record.get("in_axis", -1) == -1
             if partners is None:
-                pruned, summary = _solve_rows(target.name, goal, hessian, config, coll, consume=last)
+                consume = last and not (fp8 and config.fp8_compensate)  # the pass below reads the Hessian
+                pruned, summary = _solve_rows(target.name, goal, hessian, config, coll, consume=consume)
             else:
                 pruned, summary = _permuted_if_better(target, goal, hessian, partners, config, coll, record)
+            if fp8:
+                pruned, record["fp8_relative_loss"] = on_fp8_grid(pruned, hessian, config.fp8_compensate)
             # round to the stored dtype now: later blocks calibrate on the model as it will be written
             stored = positive_zeros(pruned.to(layered.stored_dtype(target.parameter)))
             weight.copy_(stored.to(weight.dtype))
@@ -238,6 +243,18 @@ def prune_group(
         bar.update(1)
         give_back_memory()  # the solver's temporaries of this layer
     return records
+
+
+def on_fp8_grid(pruned: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> tuple[torch.Tensor, float]:
+    """The pruned weight as its FP8 copy computes (``q · scale``, in its dtype), rounded to nearest or with the
+    error-compensating pass on ``hessian``; and that copy's layer loss relative to the pruned weight's zero
+    loss. Every rank computes the same rows (the pass is cheap next to the solve)."""
+    hessian = hessian.to(pruned.device)
+    q, scale = compensated_fp8(pruned, hessian) if compensate else quantize_weight(pruned)
+    on_grid = dequantize_weight(q, scale, pruned.dtype)
+    zero = layer_loss(torch.zeros_like(pruned, dtype=torch.float32), pruned.float(), hessian.float())
+    loss = layer_loss(on_grid.float(), pruned.float(), hessian.float())
+    return on_grid, loss / zero if zero > 0 else 0.0
 
 
 def _permuted_if_better(target, goal, hessian, partners, config: RunConfig, coll, record) -> tuple[torch.Tensor, dict]:

@@ -14,6 +14,11 @@ every process it starts, which registers the quantization config (``serving.vllm
   Its ``apt_sparse_24.json`` says which layers are pruned and, where measured, from which token count
   the sparse kernel is faster; without it every 2:4 Linear is served.
 
+- An FP8 folder (``apt-sparse quantize``: compressed-tensors ``float-quantized``, which vLLM serves as dense
+  FP8 alone) is claimed only on request (``--quantization apt_sparse_24``): vLLM's FP8 method serves every
+  layer, the 2:4 layers its ``apt_sparse_24.json`` lists are checked and, on a GPU, go to the sparse op with
+  their per-channel scales.
+
 On a GPU each pruned Linear is served by the sparse op ``apt_sparse::linear24`` (``serving.sparse_op``): per
 token count our Triton 2:4 kernels, cuSPARSELt or dense, as measured for its shape (speed-first: never
 slower than dense where measured). On CPU every layer computes dense through vLLM's own GEMM.

@@ -9,6 +9,12 @@ default (never slower than dense where measured), memory-first (our compressed l
 ``APT_SPARSE_VLLM_MEMORY=compressed``. On a CPU vLLM's own dense GEMM (packed for oneDNN) serves it. Every
 other Linear gets vLLM's unquantized method; embeddings, the LM head and attention are vLLM's own.
 
+An FP8 folder (``apt-sparse quantize``: compressed-tensors ``float-quantized``, which vLLM serves as dense FP8
+without the plugin) is claimed when asked (``--quantization apt_sparse_24``): every layer keeps vLLM's own
+compressed-tensors FP8 method (``weight`` float8_e4m3fn, ``weight_scale`` per output channel, inputs quantized
+per token), and the 2:4 layers its ``apt_sparse_24.json`` lists are checked (scales present, pattern kept)
+and, on a GPU, served by ``Sparse24Linear`` with the weight's scales (``Sparse24Fp8LinearMethod``).
+
 A bitmask folder's ``<module>.compressed/.bitmask/.shape`` tensors load into parameters of those names
 (vLLM's loader routes q/k/v and gate/up shards into the fused layer) and are decoded after loading; a
 missing one, or a weight off the 2:4 pattern, ends loading with an error that names it.
@@ -32,9 +38,14 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+    CompressedTensorsConfig,
+    CompressedTensorsLinearMethod,
+)
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
+from apt.folder.fp8 import is_fp8_config
 from serving.bitmask import FORMAT, unpack_bitmask
 from serving.sparse_op import (
     MEMORY_FIRST,
@@ -71,10 +82,14 @@ class Sparse24Config(QuantizationConfig):
     2:4; ``thresholds``: per ``"{in}x{out}"`` the token count from which the sparse kernel was measured
     faster."""
 
-    def __init__(self, fmt: str = "dense", targets=None, ignore=None, thresholds=None):
+    def __init__(self, fmt: str = "dense", targets=None, ignore=None, thresholds=None, fp8: dict | None = None):
         super().__init__()
-        if fmt not in ("dense", "bitmask"):
-            raise ValueError(f"{NAME}: unknown format {fmt!r}: dense or bitmask")
+        if fmt not in ("dense", "bitmask", "fp8"):
+            raise ValueError(f"{NAME}: unknown format {fmt!r}: dense, bitmask or fp8")
+        if (fmt == "fp8") != (fp8 is not None):
+            raise ValueError(f"{NAME}: the fp8 format needs the checkpoint's compressed-tensors FP8 config")
+        # vLLM's own compressed-tensors config of an FP8 folder: its FP8 method serves every layer
+        self.fp8 = CompressedTensorsConfig.from_config(fp8) if fp8 is not None else None
         self.fmt = fmt
         self.targets = list(targets) if targets else None
         self.ignore = list(ignore) if ignore else ["lm_head"]
@@ -98,6 +113,10 @@ class Sparse24Config(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict) -> Sparse24Config:
+        if is_fp8_config({"quantization_config": config}):
+            made = cls("fp8", None, ["lm_head"], fp8=config)
+            made.origin = "every Linear whose FP8 weight is 2:4 (no apt_sparse_24.json)"
+            return made
         if _is_bitmask(config):
             sparsity = config["sparsity_config"]
             made = cls("bitmask", sparsity.get("targets") or ["Linear"], sparsity.get("ignore"))
@@ -113,6 +132,8 @@ class Sparse24Config(QuantizationConfig):
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
         """Claim a compressed-tensors 2:4 bitmask checkpoint (before vLLM's own config refuses its
         sparsity_config); one that is also quantized (config_groups) is not ours."""
+        if user_quant == NAME and is_fp8_config({"quantization_config": hf_quant_cfg}):
+            return NAME  # an FP8 folder is vLLM's own unless the plugin is asked for
         if user_quant not in (None, NAME, "compressed-tensors"):
             return None
         if _is_bitmask(hf_quant_cfg) and not hf_quant_cfg.get("config_groups"):
@@ -123,7 +144,7 @@ class Sparse24Config(QuantizationConfig):
         """A plain folder's ``apt_sparse_24.json`` (written by ``apt-sparse export vllm``) names its pruned
         layers and the thresholds measured for their shapes."""
         path = Path(model_name) / SIDE_FILE
-        if self.fmt != "dense" or not path.is_file():
+        if self.fmt == "bitmask" or not path.is_file():
             return
         try:
             side = json.loads(path.read_text())
@@ -133,10 +154,10 @@ class Sparse24Config(QuantizationConfig):
             raise ValueError(f"{NAME}: {path} is damaged ({err}); export the folder again") from err
         self.origin = f"{path.name}: {len(self.targets)} pruned layers"
 
-    def dispatch_for(self, weight: torch.Tensor, mode: str) -> Dispatch:
+    def dispatch_for(self, weight: torch.Tensor, mode: str, weight_scale: torch.Tensor | None = None) -> Dispatch:
         """The dispatch of this weight's shape in ``mode``: from the dispatch file (``APT_SPARSE_VLLM_DISPATCH``),
         else the folder's measured cuSPARSELt threshold (speed-first), else measured on this GPU, once per shape
-        and mode in this process (``serving.tuning``, graphed)."""
+        and mode in this process (``serving.tuning``, graphed; an FP8 weight with its ``weight_scale`` ``[N]``)."""
         shape = shape_key(weight.shape[1], weight.shape[0])
         key = (shape, mode, weight.dtype)
         if key not in self._dispatches:
@@ -148,7 +169,8 @@ class Sparse24Config(QuantizationConfig):
                 from serving.tuning import bands_from, measure_shape
 
                 log.info("%s: measuring the sparse op's paths for %s (%s)", NAME, shape, mode)
-                found = bands_from(measure_shape(weight.detach(), ms=PROBE_MS, eager=False), mode)
+                measured = measure_shape(weight.detach(), ms=PROBE_MS, weight_scale=weight_scale, eager=False)
+                found = bands_from(measured, mode)
             self._dispatches[key] = found
         return self._dispatches[key]
 
@@ -161,6 +183,8 @@ class Sparse24Config(QuantizationConfig):
         if self.targets is not None:
             self.targets = [mapped(t) for t in self.targets]
         self.ignore = [mapped(t) for t in self.ignore]
+        if self.fp8 is not None:
+            self.fp8.apply_vllm_mapper(hf_to_vllm_mapper)
 
     def _matches(self, name: str, patterns: list[str]) -> bool:
         return any(p == "Linear" or name == p or (p.startswith("re:") and re.match(p[3:], name)) for p in patterns)
@@ -177,14 +201,22 @@ class Sparse24Config(QuantizationConfig):
         return [f"{head}.{p}" if head else p for p in parts] if parts else [prefix]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        if not isinstance(layer, LinearBase):
+        own = None
+        if self.fp8 is not None:
+            self.fp8.packed_modules_mapping = self.packed_modules_mapping
+            own = self.fp8.get_quant_method(layer, prefix)  # vLLM's FP8 method (or unquantized where ignored)
+            if not isinstance(own, CompressedTensorsLinearMethod):
+                return own
+        elif not isinstance(layer, LinearBase):
             return None  # embeddings, the LM head, attention: vLLM's own
         names = self.parts(prefix)
         chosen = [self.is_target(n) for n in names]
         if all(chosen):
+            if own is not None:
+                return Sparse24Fp8LinearMethod(self, prefix, names)
             return Sparse24LinearMethod(self, prefix, names)
         if not any(chosen):
-            return UnquantizedLinearMethod()
+            return own or UnquantizedLinearMethod()
         raise ValueError(
             f"{NAME}: vLLM fuses {', '.join(names)} into {prefix}, but only some are pruned "
             f"({', '.join(n for n, c in zip(names, chosen) if c)}): prune all of them or none"
@@ -298,20 +330,7 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
         else:
             self._check_loaded(layer, ("weight",))
         weight = layer.weight.data
-        groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
-        info["is_24"] = bool((groups <= 2).all())
-        if not info["is_24"]:
-            row, group = (int(i) for i in (groups > 2).nonzero()[0])
-            part, first = self.prefix, 0
-            for name, rows in zip(self.parts, layer._apt_loaded["rows"]):  # the checkpoint layer the row is in
-                if row < first + rows:
-                    part = name
-                    break
-                first += rows
-            message = f"{part} breaks 2:4 (row {row - first}, columns {4 * group}..{4 * group + 3})"
-            if self.config.targets is not None:  # the folder says this layer is pruned: a broken folder
-                raise ValueError(f"{NAME}: {message}, but {self.config.origin} lists it as pruned; prune it again")
-            log.warning("%s: %s: served dense", NAME, message)
+        info["is_24"] = self._is_24(layer, weight)
         info |= {"served": True, "shape": list(weight.shape), "kept": round(float((weight != 0).float().mean()), 4)}
         info["sparse_kernel"] = self._sparse_op(layer, weight) if info["is_24"] else "not 2:4"
         path = os.environ.get(REPORT_ENV)
@@ -322,6 +341,25 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
             layer.weight = Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
             return  # our compressed layout alone serves every call (0.5625x the dense bytes)
         super().process_weights_after_loading(layer)  # vLLM's dense path (on CPU: packs for oneDNN)
+
+    def _is_24(self, layer, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` ``[out, in]`` is 2:4; a layer the folder lists as pruned that is not fails loading,
+        naming the checkpoint layer, row and columns."""
+        groups = (weight.reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+        if bool((groups <= 2).all()):
+            return True
+        row, group = (int(i) for i in (groups > 2).nonzero()[0])
+        part, first = self.prefix, 0
+        for name, rows in zip(self.parts, layer._apt_loaded["rows"]):  # the checkpoint layer the row is in
+            if row < first + rows:
+                part = name
+                break
+            first += rows
+        message = f"{part} breaks 2:4 (row {row - first}, columns {4 * group}..{4 * group + 3})"
+        if self.config.targets is not None:  # the folder says this layer is pruned: a broken folder
+            raise ValueError(f"{NAME}: {message}, but {self.config.origin} lists it as pruned; prune it again")
+        log.warning("%s: %s: served dense", NAME, message)
+        return False
 
     @staticmethod
     def _decoded(layer) -> torch.Tensor:
@@ -353,4 +391,80 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
         op = getattr(layer, "apt_sparse_op", None)
         if op is not None:  # one opaque op: vLLM's CUDA graphs and torch.compile see a single call
             return op.linear(x, bias)
+        return super().apply(layer, x, bias)
+
+
+@register_weight_loader_v2_supported_method  # vLLM's compressed-tensors parameters (v2 loaders)
+class Sparse24Fp8LinearMethod(CompressedTensorsLinearMethod):
+    """A 2:4 Linear of an FP8 folder: vLLM's compressed-tensors FP8 method (its parameters, its loading, its
+    dense FP8 GEMM with per-token input scales), plus the checks of a pruned layer and, on a GPU,
+    ``Sparse24Linear`` over the FP8 weight and its per-channel scales, which quantizes the inputs per token as
+    vLLM's FP8 path does."""
+
+    _track = staticmethod(Sparse24LinearMethod._track)
+    _check_loaded = Sparse24LinearMethod._check_loaded
+    _is_24 = Sparse24LinearMethod._is_24
+
+    def __init__(self, config: Sparse24Config, prefix: str, parts: list[str]):
+        super().__init__(config.fp8)
+        self.config, self.prefix, self.parts = config, prefix, parts
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ):
+        if input_size_per_partition % 4:
+            raise ValueError(
+                f"{NAME}: {self.prefix}: tensor parallelism gives each rank {input_size_per_partition} of its "
+                f"{input_size} input columns, not a multiple of 4: 2:4 groups would be cut; use fewer ranks"
+            )
+        shards = len(output_partition_sizes)
+        expected = (
+            ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else (list(range(shards)) if shards > 1 else [None])
+        )
+        layer.apt_sparse_24 = {"format": "fp8", "parts": self.parts, "served": False}
+        layer._apt_loaded = {"expected": expected, "got": {}, "rows": list(output_partition_sizes)}
+        super().create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            params_dtype,
+            **extra_weight_attrs,
+        )
+        self._track(layer, layer.weight, "weight")
+        self._track(layer, layer.weight_scale, "weight_scale")
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        info = layer.apt_sparse_24
+        self._check_loaded(layer, ("weight", "weight_scale"))
+        weight, scale = layer.weight.data, layer.weight_scale.data.reshape(-1).float()  # [N, K] float8, [N]
+        info["is_24"] = self._is_24(layer, weight)
+        info |= {"served": True, "shape": list(weight.shape), "kept": round(float((weight != 0).float().mean()), 4)}
+        info["sparse_kernel"] = "not 2:4"
+        if info["is_24"] and not weight.is_cuda:
+            info["sparse_kernel"] = "none: the weight is not on a GPU (vLLM's FP8 GEMM serves it)"
+        elif info["is_24"]:
+            dispatch = self.config.dispatch_for(weight, SPEED_FIRST, scale)
+            layer.apt_sparse_op = Sparse24Linear(weight, None, SPEED_FIRST, dispatch, weight_scale=scale)
+            info |= {"mode": SPEED_FIRST, "dispatch": dispatch.describe(), "origin": dispatch.origin}
+            info["sparse_kernel"] = f"apt_sparse::linear24 fp8, {SPEED_FIRST}: {dispatch.describe()}"
+        path = os.environ.get(REPORT_ENV)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "layer": self.prefix} | info) + "\n")
+        super().process_weights_after_loading(layer)  # vLLM's FP8 path: the fallback, and the path on CPU
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        op = getattr(layer, "apt_sparse_op", None)
+        if op is not None:
+            out = op(x)  # x quantized per token inside the op; the result in x's dtype
+            return out + bias if bias is not None else out
         return super().apply(layer, x, bias)
