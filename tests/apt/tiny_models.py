@@ -261,3 +261,17 @@ def save_tiny_model(family: str, folder: Path, poison=None, **overrides) -> Path
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(tokenizer_dir / name, folder / name)
     return folder
+
+
+def copy_editing_tensors(folder, dest, edit):
+    """A copy of a single-file checkpoint ``folder`` at ``dest`` whose tensors ``edit`` (a function of the
+    name → tensor dict) changed in place: how the tests make a damaged folder."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir()
+    for f in folder.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(dest / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest

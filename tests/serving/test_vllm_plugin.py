@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from apt.errors import InvalidInputError
 from apt.run import PruneJob, prune_model
@@ -20,7 +19,7 @@ from exporters import export
 from exporters.consumers import transformers_greedy, vllm_check
 from serving.vllm_run import REPOSITORY, run_vllm, vllm_python
 
-from ..apt.tiny_models import save_tiny_model
+from ..apt.tiny_models import copy_editing_tensors, save_tiny_model
 
 needs_vllm = pytest.mark.skipif(
     vllm_python() is None, reason="no environment with vLLM: make install builds .venv-vllm"
@@ -38,16 +37,6 @@ def tiny(tmp_path_factory):
     export("vllm", root / "pruned", root / "plain", dtype="float16", vllm_check=False)
     export("compressed-tensors", root / "pruned", root / "bitmask", dtype="float16", vllm_check=False)
     return root
-
-
-def copy_with(folder, dest, edit):
-    dest.mkdir()
-    for f in folder.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(dest / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
 
 
 @needs_vllm
@@ -75,14 +64,14 @@ def test_a_layer_off_the_pattern_fails_with_the_plugins_error(tiny, tmp_path):
     def densify(tensors):
         tensors["model.layers.1.mlp.up_proj.weight"] = torch.ones_like(tensors["model.layers.1.mlp.up_proj.weight"])
 
-    broken = copy_with(tiny / "plain", tmp_path / "broken", densify)
+    broken = copy_editing_tensors(tiny / "plain", tmp_path / "broken", densify)
     with pytest.raises(InvalidInputError, match=r"model\.layers\.1\.mlp\.up_proj breaks 2:4 \(row 0, columns 0\.\.3\)"):
         run_vllm(["generate", str(broken), "--quantization", "apt_sparse_24", "--max-tokens", "2"])
 
 
 @needs_vllm
 def test_a_bitmask_folder_missing_a_tensor_fails_with_the_plugins_error(tiny, tmp_path):
-    broken = copy_with(
+    broken = copy_editing_tensors(
         tiny / "bitmask", tmp_path / "broken", lambda t: t.pop("model.layers.1.self_attn.k_proj.bitmask")
     )
     with pytest.raises(InvalidInputError, match=r"lacks model\.layers\.1\.self_attn\.k_proj\.bitmask"):

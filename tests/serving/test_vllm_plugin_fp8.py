@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from apt.errors import InvalidInputError
 from apt.measure.fp8 import fp8_activations, load_fp8_emulated
@@ -16,7 +15,7 @@ from apt.run import PruneJob, prune_model
 from apt.run.quantize import quantize_folder
 from serving.vllm_run import run_vllm, vllm_python
 
-from ..apt.tiny_models import save_tiny_model
+from ..apt.tiny_models import copy_editing_tensors, save_tiny_model
 
 pytestmark = pytest.mark.skipif(
     vllm_python() is None, reason="no environment with vLLM: make install builds .venv-vllm"
@@ -62,19 +61,9 @@ def test_vllm_cpu_serves_the_fp8_folder_natively_and_the_plugin_serves_its_24_la
         assert layer["sparse_kernel"].startswith("none: the weight is not on a GPU")
 
 
-def _copy_editing(folder, dest, edit):
-    dest.mkdir()
-    for f in folder.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(dest / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
-
-
 def test_missing_scales_and_a_broken_pattern_fail_with_the_plugins_error(fp8_folder, tmp_path):
     key = "model.layers.1.mlp.up_proj"
-    lost = _copy_editing(fp8_folder, tmp_path / "lost", lambda t: t.pop(f"{key}.weight_scale"))
+    lost = copy_editing_tensors(fp8_folder, tmp_path / "lost", lambda t: t.pop(f"{key}.weight_scale"))
     with pytest.raises(InvalidInputError, match=rf"apt_sparse_24: the checkpoint lacks {key}\.weight_scale"):
         run_vllm(["generate", str(lost), "--quantization", "apt_sparse_24", "--max-tokens", "2"])
 
@@ -83,7 +72,7 @@ def test_missing_scales_and_a_broken_pattern_fail_with_the_plugins_error(fp8_fol
             torch.float8_e4m3fn
         )
 
-    broken = _copy_editing(fp8_folder, tmp_path / "broken", densify)
+    broken = copy_editing_tensors(fp8_folder, tmp_path / "broken", densify)
     side = json.loads((broken / "apt_sparse_24.json").read_text())
     assert key in side["targets"]
     with pytest.raises(InvalidInputError, match=rf"{key} breaks 2:4 \(row 0, columns 0\.\.3\)"):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from apt.errors import InvalidInputError
 from apt.folder.fp8 import SIDE_FILE, DequantizingReader, is_fp8_config, quantization_config
@@ -21,7 +20,7 @@ from apt.solver.patterns import Pattern, conforms
 from apt_sparse.cli import main
 from serving.vllm_plugin import SIDE_FILE as PLUGIN_SIDE_FILE
 
-from ..tiny_models import save_tiny_model
+from ..tiny_models import copy_editing_tensors, save_tiny_model
 
 PRUNE = ["--num-calibration-samples", "4", "--max-seq-length", "32", "--num-eval-windows", "1"]
 
@@ -111,19 +110,9 @@ def test_prune_quantize_fp8_with_compensation_writes_the_fp8_folder(pruned, tmp_
     assert "applies to --quantize fp8 only" in capsys.readouterr().err
 
 
-def _copy_editing(folder, dest, edit):
-    dest.mkdir()
-    for f in folder.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(dest / "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    return dest
-
-
 def test_missing_scales_and_a_broken_pattern_are_refused(pruned, tmp_path, capsys):
     key = "model.layers.1.mlp.up_proj"
-    lost = _copy_editing(pruned / "fp8", tmp_path / "lost", lambda t: t.pop(f"{key}.weight_scale"))
+    lost = copy_editing_tensors(pruned / "fp8", tmp_path / "lost", lambda t: t.pop(f"{key}.weight_scale"))
     with pytest.raises(InvalidInputError, match=rf"lacks {key}\.weight_scale \(its per-channel scales\)"):
         DequantizingReader(lost)
     assert main(["inspect", str(lost)]) == 2
@@ -132,7 +121,7 @@ def test_missing_scales_and_a_broken_pattern_are_refused(pruned, tmp_path, capsy
     def densify(tensors):
         tensors[f"{key}.weight"] = torch.ones_like(tensors[f"{key}.weight"])
 
-    broken = _copy_editing(pruned / "pruned", tmp_path / "broken", densify)
+    broken = copy_editing_tensors(pruned / "pruned", tmp_path / "broken", densify)
     with pytest.raises(InvalidInputError, match=rf"{key}\.weight breaks 2:4 \(row 0, columns 0\.\.3\)"):
         quantize_folder(broken, tmp_path / "never")
     assert not (tmp_path / "never").exists()
