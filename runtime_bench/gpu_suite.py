@@ -112,7 +112,7 @@ QUICK = dict(
 CPU_SMOKE = dict(
     device="cpu",
     dtype="float16",
-    shapes=(("tiny up", 64, 96), ("tiny down", 96, 64)),
+    shapes=(("tiny q/o", 64, 64), ("tiny k/v", 64, 32), ("tiny up", 64, 96), ("tiny down", 96, 64)),
     fp16_shapes=(),
     fp8_shapes=(("tiny up", 64, 96),),
     fp8_e2e=("tiny",),
@@ -270,6 +270,7 @@ def e2e_model(name: str, shape: LlamaShape, config: SuiteConfig, results: dict) 
         for mode, quantize in modes:
             label = f"fp8 {mode}" if quantize else mode
             sparsify(model, mode, _dispatch_for(results, mode, quantize), fp8=quantize)
+            entry.setdefault("dispatch_origins", {})[label] = sorted({m.dispatch.origin for _, _, m in model.linears()})
             logits = model.prefill(probe).double()
             entry["logits_error"][label] = float((logits - reference).norm() / reference.norm())
             entry["weight_bytes"][label] = model.weight_bytes()

@@ -19,7 +19,8 @@ def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, cap
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert not results["errors"], results["errors"]
-    assert set(results["gemm"]) == {"tiny up float16", "tiny down float16", "tiny up float8_e4m3fn"}
+    bf16 = {f"tiny {layer} float16" for layer in ("q/o", "k/v", "up", "down")}
+    assert set(results["gemm"]) == bf16 | {"tiny up float8_e4m3fn"}
     up = results["gemm"]["tiny up float16"]
     assert [row["m"] for row in up["rows"]] == [1, 3, 16, 80]
     assert all(err < 2e-3 for row in up["rows"] for err in row["error"].values())
@@ -28,13 +29,18 @@ def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, cap
     assert set(results["dispatch"]["fp8_shapes"]) == {"64x96"}
     for mode in (SPEED_FIRST, MEMORY_FIRST):
         loaded = load_dispatches(tmp_path / "dispatch.json", mode)
-        assert set(loaded) == {"64x96", "96x64"}
+        assert set(loaded) == {"64x64", "64x32", "64x96", "96x64"}
     e2e = results["e2e"]["tiny"]
     assert "error" not in e2e
     modes = ("dense", "fp8 dense", SPEED_FIRST, MEMORY_FIRST, f"fp8 {SPEED_FIRST}", f"fp8 {MEMORY_FIRST}")
     assert {(r["mode"], r["kind"]) for r in e2e["rows"]} == {(m, k) for m in modes for k in ("prefill", "decode")}
     assert e2e["logits_error"][SPEED_FIRST] < 1e-2 and e2e["logits_error"][MEMORY_FIRST] < 1e-2
     assert e2e["logits_error"][f"fp8 {SPEED_FIRST}"] < 0.1  # FP8's own rounding, against the bf16 model
+    # every mode serves the shapes the run measured with their measured dispatch (FP8 modes: the FP8 one)
+    for mode in (SPEED_FIRST, MEMORY_FIRST):
+        assert [origin.split()[0] for origin in e2e["dispatch_origins"][mode]] == ["measured"], mode
+    for mode in (f"fp8 {SPEED_FIRST}", f"fp8 {MEMORY_FIRST}"):  # only the up projection was measured in FP8
+        assert any(origin.startswith("measured") for origin in e2e["dispatch_origins"][mode]), mode
     memory = e2e["weight_bytes"][MEMORY_FIRST]["block_linears"] / e2e["weight_bytes"]["dense"]["block_linears"]
     assert memory == 0.5625
     claims = [h["claim"] for h in results["headline"]]
