@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from apt.solver.fp8 import FP8, FP8_MAX, MIN_TOKEN_SCALE, quantize_activations
 from serving import triton24
 from serving.kernels import cusparselt
-from serving.layout import check_24, pack_24, unpack_24
+from serving.layout import Packed24, check_24, pack_24, unpack_24
 from serving.triton24 import KernelConfig
 
 PATHS = ("dense", "apt-gemv", "apt-mma", "cusparselt", "apt-unpack")
@@ -223,54 +223,41 @@ def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor, bias, alg_id: int, s
     return (out + bias if bias is not None else out).to(out_dtype)
 
 
-def _reference(x, values, codes, bias) -> torch.Tensor:
-    """The same product through PyTorch: our layout unpacked, then the dense GEMM (the CPU path)."""
-    from serving.layout import Packed24
+def _unpacked(values: torch.Tensor, codes: torch.Tensor, ours: bool) -> torch.Tensor:
+    """The dense weight from our layout: our unpack kernel where it runs, else PyTorch (exact either way)."""
+    if ours:
+        return triton24.unpack24(values, codes)
+    return unpack_24(Packed24(values, codes, 4 * values.shape[2]))
 
-    weight = unpack_24(Packed24(values, codes, 4 * values.shape[2]))
-    return F.linear(x, weight, bias)
 
-
-def _run(band, x, values, codes, dense, compressed, bias) -> torch.Tensor:
+def _run(band, x, values, codes, dense, compressed, bias, weight_scale) -> torch.Tensor:
+    """One band's path on ``x`` ``[M, K]``. FP8 (``weight_scale`` given): ``x`` is quantized per token once and
+    every path computes the same W8A8 product. Where a path cannot run here, the same product another way:
+    cuSPARSELt falls back to dense (or unpack), our kernels to PyTorch on the unpacked weight."""
     _, path, config, alg_id = band
-    runs_ours = triton24.available(x.device)[0]
+    ours = triton24.available(x.device)[0]
+    out_dtype, scale_x = x.dtype, None
+    if weight_scale is not None:
+        # one fused launch where our kernels run: decode pays it in every layer
+        x, scale_x = triton24.quantize_tokens(x, FP8_MAX, FP8_MIN_SCALE) if ours else quantize_tokens(x)
+
+    def dense_product(weight):
+        if weight_scale is None:
+            return F.linear(x, weight, bias)
+        return fp8_linear(x, scale_x, weight, weight_scale, bias, out_dtype)
+
     if path == "cusparselt":
         if compressed is not None and x.is_cuda:
-            return _cslt_linear(x, compressed, bias, alg_id)
+            scales = (scale_x, weight_scale) if weight_scale is not None else None
+            return _cslt_linear(x, compressed, bias, alg_id, scales, out_dtype)
         path = "dense" if dense is not None else "apt-unpack"
     if path == "dense":
         if dense is None:
             raise RuntimeError("apt_sparse::linear24: a dense band, but the layer keeps no dense weight (memory-first)")
-        return F.linear(x, dense, bias)
-    if not runs_ours:
-        return _reference(x, values, codes, bias)
-    if path == "apt-unpack":
-        return F.linear(x, triton24.unpack24(values, codes), bias)
-    return triton24.linear24(x, values, codes, bias, config)
-
-
-def _run_fp8(band, x, values, codes, dense, compressed, bias, weight_scale) -> torch.Tensor:
-    """The FP8 paths: ``x`` quantized per token once, every path the same W8A8 product."""
-    _, path, config, alg_id = band
-    if triton24.available(x.device)[0]:
-        x_q, scale_x = triton24.quantize_tokens(x, FP8_MAX, FP8_MIN_SCALE)  # one launch (decode pays per layer)
-    else:
-        x_q, scale_x = quantize_tokens(x)
-    if path == "cusparselt":
-        if compressed is not None and x.is_cuda:
-            return _cslt_linear(x_q, compressed, bias, alg_id, (scale_x, weight_scale), x.dtype)
-        path = "dense" if dense is not None else "apt-unpack"
-    if path == "dense":
-        if dense is None:
-            raise RuntimeError("apt_sparse::linear24: a dense band, but the layer keeps no dense weight (memory-first)")
-        return fp8_linear(x_q, scale_x, dense, weight_scale, bias, x.dtype)
-    runs_ours = triton24.available(x.device)[0]
-    if path == "apt-unpack" or not runs_ours:
-        from serving.layout import Packed24
-
-        unpacked = triton24.unpack24(values, codes) if runs_ours else unpack_24(Packed24(values, codes, x.shape[1]))
-        return fp8_linear(x_q, scale_x, unpacked, weight_scale, bias, x.dtype)
-    return triton24.linear24(x_q, values, codes, bias, config, scale_x, weight_scale, x.dtype)
+        return dense_product(dense)
+    if path == "apt-unpack" or not ours:
+        return dense_product(_unpacked(values, codes, ours))
+    return triton24.linear24(x, values, codes, bias, config, scale_x, weight_scale, out_dtype)
 
 
 @torch.library.custom_op("apt_sparse::linear24", mutates_args=())
@@ -298,10 +285,7 @@ def linear24(
     for band in _decoded(tuple(plan)):
         if flat.shape[0] >= band[0]:
             chosen = band
-    if weight_scale is None:
-        out = _run(chosen, flat, values, codes, dense, compressed, bias)
-    else:
-        out = _run_fp8(chosen, flat, values, codes, dense, compressed, bias, weight_scale)
+    out = _run(chosen, flat, values, codes, dense, compressed, bias, weight_scale)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -361,9 +345,7 @@ class Sparse24Linear(torch.nn.Module):
 
     def unpacked(self) -> torch.Tensor:
         """The dense weight ``[out, in]``, from our layout (exact)."""
-        from serving.layout import Packed24
-
-        return unpack_24(Packed24(self.values, self.codes, self.in_features))
+        return _unpacked(self.values, self.codes, ours=False)
 
     def path_for(self, tokens: int) -> str:
         """The path a call with ``tokens`` tokens takes on this layer's device."""

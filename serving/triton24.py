@@ -76,6 +76,35 @@ def _group_tile(
     return v0, v1, code & 3, code >> 2
 
 
+def _split_range(G, SPLIT_K, pid_k, BLOCK_G: tl.constexpr):
+    """The groups ``[start, end)`` program ``pid_k`` of a split-K launch sums over (whole steps of BLOCK_G)."""
+    span = tl.cdiv(tl.cdiv(G, SPLIT_K), BLOCK_G) * BLOCK_G
+    start = pid_k * span
+    return start, tl.minimum(start + span, G)
+
+
+def _phases(v0, v1, i0, i1):
+    """The tile's four column phases ``[BLOCK_N, BLOCK_G]``: phase ``p`` holds each group's weight at column
+    ``4g + p`` (a kept value, or zero). The left kept weight sits at 0, 1 or 2, the right one at 1, 2 or 3."""
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, zero)
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i1 == 3, v1, zero)
+    return w0, w1, w2, w3
+
+
+def _store_tile(acc, out_ptr, bias_ptr, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok, pid_k, stride_os, stride_om,
+                ADD_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr):  # fmt: skip
+    """The epilogue of ``gemv`` and ``mma``: FP8 scales, bias, and the store (of a split-K partial too)."""
+    if HAS_SCALES:  # FP8: the token's and the output channel's scales (exact on each split-K partial: linear)
+        acc *= tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None] * tl.load(sw_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if ADD_BIAS:  # split-K partials get the bias in the reduction
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def _gemv24(
     x_ptr,
     v_ptr,
@@ -107,9 +136,7 @@ def _gemv24(
     rm = tl.arange(0, BLOCK_M)
     n_ok = rn < N
     m_ok = rm < M
-    span = tl.cdiv(tl.cdiv(G, SPLIT_K), BLOCK_G) * BLOCK_G
-    start = pid_k * span
-    end = tl.minimum(start + span, G)
+    start, end = _split_range(G, SPLIT_K, pid_k, BLOCK_G)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g0 in range(start, end, BLOCK_G):
         rg = g0 + tl.arange(0, BLOCK_G)
@@ -130,12 +157,8 @@ def _gemv24(
         s0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
         s1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
         acc += tl.sum(v0[None, :, :] * s0 + v1[None, :, :] * s1, axis=2)
-    if HAS_SCALES:  # FP8: the token's and the output channel's scales (exact on each split-K partial: linear)
-        acc *= tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None] * tl.load(sw_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    if ADD_BIAS:  # split-K partials get the bias in the reduction
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_tile(acc, out_ptr, bias_ptr, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok, pid_k, stride_os, stride_om, ADD_BIAS,
+                HAS_SCALES)  # fmt: skip
 
 
 def _mma24(
@@ -171,9 +194,7 @@ def _mma24(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    span = tl.cdiv(tl.cdiv(G, SPLIT_K), BLOCK_G) * BLOCK_G
-    start = pid_k * span
-    end = tl.minimum(start + span, G)
+    start, end = _split_range(G, SPLIT_K, pid_k, BLOCK_G)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g0 in range(start, end, BLOCK_G):
         rg = g0 + tl.arange(0, BLOCK_G)
@@ -182,23 +203,15 @@ def _mma24(
         v0, v1, i0, i1 = _group_tile(
             v_ptr, c_ptr, rn, rg, n_ok, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, WIDE_CODES
         )
-        zero = tl.zeros_like(v0)
-        w0 = tl.where(i0 == 0, v0, zero)
-        w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-        w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-        w3 = tl.where(i1 == 3, v1, zero)
+        w0, w1, w2, w3 = _phases(v0, v1, i0, i1)
         xp = x_ptr + rm[:, None] * stride_xm + 4 * rg[None, :]
         x_ok = m_ok[:, None] & g_ok[None, :]
         acc = tl.dot(tl.load(xp, mask=x_ok, other=0.0), tl.trans(w0), acc)
         acc = tl.dot(tl.load(xp + 1, mask=x_ok, other=0.0), tl.trans(w1), acc)
         acc = tl.dot(tl.load(xp + 2, mask=x_ok, other=0.0), tl.trans(w2), acc)
         acc = tl.dot(tl.load(xp + 3, mask=x_ok, other=0.0), tl.trans(w3), acc)
-    if HAS_SCALES:  # FP8: the token's and the output channel's scales (exact on each split-K partial: linear)
-        acc *= tl.load(sx_ptr + rm, mask=m_ok, other=0.0)[:, None] * tl.load(sw_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    if ADD_BIAS:  # split-K partials get the bias in the reduction
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    _store_tile(acc, out_ptr, bias_ptr, sx_ptr, sw_ptr, rm, rn, m_ok, n_ok, pid_k, stride_os, stride_om, ADD_BIAS,
+                HAS_SCALES)  # fmt: skip
 
 
 def _reduce24(
@@ -234,11 +247,7 @@ def _unpack24(
     v0, v1, i0, i1 = _group_tile(
         v_ptr, c_ptr, rn, rg, rn < N, w_ok, g0, G, stride_vp, stride_vn, stride_cn, BLOCK_N, BLOCK_G, True
     )
-    zero = tl.zeros_like(v0)
-    w0 = tl.where(i0 == 0, v0, zero)
-    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-    w3 = tl.where(i1 == 3, v1, zero)
+    w0, w1, w2, w3 = _phases(v0, v1, i0, i1)
     # join(join(w0, w2), join(w1, w3)) is [BN, BG, 2, 2] with [.., j, i] = phase 2j + i: row-major it is the
     # dense tile's column order, stored with one contiguous write per row.
     tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
@@ -267,6 +276,9 @@ def _quantize24(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, FP8_MAX: tl.constexp
 
 if triton is not None:  # a helper the kernels call: compiled (or interpreted) with them
     _group_tile = triton.jit(_group_tile)
+    _split_range = triton.jit(_split_range)
+    _phases = triton.jit(_phases)
+    _store_tile = triton.jit(_store_tile)
 
 
 @dataclass(frozen=True)

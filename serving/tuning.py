@@ -34,7 +34,6 @@ from serving.sparse_op import (
     Dispatch,
     _pad_rows,
     _run,
-    _run_fp8,
     quantize_tokens,
 )
 from serving.triton24 import GEMV_MAX_M, KernelConfig
@@ -126,9 +125,7 @@ def _calls(path: str, copies: _Copies, x: torch.Tensor, config: KernelConfig | N
 
     def call(i):
         cslt = copies.cslt[i] if copies.cslt else None
-        if copies.scale is None:
-            return _run(band, x, copies.values[i], copies.codes[i], copies.dense[i], cslt, None)
-        return _run_fp8(band, x, copies.values[i], copies.codes[i], copies.dense[i], cslt, None, copies.scale)
+        return _run(band, x, copies.values[i], copies.codes[i], copies.dense[i], cslt, None, copies.scale)
 
     return [lambda i=i: call(i) for i in range(copies.count)]
 
