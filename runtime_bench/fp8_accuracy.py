@@ -41,7 +41,7 @@ from apt.measure.fp8 import fp8_activations
 from apt.models.loading import source_folder
 from apt.run.quantize import quantize_folder
 from runtime_bench import save_results
-from runtime_bench.method_comparison import DOMAINS, Domains, Row, prune_row
+from runtime_bench.method_comparison import DOMAINS, Domains, Row, increase_fraction, prune_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,9 +94,7 @@ def derived(section: dict) -> None:
         base = rows.get("dense FP8", {}).get("figures") if fp8 else dense
         ref = rows.get("sparsegpt FP8" if fp8 else "sparsegpt", {}).get("figures")
         if name.startswith("apt") and "weights only" not in name and base and ref:
-            row["vs_sparsegpt"] = {
-                d: (row["figures"][d] - base[d]) / (ref[d] - base[d]) if ref[d] != base[d] else None for d in dense
-            }
+            row["vs_sparsegpt"] = increase_fraction(row["figures"], base, ref)
 
 
 def table(section: dict) -> str:

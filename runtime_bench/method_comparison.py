@@ -142,10 +142,16 @@ def increase_ratios(section: dict) -> None:
     }
     for row in section["rows"].values():
         ref = references.get(json.dumps(row["calibration"], sort_keys=True))
-        row["vs_sparsegpt"] = {
-            d: (row["figures"][d] - dense[d]) / (ref[d] - dense[d]) if ref and ref[d] != dense[d] else None
-            for d in dense
-        }
+        row["vs_sparsegpt"] = increase_fraction(row["figures"], dense, ref)
+
+
+def increase_fraction(figures: dict, base: dict, reference: dict | None) -> dict:
+    """Per domain, ``figures``' move away from ``base`` as a fraction of ``reference``'s (``None`` where the
+    reference is missing or did not move)."""
+    return {
+        d: (figures[d] - base[d]) / (reference[d] - base[d]) if reference and reference[d] != base[d] else None
+        for d in base
+    }
 
 
 def table(section: dict) -> str:
