@@ -7,21 +7,18 @@ and max over repeats.
 from __future__ import annotations
 
 import inspect
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from serving.timing import summary
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _summary(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
 def _ids(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
@@ -42,7 +39,7 @@ def prefill_latency(model, batch: int, seq: int, device: str, repeats: int = 5, 
         model(input_ids=ids, use_cache=False)
         _sync(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    return _summary(samples)
+    return summary(samples)
 
 
 @torch.no_grad()
@@ -63,7 +60,7 @@ def decode_throughput(model, batch: int, prompt: int, new_tokens: int, device: s
         _sync(device)
         if r:
             samples.append(batch * new_tokens / (time.perf_counter() - start))
-    return _summary(samples)
+    return summary(samples)
 
 
 def onnxruntime_prefill(onnx_path: Path, vocab: int, batch: int, seq: int, repeats: int = 5) -> dict:
@@ -80,4 +77,4 @@ def onnxruntime_prefill(onnx_path: Path, vocab: int, batch: int, seq: int, repea
         start = time.perf_counter()
         session.run(None, feed)
         samples.append((time.perf_counter() - start) * 1e3)
-    return _summary(samples) | {"provider": session.get_providers()[0]}
+    return summary(samples) | {"provider": session.get_providers()[0]}

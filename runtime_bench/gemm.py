@@ -21,6 +21,7 @@ from apt.solver.patterns import Pattern
 from runtime_bench.backends import BACKENDS
 from serving.decode_safe import MARGIN, threshold_from
 from serving.kernels import to_sparse
+from serving.timing import summary
 
 # (label, in = K, out = N)
 LLAMA3_8B_SHAPES = (
@@ -76,10 +77,6 @@ def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
             return (time.perf_counter() - start) * 1e3 / inner
 
     return timed
-
-
-def _summary(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
 def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
@@ -150,11 +147,11 @@ def _time_linear(x, weight, sparse_weights: dict, skipped: dict, config: GemmCon
     for _ in range(config.repeats):
         for name, fn in runs.items():  # alternated in every repeat
             samples[name].append(timed(fn, inner))
-    record = {"dense_ms": _summary(samples["dense"])}
+    record = {"dense_ms": summary(samples["dense"])}
     for name in runs:
         if name != "dense":
             record[name] = {
-                "ms": _summary(samples[name]),
+                "ms": summary(samples[name]),
                 "max_abs_diff": errors[name],
                 "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
             }

@@ -18,7 +18,6 @@ speed depends on shapes and the 2:4 pattern, not on values), ``from_transformers
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from apt.solver import select_mask
 from apt.solver.fp8 import quantize_weight
 from apt.solver.patterns import Pattern
+from serving.timing import summary
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -318,10 +318,6 @@ class CapturedStep:
             self.fn()
 
 
-def _summary(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
-
-
 def _device(model: StaticLlama) -> torch.device:
     return model.embed.device
 
@@ -337,7 +333,7 @@ def prefill_ms(model: StaticLlama, batch: int, seq: int, graphed: bool, repeats:
         with _Timer(device.type == "cuda") as timer:
             step()
         samples.append(timer.ms)
-    return _summary(samples)
+    return summary(samples)
 
 
 def decode_tokens_per_s(
@@ -370,4 +366,4 @@ def decode_tokens_per_s(
             for _ in range(new_tokens):
                 captured()
         samples.append(batch * new_tokens / (timer.ms / 1e3))
-    return _summary(samples)
+    return summary(samples)

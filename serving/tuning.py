@@ -16,7 +16,6 @@ measured M to the next the choice made at the larger one.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 
@@ -36,6 +35,7 @@ from serving.sparse_op import (
     _run,
     quantize_tokens,
 )
+from serving.timing import summary
 from serving.triton24 import GEMV_MAX_M, KernelConfig
 
 PROBE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -45,10 +45,6 @@ CSLT_SEARCH_MS = (16, 256, 4096)
 UNPACK_FROM = 64  # apt-unpack writes the whole dense weight: below this M it cannot win, and is not timed
 ROTATE_BYTES = 256 << 20  # weights touched per round of timing: several times an H200's 50 MB L2
 MARGIN = 1.02  # a sparse path must beat dense by 2 % to count as faster: timing noise is not a win
-
-
-def _summary(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
 def time_calls(calls: list[Callable[[], object]], graphed: bool, repeats: int = 10, cuda: bool = True) -> dict:
@@ -86,7 +82,7 @@ def time_calls(calls: list[Callable[[], object]], graphed: bool, repeats: int = 
             began = time.perf_counter()
             run()
             samples.append((time.perf_counter() - began) * 1e3 / len(calls))
-    return _summary(samples)
+    return summary(samples)
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None) -> torch.Tensor:
