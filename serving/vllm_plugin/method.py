@@ -223,6 +223,30 @@ class Sparse24Config(QuantizationConfig):
         )
 
 
+def _start_layer(method, layer, fmt: str, unit: int, input_size_per_partition: int, input_size: int, output_sizes):
+    """What every pruned layer records before its weights are made: its format and parts, the shards its
+    checkpoint must deliver; a tensor-parallel slice that would cut a 2:4 group (``unit`` columns) is refused."""
+    if input_size_per_partition % unit:
+        raise ValueError(
+            f"{NAME}: {method.prefix}: tensor parallelism gives each rank {input_size_per_partition} of its "
+            f"{input_size} input columns, not a multiple of {unit}: 2:4 groups would be cut; use fewer ranks"
+        )
+    shards = len(output_sizes)
+    expected = (
+        ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else (list(range(shards)) if shards > 1 else [None])
+    )
+    layer.apt_sparse_24 = {"format": fmt, "parts": method.parts, "served": False}
+    layer._apt_loaded = {"expected": expected, "got": {}, "rows": list(output_sizes)}
+
+
+def _report(prefix: str, info: dict) -> None:
+    """One JSON line per served layer to ``APT_SPARSE_VLLM_REPORT``, where set (the tests read it)."""
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "layer": prefix} | info) + "\n")
+
+
 @register_weight_loader_v2_supported_method  # the same (v2) weight loaders as vLLM's own unquantized method
 class Sparse24LinearMethod(UnquantizedLinearMethod):
     """A pruned Linear: dense weights for vLLM's GEMM, plus a semi-structured copy where a 2:4 kernel runs."""
@@ -242,18 +266,9 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
         **extra_weight_attrs,
     ):
         bitmask = self.config.fmt == "bitmask"
-        unit = 8 if bitmask else 4  # a rank's slice must start on a 2:4 group (and on a bitmask byte)
-        if input_size_per_partition % unit:
-            raise ValueError(
-                f"{NAME}: {self.prefix}: tensor parallelism gives each rank {input_size_per_partition} of its "
-                f"{input_size} input columns, not a multiple of {unit}: 2:4 groups would be cut; use fewer ranks"
-            )
-        shards = len(output_partition_sizes)
-        expected = (
-            ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else (list(range(shards)) if shards > 1 else [None])
-        )
-        layer.apt_sparse_24 = {"format": self.config.fmt, "parts": self.parts, "served": False}
-        layer._apt_loaded = {"expected": expected, "got": {}, "rows": list(output_partition_sizes)}
+        # a rank's slice must start on a 2:4 group (and on a bitmask byte)
+        _start_layer(self, layer, self.config.fmt, 8 if bitmask else 4, input_size_per_partition, input_size,
+                     output_partition_sizes)  # fmt: skip
         if not bitmask:
             super().create_weights(
                 layer,
@@ -278,7 +293,7 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
             layer.register_parameter(name, param)
             set_weight_attrs(param, extra_weight_attrs)
             self._track(layer, param, name)
-        shape = Parameter(torch.zeros(shards, 2, dtype=torch.int64), requires_grad=False)
+        shape = Parameter(torch.zeros(len(output_partition_sizes), 2, dtype=torch.int64), requires_grad=False)
         layer.register_parameter("shape", shape)
         set_weight_attrs(shape, {"weight_loader": self._shape_loader(layer)})
 
@@ -333,10 +348,7 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
         info["is_24"] = self._is_24(layer, weight)
         info |= {"served": True, "shape": list(weight.shape), "kept": round(float((weight != 0).float().mean()), 4)}
         info["sparse_kernel"] = self._sparse_op(layer, weight) if info["is_24"] else "not 2:4"
-        path = os.environ.get(REPORT_ENV)
-        if path:
-            with open(path, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "layer": self.prefix} | info) + "\n")
+        _report(self.prefix, info)
         if info.get("mode") == MEMORY_FIRST:
             layer.weight = Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
             return  # our compressed layout alone serves every call (0.5625x the dense bytes)
@@ -419,17 +431,7 @@ class Sparse24Fp8LinearMethod(CompressedTensorsLinearMethod):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
-        if input_size_per_partition % 4:
-            raise ValueError(
-                f"{NAME}: {self.prefix}: tensor parallelism gives each rank {input_size_per_partition} of its "
-                f"{input_size} input columns, not a multiple of 4: 2:4 groups would be cut; use fewer ranks"
-            )
-        shards = len(output_partition_sizes)
-        expected = (
-            ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else (list(range(shards)) if shards > 1 else [None])
-        )
-        layer.apt_sparse_24 = {"format": "fp8", "parts": self.parts, "served": False}
-        layer._apt_loaded = {"expected": expected, "got": {}, "rows": list(output_partition_sizes)}
+        _start_layer(self, layer, "fp8", 4, input_size_per_partition, input_size, output_partition_sizes)
         super().create_weights(
             layer,
             input_size_per_partition,
@@ -456,10 +458,7 @@ class Sparse24Fp8LinearMethod(CompressedTensorsLinearMethod):
             layer.apt_sparse_op = Sparse24Linear(weight, None, SPEED_FIRST, dispatch, weight_scale=scale)
             info |= {"mode": SPEED_FIRST, "dispatch": dispatch.describe(), "origin": dispatch.origin}
             info["sparse_kernel"] = f"apt_sparse::linear24 fp8, {SPEED_FIRST}: {dispatch.describe()}"
-        path = os.environ.get(REPORT_ENV)
-        if path:
-            with open(path, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "layer": self.prefix} | info) + "\n")
+        _report(self.prefix, info)
         super().process_weights_after_loading(layer)  # vLLM's FP8 path: the fallback, and the path on CPU
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
