@@ -90,6 +90,18 @@ def _add_prune(sub) -> None:
     p.add_argument("--ignore", default=None, help="regex over module names: leave matching layers dense")
     p.add_argument("--calibration-data", default="stdlib", help="stdlib, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
     p.add_argument("--eval-data", default="stdlib", help="stdlib, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    p.add_argument(
+        "--calibration-images",
+        default=None,
+        help="vision-language models: a folder of images; each calibration sample is one image with one text window, "
+        "through the model's processor (default: text through the language model alone)",
+    )
+    p.add_argument(
+        "--prune-vision",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="vision-language models: also prune the vision tower and projector (needs --calibration-images)",
+    )
     p.add_argument("--num-calibration-samples", type=int, default=128)
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--num-eval-windows", type=int, default=32)
@@ -166,8 +178,10 @@ def job_from_args(args, device: str):
             fp8_compensate=args.fp8_compensate,
             device=device,
             batch_size=args.batch_size,
+            vision=args.prune_vision,
         ),
         calibration_data=args.calibration_data,
+        calibration_images=args.calibration_images,
         eval_data=args.eval_data,
         num_calibration_samples=args.num_calibration_samples,
         max_seq_length=args.max_seq_length,

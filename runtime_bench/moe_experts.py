@@ -23,7 +23,7 @@ import transformers
 
 from apt.models.loading import load_tokenizer, resolve_model
 from apt.run import RunConfig
-from apt.run.sequential import calibrate_and_prune
+from apt.run.resident import calibrate_and_prune
 from apt.text.sources import load_text, token_windows
 from runtime_bench import save_results
 

@@ -14,6 +14,9 @@
   group of its own, fed the tokens routed to it.
 - **The model's end**: the module(s) after the last block (final norm, LM head), and the causal/encoder
   question (``config.architectures``).
+- **A vision-language model's vision part** (pruned only when asked): the vision tower's blocks, the one
+  other list of repeated blocks outside the text decoder (``vision_block_path``), and the Linears outside
+  both lists and the decoder (the projector, Qwen2-VL's patch merger: ``vision_tail_targets``).
 
 ``apt.models.families`` holds the few overrides discovery needs, each with its reason.
 """
@@ -188,6 +191,53 @@ def find_block_path(model: torch.nn.Module) -> str:
             f"_no_split_modules: {sorted(classes) or 'not set'}): this model needs an entry in apt.models.families"
         )
     return lists[0][0]
+
+
+def vision_block_path(model: torch.nn.Module, text_blocks: str) -> str:
+    """The dotted path of a vision-language model's vision blocks: the list of repeated blocks, holding
+    Linears, outside its text decoder (SigLIP's ``encoder.layers``, Qwen2-VL's ``visual.blocks``)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    inside = {id(m) for m in decoder.modules()} if decoder is not model else set()
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList)
+        and id(module) not in inside
+        and name != text_blocks
+        and len(module) > 1
+        and len({type(m) for m in module}) == 1
+        and any(isinstance(m, torch.nn.Linear) or is_conv1d(m) for m in module[0].modules())
+    ]
+    if len(lists) != 1:
+        found = ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for n, m in lists) or "none"
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: cannot tell which module list holds its vision tower's blocks (found "
+            f"outside the text decoder: {found}); prune its language model alone (without --prune-vision)"
+        )
+    return lists[0][0]
+
+
+def vision_tail_targets(
+    model: torch.nn.Module, text_blocks: str, vision_blocks: str, targets: str | None = None, ignore: str | None = None
+) -> list[Target]:
+    """The Linears of a vision-language model outside its text decoder and both block lists: what maps the
+    vision blocks' output into the language model (LLaVA's ``multi_modal_projector``, SmolVLM's
+    ``connector``, Qwen2-VL's ``visual.merger``), and heads the model may never call (SigLIP's pooling
+    head: no calibration input reaches it, and the run reports so); ``targets``/``ignore`` filter as in
+    ``block_targets``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    skip = {id(m) for m in decoder.modules()} if decoder is not model else set()
+    for path in (text_blocks, vision_blocks):
+        skip |= {id(m) for m in model.get_submodule(path).modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        Target(name, module, f"{name}.weight")
+        for name, module in model.named_modules()
+        if id(module) not in skip
+        and module is not head
+        and (isinstance(module, torch.nn.Linear) or is_conv1d(module))
+        and _selected(name, targets, ignore)
+    ]
 
 
 def shared_between_blocks(model: torch.nn.Module, block_path: str) -> tuple[str, str] | None:

@@ -16,7 +16,9 @@ in-memory computation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import dataclasses
 import inspect
 import logging
 import typing
@@ -84,12 +86,17 @@ def auto_class(config):
     """The transformers class the checkpoint is loaded as: a vision-language model as itself (its language
     model is pruned, its vision tower and projector come along untouched), a causal LM, or an encoder."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLMS
 
-    architectures = getattr(config, "architectures", None) or []
-    if VLMS.get(config.model_type) in architectures:
+    if is_vision_language(config):
         return transformers.AutoModelForImageTextToText
     return transformers.AutoModelForCausalLM if is_causal(config) else transformers.AutoModel
+
+
+def is_vision_language(config) -> bool:
+    """The checkpoint is a vision-language model transformers loads as image-text-to-text."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLMS
+
+    return VLMS.get(config.model_type) in (getattr(config, "architectures", None) or [])
 
 
 def to_device(obj, device):
@@ -130,6 +137,7 @@ class LayeredModel:
             self._aliases.setdefault(id(param), []).append(name)
         self._names = {name: names for names in self._aliases.values() for name in names}
         self._stored: dict[str, Stored] = {}
+        self._elsewhere: tuple[str, ...] = ()  # a section's: prefixes of what runs after what it needs
         if reader is not None:
             self._map_checkpoint()
 
@@ -169,6 +177,17 @@ class LayeredModel:
         """Wrap a model already in memory: materialising and releasing do nothing."""
         dtype = next(model.parameters()).dtype
         return cls(model, None, dtype, device)
+
+    def section(self, block_path: str) -> LayeredModel:
+        """The same model and checkpoint seen through another list of blocks (a vision-language model's
+        vision tower): its blocks are ``block_path``'s; what runs before them is everything outside both
+        lists and the model's end (embeddings, patch embedding); it has no final modules."""
+        view = copy.copy(self)
+        view.block_path = block_path
+        view.blocks = self.model.get_submodule(block_path)
+        view.layout = dataclasses.replace(self.layout, block_path=block_path, final=())
+        view._elsewhere = (f"{self.block_path}.", *self.final_prefixes())
+        return view
 
     # --- names and checkpoint keys ---------------------------------------------------------------
 
@@ -284,7 +303,7 @@ class LayeredModel:
     def outside_names(self) -> list[str]:
         """Parameters that run before block 0 (embeddings): outside the blocks and the final modules. A tied
         LM head comes with its embedding."""
-        inside = (f"{self.block_path}.", *self.final_prefixes())
+        inside = (f"{self.block_path}.", *self.final_prefixes(), *self._elsewhere)
         return [names[0] for names in self._aliases.values() if any(not n.startswith(inside) for n in names)]
 
     def final_names(self) -> list[str]:

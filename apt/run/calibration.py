@@ -114,7 +114,7 @@ def collect(
     finally:
         for handle in handles:
             handle.remove()
-    _reduce(stats, groups, coll)
+    sum_over_ranks(stats, groups, coll)
     if experts_all:
         _feed_starved(block, index, store, groups, stats, device, coll, expert_min_tokens)
     return stats
@@ -141,7 +141,7 @@ def _run(block, index: int, store: ActivationStore, device: str) -> None:
                 pass
 
 
-def _reduce(stats: list[Statistics], groups: list[Group], coll: Collective) -> None:
+def sum_over_ranks(stats: list[Statistics], groups: list[Group], coll: Collective) -> None:
     """Sum every group's statistics over ranks (a rank that saw no token of a group adds zeros)."""
     if coll.world == 1:
         return
@@ -193,7 +193,7 @@ def _feed_starved(block, index, store, groups: list[Group], stats, device, coll,
         for handle in handles:
             handle.remove()
     blended = [full[i] for i in starved]
-    _reduce(blended, [groups[i] for i in starved], coll)
+    sum_over_ranks(blended, [groups[i] for i in starved], coll)
     for i, everything in zip(starved, blended):
         stat = stats[i]
         weight = (need[i] - stat.tokens) / max(everything.tokens, 1)
@@ -257,7 +257,7 @@ def collect_corrected(
         for handle in handles:
             handle.remove()
     if coll.world > 1:  # a rank without batches adds zeros
-        _reduce([stats[i] for i in linear], [groups[i] for i in linear], coll)
+        sum_over_ranks([stats[i] for i in linear], [groups[i] for i in linear], coll)
         for i in linear:
             width = groups[i].targets[0].in_features
             crosses[i] = coll.sum_(crosses[i] if crosses[i] is not None else torch.zeros(width, width))

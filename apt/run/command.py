@@ -9,7 +9,7 @@ import shlex
 from apt.run.config import PruneJob, RunConfig
 
 # PruneJob fields and their flags where the flag is not the field's name
-FLAGS = {"activations": "--offload-activations"}
+FLAGS = {"activations": "--offload-activations", "vision": "--prune-vision"}
 NOT_IN_COMMAND = ("model", "out", "run", "overwrite", "resume")
 
 
@@ -41,6 +41,7 @@ def command_of(config: dict) -> str:
         "permute",
         "quantize",
         "fp8_compensate",
+        "vision",
     ):
         value = config["run"].get(key)
         if key == "device" and value:

@@ -26,7 +26,8 @@ class RunConfig:
     lowers the loss after the refit (``apt.models.permutation``); ``quantize="fp8"``: every pruned Linear is put
     on the FP8 grid as soon as it is pruned (round to nearest, or ``fp8_compensate``: the error-compensating
     pass on its Hessian, ``apt.solver.fp8``), so later blocks calibrate on the quantized model, and the folder
-    is written in FP8 (``apt.run.quantize``)."""
+    is written in FP8 (``apt.run.quantize``); ``vision``: a vision-language model's vision tower and projector are
+    pruned too, before its language model, on the calibration images (``apt.run.vision``)."""
 
     solver: PruneConfig = PruneConfig()
     targets: str | None = None
@@ -39,6 +40,7 @@ class RunConfig:
     permute: bool = False
     quantize: str | None = None
     fp8_compensate: bool = False
+    vision: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "fp8"):
@@ -67,7 +69,9 @@ class PruneJob:
     float32 (``apt.run.dtype``; Hessians and the solver are float32 either way);
     ``activations`` where calibration activations live (``host`` memory, the compute ``device``, or
     ``disk`` under ``activation_dir``, default the partial output folder) and ``activation_dtype`` their
-    dtype (default: the compute dtype). ``num_eval_windows=None`` evaluates every full window."""
+    dtype (default: the compute dtype). ``num_eval_windows=None`` evaluates every full window.
+    ``calibration_images``: a folder of images; each calibration window is then paired with one of them and
+    run through a vision-language model's processor (``apt.run.multimodal``); ``run.vision`` needs them."""
 
     model: str
     out: str
@@ -81,6 +85,7 @@ class PruneJob:
     activations: str = "host"
     activation_dtype: str | None = None
     activation_dir: str | None = None
+    calibration_images: str | None = None
     max_shard_size: str = "5GB"
     seed: int = 0
     trust_remote_code: bool = False
@@ -103,6 +108,10 @@ class PruneJob:
             raise InvalidInputError(f"--max-seq-length must be at least 2, got {self.max_seq_length}")
         parse_size(self.max_shard_size)
         check_device(self.run.device)
+        if self.run.vision and not self.calibration_images:
+            raise InvalidInputError(
+                "--prune-vision needs --calibration-images DIR: the vision tower is calibrated on images"
+            )
 
     def fingerprint(self) -> dict:
         """Everything that decides the output's bytes: a resume must match it exactly."""

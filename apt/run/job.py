@@ -30,11 +30,13 @@ from apt.folder.report import DamagedFileError
 from apt.measure.accuracy import Accuracy
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
-from apt.models.layered import LayeredModel
+from apt.models.discovery import vision_block_path
+from apt.models.layered import LayeredModel, is_vision_language
 from apt.models.loading import DTYPES, ModelSource, load_tokenizer, source_folder
 from apt.run.config import PruneJob
 from apt.run.distributed import BroadcastReader, check_same_job
 from apt.run.dtype import compute_dtype
+from apt.run.multimodal import image_files, image_text_batches
 from apt.run.record import PeakMemory, build_report
 from apt.run.sequential import layer_plan, prune_blocks
 from apt.run.state import (
@@ -46,6 +48,7 @@ from apt.run.state import (
     partial_folder,
     start_or_resume,
 )
+from apt.run.vision import prune_vision
 from apt.text.sources import evaluation_documents, load_text, token_windows
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,13 @@ class _Source:
     windows: torch.Tensor
     dtype: str  # the compute dtype, ``auto`` resolved
     dtype_reason: str  # why (``apt.run.dtype``)
+    batches: list[dict] | None = None  # with calibration images: one image+text sample per batch
+
+    def calibration_batches(self, batch_size: int) -> list[dict]:
+        """The model inputs calibration runs on: the image+text samples, or the text windows in batches."""
+        if self.batches is not None:
+            return self.batches
+        return [{"input_ids": self.windows[s : s + batch_size]} for s in range(0, len(self.windows), batch_size)]
 
 
 def _open_source(job: PruneJob) -> _Source:
@@ -128,7 +138,16 @@ def _open_source(job: PruneJob) -> _Source:
         calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
     )
     log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], calibration.source)
-    return _Source(source, folder, layered, tokenizer, calibration.source, windows, dtype, reason)
+    batches = None
+    if job.calibration_images:
+        if not is_vision_language(layered.config):
+            raise InvalidInputError(
+                f"--calibration-images: {job.model} is a {layered.layout.name} model, not a vision-language model"
+            )
+        if job.run.vision:
+            vision_block_path(layered.model, layered.block_path)  # a tower it cannot find fails before any work
+        batches = image_text_batches(folder, job.calibration_images, windows, tokenizer, job.trust_remote_code)
+    return _Source(source, folder, layered, tokenizer, calibration.source, windows, dtype, reason, batches)
 
 
 def _check_space(job: PruneJob, work: Path, writer: ShardedWriter, src: _Source, coll: Collective) -> None:
@@ -211,6 +230,10 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
             accuracy=accuracy,
         )
         report["distributed"] = {"world_size": coll.world, "backend": coll.backend, "ranks": ranks}
+        if src.batches is not None:
+            report["data"]["calibration_images"] = len(image_files(job.calibration_images))
+            report["data"]["calibration_samples"] = "one image and one text window each"
+        report["vision"] = state.get("vision") or ({"pruned": False} if is_vision_language(layered.config) else None)
         if job.run.quantize:
             _finish_quantized(work, out, src.folder, writer, report, job.overwrite)
         else:
@@ -248,19 +271,36 @@ def _calibrate(
     """Sequential calibration from the block ``state`` says is next; each pruned block is written and
     recorded in ``resume.json`` before the next one starts. Returns this rank's calibration batches."""
     layered, done = src.layered, state["blocks_done"]
-    store = ActivationStore(
-        DTYPES[job.activation_dtype or src.dtype],
-        device=job.run.device if job.activations == "device" else "cpu",
-        spill_to=(job.activation_dir or work) if job.activations == "disk" else None,
-    )
-    dense = None
+
+    def new_store() -> ActivationStore:
+        return ActivationStore(
+            DTYPES[job.activation_dtype or src.dtype],
+            device=job.run.device if job.activations == "device" else "cpu",
+            spill_to=(job.activation_dir or work) if job.activations == "disk" else None,
+        )
+
+    def write_parameters(names: list[str]) -> None:
+        if coll.is_writer:
+            for name in names:
+                for key, tensor in layered.stored_tensors(name):
+                    writer.write(key, tensor)
+            writer.sync()  # the data is on disk before the state says so
+
+    store, dense = new_store(), None
     try:
-        batch = job.run.batch_size
-        windows = src.windows
-        batches = coll.share([{"input_ids": windows[s : s + batch]} for s in range(0, len(windows), batch)])
-        layered.block_inputs(batches, store)
+        batches = coll.share(src.calibration_batches(job.run.batch_size))
+        before = None  # where the parameters before language block 0 are read: the source, or the pruned vision part
+        if job.run.vision:
+            if not state.get("vision"):
+                records, summary = prune_vision(layered, batches, job.run, new_store, write_parameters, written, coll)
+                state["vision"] = summary
+                state["layers"] += records
+                if coll.is_writer:
+                    write_json_atomic(work / RESUME_NAME, state)
+            before = written
+        layered.block_inputs(batches, store, before)
         if job.run.correction:  # the dense model's activations, beside the pruned model's
-            dense = store.copy()
+            dense = store.copy() if before is None else layered.block_inputs(batches, new_store())
             layered.run_blocks(dense, range(done))
         if done:
             log.info("resuming at block %d: recomputing its inputs from the %d blocks written", done, done)
@@ -271,10 +311,7 @@ def _calibrate(
             if not coll.is_writer:
                 progress["blocks_done"] = index + 1
                 return
-            for name in layered.parameter_names(layered.block_prefix(index)):
-                for key, tensor in layered.stored_tensors(name):
-                    writer.write(key, tensor)
-            writer.sync()  # the data is on disk before the state says so
+            write_parameters(layered.parameter_names(layered.block_prefix(index)))
             state["blocks_done"] = index + 1
             state["layers"] += records
             state["seconds_pruning"] += time.perf_counter() - block_clock[0]

@@ -13,7 +13,6 @@ writes the block out before it is released.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -194,14 +193,16 @@ def prune_group(
     """Prune every layer of one group on its shared Hessian; the layer's weight is replaced in place by the
     pruned one as the checkpoint will store it. A record holds ``name, shape, skipped, nm_valid,
     sparsity, relative_loss, loss, damp, seconds`` and the solver's stats; an expert's also its index
-    and the tokens its Hessian came from."""
+    and the tokens its Hessian came from. ``index`` is the block's, None for Linears outside the blocks (a
+    vision-language model's projector)."""
     coll = coll or Collective()
     records = []
     pattern: Pattern = config.solver.pattern
-    prefix = layered.block_prefix(index)
+    prefix = layered.block_prefix(index) if index is not None else ""
+    where = f"block {index + 1}/{len(layered.blocks)}" if index is not None else "after the vision blocks"
     hessian = stat.hessian
     for position, target in enumerate(group.targets):
-        bar.set_description(f"block {index + 1}/{len(layered.blocks)} · {target.name[len(prefix) :]}")
+        bar.set_description(f"{where} · {target.name[len(prefix) :]}")
         weight = target.weight
         record = {"name": target.name, "shape": list(weight.shape), "skipped": None}
         record |= layered.target_tensors(target)
@@ -303,18 +304,3 @@ def _solve_rows(name, weight, hessian, config: RunConfig, coll: Collective, cons
         "seconds": stats["seconds"],
         "solver": stats,
     }
-
-
-def calibrate_and_prune(model, windows: torch.Tensor, config: RunConfig) -> dict:
-    """Prune a model that is already in memory, in place, on calibration ``windows`` ``[n, seq]`` (int64).
-
-    The same engine as the streaming run, with nothing to read or write. Returns ``{"layers", "seconds"}``.
-    """
-    start = time.perf_counter()
-    layered = LayeredModel.resident(model, config.device)
-    model.to(config.device)
-    batches = [{"input_ids": windows[s : s + config.batch_size]} for s in range(0, len(windows), config.batch_size)]
-    store = layered.block_inputs(batches, ActivationStore(layered.dtype, device=config.device))
-    layers = prune_blocks(layered, store, config)
-    model.to("cpu")
-    return {"layers": layers, "seconds": time.perf_counter() - start}

@@ -195,7 +195,7 @@ IMAGE_TOKENS = dict(image_token_id=VOCAB - 1)  # the BERT tokenizer's last (unus
 VLM_CONFIGS = {
     "gemma3": lambda: transformers.Gemma3Config(
         text_config=CONFIGS["gemma3_text"]().to_dict(),
-        vision_config=VISION,
+        vision_config=VISION | dict(vision_use_head=False),  # as Gemma 3's checkpoints: no SigLIP pooling head
         mm_tokens_per_image=4,
         image_token_index=VOCAB - 1,
         boi_token_index=VOCAB - 2,
@@ -275,3 +275,48 @@ def copy_editing_tensors(folder, dest, edit):
     edit(tensors)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     return dest
+
+
+# Processors for image+text calibration: the MiniLM tokenizer's [unused0..2] become the image, begin-of-image
+# and end-of-image tokens (ids 1..3), so the tiny models' configs name those ids.
+IMAGE_TOKEN_IDS = {
+    "llava": dict(image_token_index=1),
+    "gemma3": dict(image_token_index=1, boi_token_index=2, eoi_token_index=3),
+}
+
+
+def save_tiny_vlm_with_processor(family: str, folder: Path) -> Path:
+    """A tiny ``family`` vision-language model (llava or gemma3) with a processor that reads 32×32 images."""
+    pil = pytest.importorskip("PIL")
+    del pil
+    save_tiny_model(family, folder, **IMAGE_TOKEN_IDS[family])
+    special = {"image_token": "[unused0]", "boi_token": "[unused1]", "eoi_token": "[unused2]"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, extra_special_tokens=special)
+    if family == "llava":
+        # without torchvision, transformers falls back to the PIL image processor
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        processor = transformers.LlavaProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            patch_size=8,
+            vision_feature_select_strategy="default",
+            image_token="[unused0]",
+            num_additional_image_tokens=1,  # CLIP's class token
+        )
+    else:
+        images = transformers.Gemma3ImageProcessor(size={"height": 32, "width": 32})
+        processor = transformers.Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def save_images(folder: Path, count: int) -> Path:
+    """``count`` random RGB images of odd sizes (the processor resizes them) as PNG files."""
+    from PIL import Image
+
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (24 + 8 * i, 40, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"image{i}.png")
+    return folder

@@ -24,7 +24,7 @@ from apt.models.checkpoint import CheckpointReader
 from apt.models.layered import LayeredModel
 from apt.models.loading import load_tokenizer
 from apt.run import PruneJob, RunConfig, prune_model
-from apt.run.sequential import calibrate_and_prune
+from apt.run.resident import calibrate_and_prune
 from apt.solver.patterns import as_rows, is_nm_sparse
 from apt.text.sources import load_text, token_windows
 from apt_sparse.cli import main

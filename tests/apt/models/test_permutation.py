@@ -11,7 +11,7 @@ from apt.models.layered import LayeredModel
 from apt.models.loading import load_tokenizer
 from apt.models.permutation import free_partners, permute_rows
 from apt.run import PruneJob, RunConfig, prune_model
-from apt.run.sequential import calibrate_and_prune
+from apt.run.resident import calibrate_and_prune
 from apt.solver.patterns import is_nm_sparse
 from apt.text.sources import load_text, token_windows
 

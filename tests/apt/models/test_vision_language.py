@@ -12,12 +12,13 @@ from apt.errors import InvalidInputError
 from apt.models.checkpoint import CheckpointReader
 from apt.models.loading import load_tokenizer
 from apt.run import PruneJob, RunConfig, prune_model
-from apt.run.sequential import calibrate_and_prune
+from apt.run.multimodal import image_files, image_text_batches
+from apt.run.resident import calibrate_and_prune
 from apt.solver.patterns import as_rows, is_nm_sparse
 from apt.text.sources import load_text, token_windows
 from exporters import export
 
-from ..tiny_models import VLM_CONFIGS, save_tiny_model
+from ..tiny_models import VLM_CONFIGS, save_images, save_tiny_model, save_tiny_vlm_with_processor
 
 RUN = RunConfig(batch_size=2)
 FAST = dict(num_calibration_samples=4, max_seq_length=32, num_eval_windows=2)
@@ -71,3 +72,68 @@ def test_a_vision_language_model_prunes_its_language_model_only(tmp_path, family
     if family != "gemma3" and importlib.util.find_spec("onnx"):  # .venv-tf5pin holds no ONNX packages
         with pytest.raises(InvalidInputError, match="vision-language model.: export vllm"):
             export("onnx", out, tmp_path / "onnx")
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_the_vision_tower_and_projector_are_pruned_on_images_when_asked(tmp_path, family):
+    """--prune-vision with --calibration-images: the vision blocks, then the Linears after them, then the language
+    model on what the pruned vision part gives it; the streamed run writes what the in-memory run computes."""
+    src = save_tiny_vlm_with_processor(family, tmp_path / "src")
+    images = save_images(tmp_path / "images", 3)
+    run = RunConfig(batch_size=2, vision=True)
+    out = tmp_path / "out"
+    job = PruneJob(model=str(src), out=str(out), run=run, calibration_images=str(images), **FAST)
+    report = prune_model(job)
+
+    model = load_whole(src)
+    vision_path = report["vision"]["blocks"]
+    assert vision_path == "model.vision_tower.encoder.layers" and report["data"]["calibration_images"] == 3
+    vision = [r for r in report["layers"] if r["name"].startswith(vision_path)]
+    language = [r for r in report["layers"] if r["name"].startswith("model.language_model.")]
+    assert len(vision) == 12 and all(r["nm_valid"] for r in vision)  # q, k, v, out, fc1, fc2 × 2 blocks
+    assert len(language) == 14 and all(r["nm_valid"] for r in language)
+    tail = [r for r in report["layers"] if r not in vision and r not in language]
+    if family == "llava":  # the projector's two Linears, pruned on what the pruned tower gives them
+        assert [r["name"] for r in tail] == [f"model.multi_modal_projector.linear_{i}" for i in (1, 2)]
+        assert all(r["nm_valid"] for r in tail)
+    else:  # Gemma 3's projection matrix is no Linear: it stays dense, and the report says so
+        assert tail == []
+        assert "model.multi_modal_projector.mm_input_projection_weight" in report["vision"]["matrices_kept_dense"]
+    assert "model.vision_tower.embeddings.patch_embedding.weight" in report["vision"]["matrices_kept_dense"]
+
+    # the same run on the model held in memory, on the same image+text samples
+    tokenizer = load_tokenizer(src)
+    windows = token_windows(load_text("stdlib").calibration, tokenizer, 4, 32, 0)
+    batches = image_text_batches(src, images, windows, tokenizer)
+    assert len(batches) == 4 and all("pixel_values" in b for b in batches)
+    calibrate_and_prune(model, batches, run)
+    reloaded = load_whole(out)
+    state, written = model.state_dict(), reloaded.state_dict()
+    assert state.keys() == written.keys()
+    for name in state:
+        assert torch.equal(state[name], written[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batches[0]).logits, model(**batches[0]).logits, rtol=0, atol=1e-5)
+
+    source, output = CheckpointReader(src), CheckpointReader(out)
+    targets = {r["tensor"] for r in report["layers"] if not r["skipped"]}
+    for name in source.names():
+        if name in targets:
+            assert is_nm_sparse(as_rows(output.read(name)), 2, 4), name
+        else:
+            assert torch.equal(source.read(name), output.read(name)), f"{name} is not a pruning target but changed"
+
+
+def test_image_calibration_is_refused_where_it_cannot_run(tmp_path):
+    with pytest.raises(InvalidInputError, match="--prune-vision needs --calibration-images"):
+        PruneJob(model="x", out="y", run=RunConfig(vision=True))
+    images = save_images(tmp_path / "images", 1)
+    llama = save_tiny_model("llama", tmp_path / "llama")
+    with pytest.raises(InvalidInputError, match="llama model, not a vision-language model"):
+        prune_model(PruneJob(model=str(llama), out=str(tmp_path / "o"), calibration_images=str(images), **FAST))
+    with pytest.raises(InvalidInputError, match="no image in it"):
+        image_files(tmp_path)
+    llava = save_tiny_model("llava", tmp_path / "llava")  # no processor saved
+    with pytest.raises(InvalidInputError, match="processor"):
+        prune_model(PruneJob(model=str(llava), out=str(tmp_path / "o"), calibration_images=str(images), **FAST))
+    assert not (tmp_path / "o").exists()
