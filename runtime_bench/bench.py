@@ -36,10 +36,11 @@ from tqdm.auto import tqdm
 
 from apt.errors import InvalidInputError
 from apt.folder.targets import PrunedTargets
+from apt.models.layered import auto_class
 from apt.solver import select_mask
 from apt.solver.patterns import Pattern
 from runtime_bench.backends import BACKENDS, availability
-from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency
+from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency, vocabulary_size
 from runtime_bench.gemm import (
     LLAMA3_8B_SHAPES,
     SPARSE_BACKENDS,
@@ -124,13 +125,15 @@ def pruning_record(report: dict) -> dict:
 
 
 def load_bench_model(spec, config: BenchConfig) -> torch.nn.Module:
-    """A fresh model for the benchmark, in its dtype on its device: from a folder, or built by ``spec()``."""
+    """A fresh model for the benchmark, in its dtype on its device: from a folder (as the class transformers loads
+    it as: a vision-language model as itself, whose language model then runs the text), or built by ``spec()``."""
     import transformers
 
     if callable(spec):
         model = spec()
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=getattr(torch, config.dtype))
+        cls = auto_class(transformers.AutoConfig.from_pretrained(spec))
+        model = cls.from_pretrained(spec, dtype=getattr(torch, config.dtype))
     return model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
 
 
@@ -144,7 +147,7 @@ def _release(model) -> None:
 def decode_safe_section(pruned, dispatches: dict, config: BenchConfig, targets) -> tuple[dict | None, str | None]:
     """Serve ``pruned`` (a model this run owns) through the sparse op with each shape's dispatch (speed-first);
     returns the check against its dense kernels, or why no sparse path ran."""
-    ids = torch.randint(10, pruned.config.vocab_size, (2, 64)).to(config.device)
+    ids = torch.randint(10, vocabulary_size(pruned), (2, 64)).to(config.device)
     with torch.no_grad():
         before = pruned(input_ids=ids, use_cache=False).logits.float()
     counts = make_decode_safe(pruned, dispatches, targets)
@@ -320,7 +323,7 @@ def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, e2e: dict, 
     else:
         for kind, rows in _e2e_rows(model, "pruned", "sparse op, speed-first", config).items():
             e2e[kind] += rows
-    vocab = model.config.vocab_size
+    vocab = vocabulary_size(model)
     _release(model)
     return gemm, thresholds, decode_safe, vocab
 

@@ -21,9 +21,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def vocabulary_size(model) -> int:
+    """The token ids the model reads (a vision-language model's config keeps it in its text config)."""
+    return model.get_input_embeddings().num_embeddings
+
+
 def _ids(model, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, model.config.vocab_size, (batch, seq), generator=g)
+    return torch.randint(10, vocabulary_size(model), (batch, seq), generator=g)
 
 
 @torch.no_grad()

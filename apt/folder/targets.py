@@ -30,13 +30,16 @@ from apt.solver.patterns import Pattern
 class PrunedTargets:
     """``tensors``: checkpoint names of the pruned tensors; ``pattern``: what they follow along their input
     axis (``in_axis``, -1 unless said); ``experts``: the tensors that hold MoE experts; ``source``: how this
-    was decided."""
+    was decided; ``modules``: the module each pruned Linear's tensor is the weight of, in the model as
+    transformers builds it (a checkpoint may name it otherwise: Gemma 3's and LLaVA's
+    ``language_model.model.layers…``)."""
 
     tensors: tuple[str, ...]
     pattern: Pattern
     source: str
     in_axis: dict[str, int] = field(default_factory=dict)
     experts: frozenset[str] = frozenset()
+    modules: dict[str, str] = field(default_factory=dict)
 
     def axis(self, tensor: str) -> int:
         return self.in_axis.get(tensor, -1)
@@ -60,7 +63,7 @@ def targets_of_folder(folder: str | Path, pattern: str | Pattern | None = None) 
         if pattern is not None and Pattern.parse(pattern) != reported:
             raise InvalidInputError(f"{report_path} says the pattern is {reported}, not {Pattern.parse(pattern)}")
         pieces = [
-            (name, r.get("in_axis", -1), r.get("expert") is not None)
+            (name, r.get("in_axis", -1), r.get("expert") is not None, r["name"])
             for r in report["layers"]
             if not r["skipped"]
             for name in (r.get("tensors") or [r.get("tensor") or f"{r['name']}.weight"])
@@ -72,17 +75,18 @@ def targets_of_folder(folder: str | Path, pattern: str | Pattern | None = None) 
         for target in block_targets(block, layered.block_prefix(index)[:-1], layered.config):
             where = layered.target_tensors(target)
             axis = where.get("in_axis", -1)
-            pieces += [(name, axis, target.is_expert) for name in where.get("tensors", [where["tensor"]])]
+            pieces += [(name, axis, target.is_expert, target.name) for name in where.get("tensors", [where["tensor"]])]
     given = Pattern.parse(pattern or "2:4")
     how = "given" if pattern is not None else "assumed (no prune_report.json)"
     return _targets(pieces, given, f"discovery in the {layered.layout.name} model; pattern {given} {how}")
 
 
-def _targets(pieces: list[tuple[str, int, bool]], pattern: Pattern, source: str) -> PrunedTargets:
-    names = tuple(dict.fromkeys(name for name, _, _ in pieces))
-    axes = {name: axis for name, axis, _ in pieces if axis != -1}
-    experts = frozenset(name for name, _, expert in pieces if expert)
-    return PrunedTargets(names, pattern, source, axes, experts)
+def _targets(pieces: list[tuple[str, int, bool, str]], pattern: Pattern, source: str) -> PrunedTargets:
+    names = tuple(dict.fromkeys(name for name, *_ in pieces))
+    axes = {name: axis for name, axis, _, _ in pieces if axis != -1}
+    experts = frozenset(name for name, _, expert, _ in pieces if expert)
+    modules = {name: module for name, _, expert, module in pieces if not expert}
+    return PrunedTargets(names, pattern, source, axes, experts, modules)
 
 
 def target_linears(model, targets: PrunedTargets | None = None) -> list[tuple[str, torch.nn.Linear]]:
@@ -97,7 +101,8 @@ def target_linears(model, targets: PrunedTargets | None = None) -> list[tuple[st
             if tensor in targets.experts:
                 continue
             name = tensor.removesuffix(".weight")
-            match = next((n for n in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if n in modules), None)
+            candidates = (targets.modules.get(tensor), name, f"{prefix}.{name}", name.removeprefix(f"{prefix}."))
+            match = next((n for n in candidates if n in modules), None)
             if match is None:
                 raise InvalidInputError(f"pruned weight {tensor} has no module in this model")
             found.append((match, modules[match]))

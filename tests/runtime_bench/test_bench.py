@@ -163,3 +163,29 @@ def test_gguf_conversion_names_missing_and_unexpected_tensors():
         r"\['model.layers.0.mlp.extra.weight'\]",
     ):
         check_loaded_keys(model, model.load_state_dict(state, strict=False), "the dequantised x.gguf")
+
+
+def test_bench_runs_a_vision_language_models_language_model(tmp_path):
+    """A pruned VLM loads as its own class; its GEMMs are its language model's (pruned targets named by the
+    checkpoint's language_model.model.… keys), and text runs end to end through it."""
+    src = save_tiny_model("llava", tmp_path / "src")
+    prune_model(
+        PruneJob(
+            model=str(src), out=str(tmp_path / "pruned"), num_calibration_samples=4, max_seq_length=32, evaluate=False
+        )
+    )
+    config = BenchConfig(
+        device="cpu",
+        gemm_ms=(1,),
+        gemm_repeats=1,
+        llama_shapes=False,
+        prefill=((1, 16),),
+        decode=(1, 4, 2),
+        e2e_repeats=1,
+        backends=("torch-dense",),
+    )
+    results = run_bench(config, src, tmp_path / "pruned", targets=targets_of_folder(tmp_path / "pruned"))
+    validate_results(json.loads(json.dumps(results)))
+    assert {(r["in"], r["out"]) for r in results["gemm"]["records"]} == {(64, 64), (64, 32), (64, 128), (128, 64)}
+    assert [r["model"] for r in results["e2e"]["prefill"]] == ["dense"]
+    assert results["e2e"]["decode"] and all(r["result"]["median"] > 0 for r in results["e2e"]["decode"])

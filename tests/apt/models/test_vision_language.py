@@ -35,6 +35,10 @@ def test_a_vision_language_model_prunes_its_language_model_only(tmp_path, family
     report = prune_model(PruneJob(model=str(src), out=str(out), run=RUN, **FAST))
     pruned = [r for r in report["layers"] if not r["skipped"]]
     assert len(pruned) == 14 and all(r["nm_valid"] for r in pruned)  # q, k, v, o, gate, up, down × 2 blocks
+    accuracy = report["accuracy"]  # perplexity of the language model on held-out text, dense and pruned
+    assert accuracy["metric"] == "perplexity"
+    assert all(0 < accuracy[k]["perplexity"] < float("inf") for k in ("dense", "pruned"))
+    assert report["vision"] == {"pruned": False}
 
     model = load_whole(src)
     decoder = model.get_decoder()
