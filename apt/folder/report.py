@@ -9,8 +9,8 @@ Schema ``apt-sparse/prune-report/2``:
 - ``model``: ``name``, ``location`` (the folder read), ``gguf_file``, ``model_type``, ``family``,
   ``compute_dtype`` and ``compute_dtype_reason`` (why ``--dtype`` resolved to it, ``apt.run.dtype``)
 - ``config``: every option of the run; ``versions``: python, torch, transformers, apt-sparse
-- ``data``: calibration source, windows, sequence length, tokens; evaluation source and how its
-  documents were chosen
+- ``data``: calibration source, windows, sequence length, tokens (and ``calibration_images``: how many
+  images were paired with the windows); evaluation source and how its documents were chosen
 - ``pattern``: the N:M (or unstructured) pattern every pruned layer follows
 - ``layers``: per layer ``name`` (module), ``tensor`` (checkpoint name), ``shape``, ``nm_valid``,
   ``sparsity``, ``relative_loss``, ``loss``, ``damp``, ``seconds``, ``skipped`` (reason or null),
@@ -22,6 +22,10 @@ Schema ``apt-sparse/prune-report/2``:
   evaluation included; ``cuda_max_allocated`` on CUDA; ``process_max_rss`` where the peak cannot be reset)
 - ``accuracy``: ``metric``, ``data`` and ``dense`` / ``pruned`` entries; ``null`` when evaluation was off
 - ``distributed``: world size, backend and each rank's time, batches and communication
+- ``left_dense``: block weights of more than two dimensions in a layout the run does not know (``name``,
+  ``shape``, ``module``, ``why``), left dense
+- ``vision``: for a vision-language model, ``pruned`` and, when its vision part was pruned, the vision
+  blocks' path and count, the Linears after them, and the matrices kept dense; ``null`` for other models
 """
 
 from __future__ import annotations

@@ -325,6 +325,23 @@ def block_targets(
     return found
 
 
+def unknown_weights(block: torch.nn.Module, prefix: str, targets: list[Target]) -> list[dict]:
+    """The parameters of ``block`` with more than two dimensions that no target covers and that are no
+    convolution's kernel: weights stored in a layout discovery does not know (an experts class that records
+    no layout, such as Granite MoE's ``ParallelExperts`` before transformers 5.25), which the run leaves
+    dense. Each as ``{"name", "shape", "module"}``, for the report to say so instead of staying silent."""
+    covered = {id(getattr(t.module, t.part) if t.is_expert else t.module.weight) for t in targets}
+    found = []
+    for name, module in block.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dim() > 2 and id(param) not in covered:
+                full = ".".join(part for part in (prefix, name, attr) if part)
+                found.append({"name": full, "shape": list(param.shape), "module": type(module).__name__})
+    return found
+
+
 def _selected(name: str, targets: str | None, ignore: str | None) -> bool:
     if targets and not re.search(targets, name):
         return False

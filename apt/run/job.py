@@ -38,7 +38,7 @@ from apt.run.distributed import BroadcastReader, check_same_job
 from apt.run.dtype import compute_dtype
 from apt.run.multimodal import image_files, image_text_batches
 from apt.run.record import PeakMemory, build_report
-from apt.run.sequential import layer_plan, prune_blocks
+from apt.run.sequential import layer_plan, prune_blocks, unknown_layouts
 from apt.run.state import (
     RESUME_NAME,
     CannotResume,
@@ -233,6 +233,7 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
         if src.batches is not None:
             report["data"]["calibration_images"] = len(image_files(job.calibration_images))
             report["data"]["calibration_samples"] = "one image and one text window each"
+        report["left_dense"] = unknown_layouts(layered)
         report["vision"] = state.get("vision") or ({"pruned": False} if is_vision_language(layered.config) else None)
         if job.run.quantize:
             _finish_quantized(work, out, src.folder, writer, report, job.overwrite)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from apt.collective import Collective
 from apt.errors import InvalidInputError, UnsupportedModelError
 from apt.models.activations import ActivationStore
-from apt.models.discovery import Group, Target, block_targets, find_groups, shared_between_blocks
+from apt.models.discovery import Group, Target, block_targets, find_groups, shared_between_blocks, unknown_weights
 from apt.models.layered import LayeredModel, give_back_memory, to_device
 from apt.models.permutation import free_partners, permute_rows
 from apt.run.calibration import Statistics, collect, collect_corrected
@@ -68,6 +68,23 @@ def layer_plan(layered: LayeredModel, config: RunConfig) -> list[list[Target]]:
             f"weights are in {', '.join(holders) or 'no module'}"
         )
     return plans
+
+
+def unknown_layouts(layered: LayeredModel) -> list[dict]:
+    """Every block's weights of more than two dimensions that the run leaves dense because their layout is
+    unknown (``apt.models.discovery.unknown_weights``), each with why."""
+    found = []
+    for i, block in enumerate(layered.blocks):
+        every = block_targets(block, layered.block_prefix(i)[:-1], layered.config)
+        found += unknown_weights(block, layered.block_prefix(i)[:-1], every)
+    for entry in found:
+        entry["why"] = (
+            f"a {len(entry['shape'])}-D weight of {entry['module']}, whose layout apt-sparse does not know (not a "
+            "Linear, not fused experts that record their layout): left dense"
+        )
+    if found:
+        log.warning("%d weights of unknown layout left dense, e.g. %s", len(found), found[0]["why"])
+    return found
 
 
 class GroupFinder:

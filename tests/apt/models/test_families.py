@@ -90,13 +90,26 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
     assert (len(pruned), sum(r.get("expert") is not None for r in pruned)) == EXPECTED[family]
     assert all(r["nm_valid"] for r in pruned) and report["totals"]["target_sparsity"] >= 0.5
     assert report["model"]["family"] == (CONFIGS[family]().model_type)
+    # a block weight of more than two dimensions is a target, a convolution's kernel, or reported as left dense
+    left = {e["name"] for e in report["left_dense"]}
+    assert all("layout apt-sparse does not know" in e["why"] for e in report["left_dense"])
+    covered = {r["name"].partition("[")[0] for r in pruned if r.get("expert") is not None}
+    model = load_whole(src, family)
+    blocks = LayeredModel.resident(model).block_path
+    kernels = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
+    for name, param in model.named_parameters():
+        if name.startswith(f"{blocks}.") and param.dim() > 2 and name not in kernels:
+            assert (name in left) != (name in covered), name
+    if family == "granitemoehybrid" and Version(transformers.__version__) < Version("5.25"):
+        assert {e["module"] for e in report["left_dense"]} == {"GraniteMoeHybridParallelExperts"}
+    elif family != "granitemoehybrid":
+        assert not left
     if family == "mamba":  # Mamba reads dt_proj's weight without calling it; its input is 6 wide anyway
         skipped = [r for r in report["layers"] if r["skipped"]]
         assert {r["name"].split(".")[-1] for r in skipped} == {"dt_proj"}
         assert all("not a multiple of 4" in r["skipped"] for r in skipped)
 
     # the same run on the model held whole in memory writes exactly these tensors
-    model = load_whole(src, family)
     tokenizer = load_tokenizer(src)
     windows = token_windows(load_text("stdlib").calibration, tokenizer, 4, 32, 0)
     calibrate_and_prune(model, windows, RUN)
