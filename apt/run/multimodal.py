@@ -3,9 +3,10 @@ image from a local folder and the text of one calibration window, turned into mo
 checkpoint's own processor (``AutoProcessor``: its image preprocessing and its image placeholder tokens).
 
 The prompt is the processor's chat template applied to ``[image, text]`` where the checkpoint has one,
-else the processor's image placeholder followed by the text. Images are used in file-name order and
-reused in turn when there are fewer images than calibration windows. Each sample is a batch of its own,
-so no sample is padded (a padded position would add to the Hessians what the model never sees).
+else the processor's image placeholder (the token it expands into the image's tokens) followed by the
+text. Images are used in file-name order and reused in turn when there are fewer images than calibration
+windows. Each sample is a batch of its own, so no sample is padded (a padded position would add to the
+Hessians what the model never sees).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def image_text_batches(
     try:
         from PIL import Image
     except ImportError as err:
-        raise InvalidInputError("--calibration-images needs Pillow: pip install pillow") from err
+        raise InvalidInputError("--calibration-images needs Pillow: pip install 'apt-sparse[vision]'") from err
     import transformers
 
     files = image_files(images)
@@ -79,7 +80,8 @@ def _prompt(processor, text: str) -> str:
     if getattr(processor, "chat_template", None):
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
-    placeholder = getattr(processor, "image_token", None)
+    # Gemma 3's processor expands its begin-of-image token (what its image_token names from transformers 5.11 on)
+    placeholder = getattr(processor, "boi_token", None) or getattr(processor, "image_token", None)
     if not placeholder:
         raise InvalidInputError(
             f"{type(processor).__name__} has neither a chat template nor an image token: the run cannot tell "

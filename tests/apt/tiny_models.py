@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from apt.models.loading import resolve_model
@@ -287,8 +288,10 @@ IMAGE_TOKEN_IDS = {
 
 def save_tiny_vlm_with_processor(family: str, folder: Path) -> Path:
     """A tiny ``family`` vision-language model (llava or gemma3) with a processor that reads 32×32 images."""
-    pil = pytest.importorskip("PIL")
-    del pil
+    pytest.importorskip("PIL")
+    if family == "gemma3" and Version(transformers.__version__) < Version("5.25"):
+        # 5.12's Gemma3Processor finds its begin-of-image token with an unescaped regex: [unused1] matches letters
+        pytest.skip(f"transformers {transformers.__version__}: Gemma3Processor cannot take this fixture's tokens")
     save_tiny_model(family, folder, **IMAGE_TOKEN_IDS[family])
     special = {"image_token": "[unused0]", "boi_token": "[unused1]", "eoi_token": "[unused2]"}
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, extra_special_tokens=special)
