@@ -12,8 +12,10 @@ from apt.errors import InvalidInputError
 from apt.models.checkpoint import CheckpointReader
 from apt.models.loading import load_tokenizer
 from apt.run import PruneJob, RunConfig, prune_model
+from apt.run.calibration import Statistics
 from apt.run.multimodal import image_files, image_text_batches
 from apt.run.resident import calibrate_and_prune
+from apt.solver import prune_layer
 from apt.solver.patterns import as_rows, is_nm_sparse
 from apt.text.sources import load_text, token_windows
 from exporters import export
@@ -141,3 +143,61 @@ def test_image_calibration_is_refused_where_it_cannot_run(tmp_path):
     with pytest.raises(InvalidInputError, match="processor"):
         prune_model(PruneJob(model=str(llava), out=str(tmp_path / "o"), calibration_images=str(images), **FAST))
     assert not (tmp_path / "o").exists()
+
+
+def qwen2_vl_image_batches(config, count: int) -> list[dict]:
+    """Qwen2-VL inputs as its processor makes them (patches, grid, one image token per merged 2×2 patches, the
+    token types its multimodal rotary positions read), built here: its processor needs torchvision's video one."""
+    from PIL import Image
+
+    images = transformers.Qwen2VLImageProcessor(
+        min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8, merge_size=2, temporal_patch_size=2
+    )
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(count):
+        pixels = torch.randint(0, 256, (32 + 8 * i, 40, 3), generator=generator, dtype=torch.uint8)
+        inputs = images(images=[Image.fromarray(pixels.numpy())], return_tensors="pt")
+        tokens = int(inputs["image_grid_thw"].prod()) // 4
+        text = torch.randint(1000, 2000, (20,), generator=generator)
+        ids = torch.cat(
+            [torch.tensor([config.vision_start_token_id]), torch.full((tokens,), config.image_token_id), text]
+        )
+        batches.append(
+            {"input_ids": ids[None], "mm_token_type_ids": (ids == config.image_token_id).long()[None]} | inputs
+        )
+    return batches
+
+
+def test_qwen2_vl_vision_blocks_are_pruned_on_their_patches():
+    """Qwen2-VL's vision blocks take unbatched patches with cu_seqlens; block 0's qkv is exactly the solver's answer
+    on the Hessian of the patch embeddings it reads, and everything outside the targets is untouched."""
+    pytest.importorskip("PIL")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(VLM_CONFIGS["qwen2_vl"]()).eval()
+    batches = qwen2_vl_image_batches(model.config, 3)
+    qkv = model.model.visual.blocks[0].attn.qkv
+    stat = Statistics()
+    handle = qkv.register_forward_hook(lambda _m, inputs, _o: stat.add(inputs[0]))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    handle.remove()
+    expected = prune_layer(qkv.weight.detach().clone(), stat.hessian, config=RUN.solver).weight
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    run = RunConfig(batch_size=1, vision=True)
+    records = calibrate_and_prune(model, batches, run)["layers"]
+    assert torch.equal(qkv.weight, expected)
+    names = [r["name"] for r in records if not r["skipped"]]
+    assert names[:8] == [
+        f"model.visual.blocks.{b}.{m}" for b in (0, 1) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+    assert names[8:10] == ["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"] and len(names) == 24
+    for name, tensor in model.state_dict().items():
+        if name.removesuffix(".weight") in names:
+            assert is_nm_sparse(tensor, 2, 4), name
+        else:
+            assert torch.equal(tensor, before[name]), name
+    with torch.no_grad():
+        assert torch.isfinite(model(**batches[0]).logits).all()
