@@ -16,7 +16,7 @@ from apt.solver import PruneConfig
 from apt.solver.patterns import is_nm_sparse
 from apt_sparse.cli import main
 
-from ..tiny_models import save_tiny_model
+from ..tiny_models import save_images, save_tiny_model, save_tiny_vlm_with_processor
 
 FAST = dict(num_calibration_samples=4, max_seq_length=32, num_eval_windows=2)
 REPO = Path(__file__).resolve().parents[3]
@@ -213,7 +213,7 @@ import os, signal, sys
 import apt.run.sequential as sequential
 real = sequential.prune_group
 def prune_group(group, hessian, layered, config, bar, index, *rest):
-    if index == {block}:  # a crash (SIGKILL: no handler runs) while pruning this block
+    if index == {block} and "{blocks}" in layered.block_path:  # a crash (SIGKILL: no handler runs) in this block
         os.kill(os.getpid(), signal.SIGKILL)
     return real(group, hessian, layered, config, bar, index, *rest)
 sequential.prune_group = prune_group
@@ -224,14 +224,21 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.parametrize(
     "family, extra",
-    [("llama", []), ("llama", ["--correction", "0.5"]), ("qwen3_moe", [])],
-    ids=["plain", "error-correcting", "moe"],
+    [("llama", []), ("llama", ["--correction", "0.5"]), ("qwen3_moe", []), ("llava", ["--prune-vision"])],
+    ids=["plain", "error-correcting", "moe", "vision"],
 )
 def test_resume_after_sigkill_gives_a_bit_identical_folder(tmp_path, capsys, family, extra):
     # with error-correcting targets the resumed run must also rebuild the dense model's activations; a MoE
-    # model is written back per expert, under its checkpoint's names, block by block
+    # model is written back per expert, under its checkpoint's names, block by block; a vision-language model
+    # whose vision part was pruned resumes its language model on what that pruned part (as written) gives it
     overrides = {"mlp_only_layers": [0, 2]} if family == "qwen3_moe" else {}
-    src = save_tiny_model(family, tmp_path / "src", num_hidden_layers=4, **overrides)
+    killed_at, blocks = 2, ""
+    if family == "llava":
+        src = save_tiny_vlm_with_processor(family, tmp_path / "src")
+        extra = [*extra, "--calibration-images", str(save_images(tmp_path / "images", 2))]
+        killed_at, blocks = 1, "language_model"  # its language model has 2 blocks; the vision tower's come first
+    else:
+        src = save_tiny_model(family, tmp_path / "src", num_hidden_layers=4, **overrides)
     argv = [
         "--num-calibration-samples",
         "4",
@@ -246,28 +253,35 @@ def test_resume_after_sigkill_gives_a_bit_identical_folder(tmp_path, capsys, fam
     assert main(["prune", "--model", str(src), "--out", str(tmp_path / "whole"), *argv]) == 0
     out = tmp_path / "resumed"
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AT_BLOCK.format(block=2), "prune", "--model", str(src), "--out", str(out), *argv],
+        [
+            sys.executable,
+            "-c",
+            KILL_AT_BLOCK.format(block=killed_at, blocks=blocks),
+            *("prune", "--model", str(src), "--out", str(out), *argv),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not out.exists() and json.loads((partial_folder(out) / "resume.json").read_text())["blocks_done"] == 2
+    assert not out.exists()
+    assert json.loads((partial_folder(out) / "resume.json").read_text())["blocks_done"] == killed_at
 
     code, _, err = run_cli(capsys, "prune", "--model", str(src), "--out", str(out), *argv)
     assert code == 2 and "pass --resume to continue it" in err  # a partial run is never silently replaced
     code, printed, err = run_cli(capsys, "prune", "--model", str(src), "--out", str(out), *argv, "--resume")
     assert code == 0 and "all N:M valid: True" in printed, err
     whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
-    assert whole == sorted(p.name for p in out.iterdir()) and len([n for n in whole if n.endswith("safetensors")]) > 2
+    assert whole == sorted(p.name for p in out.iterdir()) and len([n for n in whole if n.endswith("safetensors")]) > 1
     for name in whole:
         if name not in (REPORT_NAME, "README.md"):
             assert (tmp_path / "whole" / name).read_bytes() == (out / name).read_bytes(), name
     card = (tmp_path / "whole" / "README.md").read_text().replace(str(tmp_path / "whole"), str(out))
     assert card == (out / "README.md").read_text()  # the same card, with its own --out
     reports = [json.loads((folder / REPORT_NAME).read_text()) for folder in (tmp_path / "whole", out)]
-    assert reports[1]["checkpoint"]["resumed_at_block"] == 2 and reports[0]["checkpoint"]["resumed_at_block"] is None
+    assert reports[1]["checkpoint"]["resumed_at_block"] == killed_at
+    assert reports[0]["checkpoint"]["resumed_at_block"] is None
     timing = ("seconds", "solver")
     assert [{k: v for k, v in r.items() if k not in timing} for r in reports[0]["layers"]] == [
         {k: v for k, v in r.items() if k not in timing} for r in reports[1]["layers"]
@@ -280,7 +294,7 @@ def test_resume_refuses_other_options_and_another_source(tmp_path, capsys):
     out = tmp_path / "out"
     argv = quick_prune(src, out)
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AT_BLOCK.format(block=1), *argv],
+        [sys.executable, "-c", KILL_AT_BLOCK.format(block=1, blocks=""), *argv],
         cwd=REPO,
         capture_output=True,
         text=True,
