@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 from apt.errors import InvalidInputError
+from serving.vllm_plugin import NAME
 
 KV_CACHE_BYTES = 256 * 2**20
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -43,7 +46,8 @@ def vllm_python() -> str | None:
 
 
 def run_vllm(command: list[str], timeout: float = 900) -> dict:
-    """``python -m serving.vllm_run COMMAND...`` in vLLM's environment; its JSON answer."""
+    """``python -m serving.vllm_run COMMAND...`` in vLLM's environment; its JSON answer (an
+    ``InvalidInputError`` with vLLM's own last words where it fails)."""
     python = vllm_python()
     if python is None:
         raise InvalidInputError("no environment with vLLM here: set APT_SPARSE_VLLM_PYTHON or run make install")
@@ -54,20 +58,36 @@ def run_vllm(command: list[str], timeout: float = 900) -> dict:
     )
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
-        reason = next(
-            (line for line in reversed(run.stderr.splitlines()) if "apt_sparse_24" in line or "Error" in line),
-            run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit code {run.returncode}",
-        )
-        raise InvalidInputError(f"vLLM could not serve {command[1]}: {reason}")
+        raise InvalidInputError(f"vLLM could not serve {command[1]}: {_last_error(run.stderr, run.returncode)}")
     return json.loads(lines[-1])
+
+
+def _last_error(stderr: str, returncode: int) -> str:
+    """Why vLLM failed: the plugin's own error where it raised one (it may be wrapped by vLLM's), else the
+    exception that ended the last traceback with its indented message lines (pydantic puts the reason there)."""
+    lines = [line.removeprefix("[rank0]: ") for line in stderr.splitlines()]
+    ours = [line for line in lines if re.match(rf"\w[\w.]*(Error|Exception): {NAME}: ", line)]
+    if ours:
+        return ours[-1]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    after = lines[starts[-1] + 1 :] if starts else []
+    ends = [i for i, line in enumerate(after) if line and not line.startswith(" ")]
+    if not ends:
+        return lines[-1] if lines else f"exit code {returncode}"
+    message = [after[ends[0]]]
+    message += itertools.takewhile(lambda line: re.match(r"  \S", line), after[ends[0] + 1 :])
+    return " ".join(line.strip() for line in message)
 
 
 def _engine(folder: str, quantization: str | None, dtype: str, max_model_len: int, skip_tokenizer: bool = False):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import transformers
     from vllm import LLM
 
-    config = json.loads((Path(folder) / "config.json").read_text())
-    max_model_len = min(max_model_len, config.get("max_position_embeddings") or max_model_len)
+    # transformers' reading of the config: GPT-2 names it n_positions, a vision-language model keeps it in
+    # its text_config; vLLM refuses a max_model_len above it
+    text = transformers.AutoConfig.from_pretrained(folder).get_text_config()
+    max_model_len = min(max_model_len, getattr(text, "max_position_embeddings", None) or max_model_len)
     options = dict(enforce_eager=True, dtype=dtype, max_model_len=max_model_len, seed=0)
     options["skip_tokenizer_init"] = skip_tokenizer  # a model built for timing has no tokenizer
     options["kv_cache_memory_bytes"] = KV_CACHE_BYTES
@@ -86,8 +106,9 @@ def generate(args) -> dict:
     llm, seconds = _engine(args.folder, args.quantization, args.dtype, args.max_model_len)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     outputs = llm.generate(json.loads(args.prompts), params, use_tqdm=False)
+    model_config = llm.llm_engine.vllm_config.model_config
     return {
-        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "quantization": model_config.quantization,
         "engine_seconds": seconds,
         "prompt_ids": [list(o.prompt_token_ids) for o in outputs],
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
