@@ -54,6 +54,9 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
 	$(VLLM)/bin/python -m pip install -q --upgrade pip
 	$(VLLM)/bin/python -m pip install -q "$(VLLM_SPEC)" "$(TORCH_SPEC)"
+	# No CPU torchvision is on PyPI: 0.28.0, the one for torch 2.13, is a CUDA build (cu130) whose ops do not load
+	# against the CPU torch ("operator torchvision::nms does not exist"). vLLM's LLaVA, Gemma 3 and Qwen2-VL code
+	# imports it (through transformers' image processors), so those are not served here; SmolVLM's is.
 	$(VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM)/bin/python -m pip install -q --no-deps -e .  # registers the vllm.general_plugins entry point
 	touch $(VLLM_STAMP)

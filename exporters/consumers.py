@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from apt.errors import InvalidInputError
+from apt.models.layered import auto_class
 from serving.vllm_run import run_vllm
 
 PROMPTS = ["def parse_args(argv):\n    ", "The quick brown fox jumps over the lazy dog. Then"]
@@ -22,10 +23,11 @@ MAX_TOKENS = 16
 
 def transformers_greedy(folder: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int) -> list:
     """Greedy tokens of transformers on ``folder``'s weights cast to ``dtype`` (what the export stores),
-    computed in float32 as vLLM is asked to."""
+    computed in float32 as vLLM is asked to; a vision-language model as its own class, on text alone."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).float().eval()
+    cls = auto_class(transformers.AutoConfig.from_pretrained(folder))
+    model = cls.from_pretrained(folder, dtype=dtype).float().eval()
     out = []
     with torch.no_grad():
         for ids in prompt_ids:
@@ -40,7 +42,9 @@ def vllm_check(folder: Path, reference: Path, dtype: torch.dtype, pruned: set[st
     """Load ``folder`` in vLLM (``quantization``: ``apt_sparse_24`` for a plain folder; a bitmask folder is
     claimed by the plugin itself), check that the plugin served exactly the ``pruned`` Linear modules
     (checkpoint names) and that the greedy tokens equal transformers' on ``reference`` (the same weights,
-    in a folder transformers reads). A failure is an error."""
+    in a folder transformers reads). The prompts are text: a vision-language model is served as its language
+    model alone. A failure is an error (``VllmCannotServe`` where vLLM's environment cannot run the
+    architecture at all)."""
     command = ["generate", str(folder), "--prompts", json.dumps(PROMPTS), "--max-tokens", str(MAX_TOKENS)]
     if quantization:
         command += ["--quantization", quantization]
@@ -62,6 +66,7 @@ def vllm_check(folder: Path, reference: Path, dtype: torch.dtype, pruned: set[st
         "vllm": answer["vllm"],
         "quantization": answer["quantization"],
         "layers_served_by_plugin": len(served),
+        "served_as": "the language model alone, on text" if answer["language_model_only"] else "the whole model",
         "greedy_tokens_equal_transformers": f"{len(PROMPTS)} prompts × {MAX_TOKENS} tokens",
         "engine_seconds": round(answer["engine_seconds"], 1),
     }

