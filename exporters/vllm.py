@@ -139,8 +139,9 @@ def _vllm_loaded(folder: Path, source: PrunedSource, dtype, linears: set[str], w
     if (source.targets.pattern.n, source.targets.pattern.m) != (2, 4):
         quantization = None  # the plugin serves 2:4; any other pattern is checked as vLLM's plain model
         linears = set()
+    vision = {t.removesuffix(".weight") for t in source.targets.vision} & linears
     try:
-        return vllm_check(folder, source.folder, dtype, linears, quantization)
+        return vllm_check(folder, source.folder, dtype, linears, quantization, vision)
     except VllmCannotServe as err:  # the environment's limit, not the folder's: an error only when asked for
         if wanted:
             raise

@@ -14,6 +14,7 @@ tensor the pattern runs (-2 for a Conv1D and for transposed experts).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,8 @@ class PrunedTargets:
     axis (``in_axis``, -1 unless said); ``experts``: the tensors that hold MoE experts; ``source``: how this
     was decided; ``modules``: the module each pruned Linear's tensor is the weight of, in the model as
     transformers builds it (a checkpoint may name it otherwise: Gemma 3's and LLaVA's
-    ``language_model.model.layers…``)."""
+    ``language_model.model.layers…``); ``vision``: the pruned tensors of a vision-language model's vision
+    part (``--prune-vision``), which a check on text alone never runs."""
 
     tensors: tuple[str, ...]
     pattern: Pattern
@@ -40,6 +42,7 @@ class PrunedTargets:
     in_axis: dict[str, int] = field(default_factory=dict)
     experts: frozenset[str] = frozenset()
     modules: dict[str, str] = field(default_factory=dict)
+    vision: frozenset[str] = frozenset()
 
     def axis(self, tensor: str) -> int:
         return self.in_axis.get(tensor, -1)
@@ -68,7 +71,14 @@ def targets_of_folder(folder: str | Path, pattern: str | Pattern | None = None) 
             if not r["skipped"]
             for name in (r.get("tensors") or [r.get("tensor") or f"{r['name']}.weight"])
         ]
-        return _targets(pieces, reported, REPORT_NAME)
+        targets = _targets(pieces, reported, REPORT_NAME)
+        vision = report.get("vision") or {}
+        if vision.get("pruned"):
+            part = (f"{vision['blocks']}.", *vision["after_blocks"])
+            layers = [r for r in report["layers"] if r["name"].startswith(part)]
+            names = {n for r in layers for n in r.get("tensors") or [r["tensor"]]}
+            targets = dataclasses.replace(targets, vision=frozenset(names & set(targets.tensors)))
+        return targets
     layered = LayeredModel.from_folder(folder)
     pieces = []
     for index, block in enumerate(layered.blocks):

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from apt.errors import InvalidInputError
+from apt.folder.targets import targets_of_folder
 from apt.models.checkpoint import CheckpointReader
 from apt.models.loading import load_tokenizer
 from apt.run import PruneJob, RunConfig, prune_model
@@ -123,6 +124,9 @@ def test_the_vision_tower_and_projector_are_pruned_on_images_when_asked(tmp_path
 
     source, output = CheckpointReader(src), CheckpointReader(out)
     targets = {r["tensor"] for r in report["layers"] if not r["skipped"]}
+    found = targets_of_folder(out)  # what every exporter reads: a check on text alone expects no vision layer
+    assert set(found.tensors) == targets
+    assert found.vision == {r["tensor"] for r in report["layers"] if not r["skipped"] and r not in language}
     for name in source.names():
         if name in targets:
             assert is_nm_sparse(as_rows(output.read(name)), 2, 4), name
