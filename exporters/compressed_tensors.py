@@ -9,15 +9,20 @@ slot). Other tensors stay dense under their own names. ``quantization_config`` h
 ``quant_method`` and ``sparsity_config``: any other top-level key makes compressed-tensors parse a
 quantization config, and fail.
 
-compressed-tensors removed its sparse compressors in 0.15. Where 0.14 is importable, the export is
-decoded by its own loader (``ModelCompressor.from_compression_config``, the path transformers and
-vLLM ≤ 0.19 take); the project's decoder here reads the format back either way.
+compressed-tensors removed its sparse compressors in 0.15. The export is decoded by 0.14's own loader
+(``ModelCompressor.from_compression_config``, the path transformers 4.x and vLLM ≤ 0.19 take): in this
+process where it is importable, else from the folder ``make install`` keeps it in apart from
+transformers 5 (``exporters.legacy_loader``, in a process of its own); the project's decoder here reads
+the format back either way.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +35,7 @@ from exporters.common import check_pattern, check_space, only_2_4, open_pruned, 
 from exporters.vllm import DTYPES, _vllm_loaded, cast_for_export, plain_config, plugin_targets
 from serving.bitmask import FORMAT, PARTS, compress_24, decompress_24
 
-LEGACY_LOADER = "compressed-tensors 0.14.0.1"
+ISOLATED_ENV = "APT_SPARSE_CT014"  # a folder holding compressed-tensors 0.14 apart from transformers 5
 accepts = only_2_4("the sparse-24-bitmask format and vLLM's CUTLASS kernels hold 2:4 only")
 EXPERTS = "the format compresses Linear weights; vLLM 0.6.5–0.19.0, which read it, ran MoE experts dense"
 
@@ -118,7 +123,7 @@ def export_compressed_tensors(
         copy_side_files(source.folder, tmp)
         validation = {
             "round_trip_bit_exact": _round_trip(read_bitmask_folder(tmp), reader, out_dtype, "the project's decoder"),
-            "compressed_tensors_loader": legacy_loader_check(tmp, reader, out_dtype),
+            "compressed_tensors_loader": legacy_loader_check(tmp, reader, out_dtype, dtype),
             "vllm_loaded": _vllm_loaded(tmp, source, target_dtype, plugin_targets(source), vllm_check, None),
         }
         size = {
@@ -153,13 +158,17 @@ def _round_trip(decoded, reader: CheckpointReader, out_dtype: dict, decoder: str
     return len(seen)
 
 
-def legacy_loader_check(folder: Path, reader: CheckpointReader, out_dtype: dict) -> dict | str:
-    """Decode the folder with compressed-tensors ≤ 0.14's own loader where it is importable."""
-    if importlib.util.find_spec("compressed_tensors") is None:
-        return (
-            "not measured: compressed-tensors is not installed; "
-            "pip install --no-deps compressed-tensors==0.14.0.1 loguru (into its own --target folder)"
-        )
+def legacy_loader_check(folder: Path, reader: CheckpointReader, out_dtype: dict, dtype: str) -> dict | str:
+    """Decode the folder with compressed-tensors ≤ 0.14's own loader: in this process where it is importable,
+    else in a process of its own from the folder ``make install`` keeps it in (``exporters.legacy_loader``)."""
+    isolated = isolated_legacy_folder()
+    if importlib.util.find_spec("compressed_tensors") is None or isolated is not None:
+        if isolated is None:
+            return (
+                "not measured: compressed-tensors 0.14 is not installed; make install keeps it in .venv/ct014 "
+                f"(or: pip install --no-deps --target DIR compressed-tensors==0.14.0.1 loguru; {ISOLATED_ENV}=DIR)"
+            )
+        return _isolated_check(folder, reader.folder, dtype, isolated)
     import compressed_tensors
     from compressed_tensors.compressors import ModelCompressor
 
@@ -172,3 +181,28 @@ def legacy_loader_check(folder: Path, reader: CheckpointReader, out_dtype: dict)
         compressor.sparsity_compressor.decompress(str(folder)), reader, out_dtype, f"compressed-tensors {version}"
     )
     return {"status": "ok", "loader": f"compressed-tensors {version} ModelCompressor", "tensors_bit_exact": count}
+
+
+def isolated_legacy_folder() -> Path | None:
+    """The folder compressed-tensors 0.14 is kept in apart from transformers 5: ``$APT_SPARSE_CT014``, else
+    ``ct014`` in this environment (where ``make install`` puts it), if it holds the package."""
+    folder = Path(os.environ.get(ISOLATED_ENV) or Path(sys.prefix) / "ct014")
+    return folder if (folder / "compressed_tensors").is_dir() else None
+
+
+def _isolated_check(folder: Path, source: Path, dtype: str, isolated: Path) -> dict:
+    """``exporters.legacy_loader`` in a process whose imports find compressed-tensors 0.14 in ``isolated``."""
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(filter(None, [str(isolated), str(root), os.environ.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "exporters.legacy_loader", str(folder), str(source), dtype],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": path},
+    )
+    lines = run.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"error": run.stderr.strip()[-800:]}
+    if "error" in result:
+        raise InvalidInputError(f"compressed-tensors 0.14's loader ({isolated}) rejects the export: {result['error']}")
+    version = result.pop("version")
+    return {"status": "ok", "loader": f"compressed-tensors {version} ModelCompressor (from {isolated})"} | result
