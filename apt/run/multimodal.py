@@ -51,10 +51,12 @@ def image_text_batches(
     files = image_files(images)
     try:
         processor = transformers.AutoProcessor.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError, AttributeError) as err:
+        # transformers' Qwen2-VL and SmolVLM processors build a video processor, which needs torchvision
         raise InvalidInputError(
-            f"--calibration-images: {model_folder} has no processor that reads images ({err}); calibrate on text "
-            "alone (without --calibration-images), or add the model's processor files to the folder"
+            f"--calibration-images: transformers cannot build the processor of {model_folder} "
+            f"({type(err).__name__}: {str(err)[:300]}); add the model's processor files to the folder (or install "
+            "torchvision, which some processors need), or calibrate on text alone (without --calibration-images)"
         ) from err
     if not hasattr(processor, "image_processor"):
         raise InvalidInputError(
