@@ -28,7 +28,7 @@ def model_card(report: dict, command: str) -> str:
     front = {
         **({"base_model": base} if base else {}),
         "library_name": "transformers",
-        "pipeline_tag": "text-generation" if causal else "feature-extraction",
+        "pipeline_tag": _pipeline(report, causal),
         "tags": ["sparse", f"{pattern}-sparsity", "pruned", "apt-sparse", report["config"]["run"]["solver"]["method"]],
     }
     lines = ["---", *_yaml(front), "---", "", f"# {model['name']} pruned to {pattern} sparsity", ""]
@@ -42,7 +42,12 @@ def model_card(report: dict, command: str) -> str:
         "",
         f"- Method: `{solver['method']}`, options {json.dumps({k: v for k, v in solver.items() if k != 'method'})}",
         f"- Calibration: {report['data']['calibration_windows']} windows × {report['data']['max_seq_length']} tokens "
-        f"({report['data']['calibration_tokens']} tokens) of `{report['data']['calibration']}`",
+        f"({report['data']['calibration_tokens']} tokens) of `{report['data']['calibration']}`"
+        + (
+            f", each with one of {report['data']['calibration_images']} images"
+            if report["data"].get("calibration_images")
+            else ""
+        ),
         f"- Command: `{command}`",
         f"- Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
         "",
@@ -59,6 +64,7 @@ def model_card(report: dict, command: str) -> str:
         f"- relative layer loss L(Ŵ)/L(0): mean {figure(totals['mean_relative_loss'])}, "
         f"sum {figure(totals['sum_relative_loss'])}",
         "- embeddings and the LM head are dense",
+        *_vision(report.get("vision")),
         "",
     ]
     worst = sorted((r for r in report["layers"] if not r["skipped"]), key=lambda r: -r["relative_loss"])[:3]
@@ -70,6 +76,27 @@ def model_card(report: dict, command: str) -> str:
     lines += _accuracy(report)
     lines += _deploy(pattern, causal)
     return "\n".join(lines) + "\n"
+
+
+def _pipeline(report: dict, causal: bool) -> str:
+    if report.get("vision") is not None:
+        return "image-text-to-text"
+    return "text-generation" if causal else "feature-extraction"
+
+
+def _vision(vision: dict | None) -> list[str]:
+    """The vision-language model's vision part: dense, or pruned (its blocks, the Linears after them, what stayed
+    dense)."""
+    if vision is None:
+        return []
+    if not vision.get("pruned"):
+        return ["- the vision tower and projector are dense, byte for byte the source's"]
+    kept = vision["matrices_kept_dense"]
+    return [
+        f"- the vision tower's {vision['count']} blocks (`{vision['blocks']}`) and the "
+        f"{len(vision['after_blocks'])} Linears after them are pruned too; {len(kept)} other matrices of the vision "
+        "part stay dense" + (f" (e.g. `{kept[0]}`)" if kept else "")
+    ]
 
 
 def _accuracy(report: dict) -> list[str]:

@@ -42,6 +42,8 @@ def test_a_vision_language_model_prunes_its_language_model_only(tmp_path, family
     assert accuracy["metric"] == "perplexity"
     assert all(0 < accuracy[k]["perplexity"] < float("inf") for k in ("dense", "pruned"))
     assert report["vision"] == {"pruned": False}
+    card = (out / "README.md").read_text()
+    assert 'pipeline_tag: "image-text-to-text"' in card and "vision tower and projector are dense" in card
 
     model = load_whole(src)
     decoder = model.get_decoder()
@@ -107,6 +109,8 @@ def test_the_vision_tower_and_projector_are_pruned_on_images_when_asked(tmp_path
         assert tail == []
         assert "model.multi_modal_projector.mm_input_projection_weight" in report["vision"]["matrices_kept_dense"]
     assert "model.vision_tower.embeddings.patch_embedding.weight" in report["vision"]["matrices_kept_dense"]
+    card = (out / "README.md").read_text()
+    assert "each with one of 3 images" in card and "the vision tower's 2 blocks" in card
 
     # the same run on the model held in memory, on the same image+text samples
     tokenizer = load_tokenizer(src)
