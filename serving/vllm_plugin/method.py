@@ -468,7 +468,6 @@ class Sparse24Fp8LinearMethod(CompressedTensorsLinearMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         op = getattr(layer, "apt_sparse_op", None)
-        if op is not None:
-            out = op(x)  # x quantized per token inside the op; the result in x's dtype
-            return out + bias if bias is not None else out
+        if op is not None:  # x quantized per token inside the op, the bias added in its epilogue; x's dtype out
+            return op.linear(x, bias)
         return super().apply(layer, x, bias)
