@@ -207,7 +207,7 @@ class LayeredModel:
             found = self._assembled_shape(stored)
             if found != shape:
                 info = self.reader.info(stored.keys[0][0])
-                what = f"tensor {info.name} has" if not stored.stacked else f"the tensors of {names[0]} give"
+                what = f"tensor {info.name} has" if len(stored.all_keys) == 1 else f"the tensors of {names[0]} give"
                 raise CheckpointError(
                     f"{info.file.name}: {what} shape {list(found)} but the config implies {list(shape)}: the "
                     "checkpoint and its config.json do not belong together"
@@ -228,12 +228,10 @@ class LayeredModel:
                 module._buffers[attr] = self.reader.read(key, buffer.dtype)
 
     def _assembled_shape(self, stored: Stored) -> tuple[int, ...]:
-        if not stored.stacked:
-            return tuple(self.reader.info(stored.keys[0][0]).shape)
         first = [self.reader.info(k).shape for k in stored.keys[0]]
         joined = list(first[0])
         joined[stored.concat_dim] = sum(s[stored.concat_dim] for s in first)
-        return (len(stored.keys), *joined)
+        return (len(stored.keys), *joined) if stored.stacked else tuple(joined)
 
     def checkpoint_keys(self, name: str) -> list[str]:
         """The checkpoint tensors that hold the parameter ``name`` (``model.layers.3.mlp.up_proj.weight``): one,
@@ -253,7 +251,9 @@ class LayeredModel:
         axis the pattern runs along)."""
         if not target.is_expert:
             axis = {"in_axis": target.in_axis} if target.in_axis != -1 else {}  # a Conv1D stores [in, out]
-            return {"tensor": self.checkpoint_key(target.parameter)} | axis
+            keys = self.checkpoint_keys(target.parameter)
+            joined = {"tensors": keys} if len(keys) > 1 else {}  # a Linear the checkpoint stores in parts
+            return {"tensor": keys[0]} | joined | axis
         stored = self._stored.get(target.parameter)
         if stored is not None and stored.stacked:
             return {"tensor": stored.keys[target.expert][0], "tensors": list(stored.keys[target.expert]), "in_axis": -1}

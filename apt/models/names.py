@@ -23,31 +23,34 @@ from apt.errors import UnsupportedModelError
 
 @dataclass(frozen=True)
 class Stored:
-    """How parameter ``name`` is stored. ``keys[e]`` are expert e's tensors in concatenation order (one
-    tensor and no experts for an ordinary parameter: ``((key,),)`` with ``stacked=False``)."""
+    """How parameter ``name`` is stored. ``keys[e]`` are expert e's tensors in concatenation order; without
+    experts (``stacked=False``) ``keys`` has one entry: the parameter's one tensor ``((key,),)``, or the parts
+    it is joined from (Kimi Linear's and OLMo hybrid's ``q_conv1d``, ``k_conv1d``, ``v_conv1d`` make one
+    ``conv1d``)."""
 
     keys: tuple[tuple[str, ...], ...]
     stacked: bool = False
-    concat_dim: int = 0  # the axis of each expert's slice along which its parts are joined
+    concat_dim: int = 0  # the axis of each expert's slice (or of the parameter) along which its parts are joined
 
     @property
     def all_keys(self) -> list[str]:
         return [k for parts in self.keys for k in parts]
 
     def assemble(self, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        if not self.stacked:
+        if not self.stacked and len(self.keys[0]) == 1:
             return read(self.keys[0][0])
         slices = [torch.cat([read(k) for k in parts], dim=self.concat_dim) for parts in self.keys]
-        return torch.stack(slices)
+        return torch.stack(slices) if self.stacked else slices[0]
 
     def split(self, tensor: torch.Tensor, shape_of: Callable[[str], tuple[int, ...]]) -> list[tuple[str, torch.Tensor]]:
         """``(key, tensor)`` for every stored tensor, cut from the parameter ``tensor``."""
-        if not self.stacked:
+        if not self.stacked and len(self.keys[0]) == 1:
             return [(self.keys[0][0], tensor)]
         out = []
         for e, parts in enumerate(self.keys):
             sizes = [shape_of(k)[self.concat_dim] for k in parts]
-            out += list(zip(parts, (p.contiguous() for p in tensor[e].split(sizes, dim=self.concat_dim))))
+            whole = tensor[e] if self.stacked else tensor
+            out += list(zip(parts, (p.contiguous() for p in whole.split(sizes, dim=self.concat_dim))))
         return out
 
 
@@ -89,14 +92,24 @@ def stored_layout(model: torch.nn.Module, checkpoint_keys: list[str], names: lis
         if converter is None:
             found.setdefault(target, {"single": key})
             continue
-        _check_streamable(key, target, converter)
-        expert = int(re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key).group(1))
+        joined = _check_streamable(key, target, converter, getattr(model.config, "model_type", type(model).__name__))
+        # the expert (or shard) number where the pattern, a regex to transformers, has its "*"
+        star = re.search(pattern.replace("*", r"(?P<index>\d+)", 1), key) if "*" in pattern else None
+        index = int(star.group("index")) if star else 0
+        if joined is not None:  # parts joined into one parameter, in source-pattern order (then shard order)
+            entry = found.setdefault(target, {"joined": {}, "dim": joined})
+            entry["joined"][(converter.source_patterns.index(pattern), index)] = key
+            continue
         entry = found.setdefault(target, {"experts": {}, "parts": len(converter.source_patterns)})
-        entry["experts"].setdefault(expert, {})[converter.source_patterns.index(pattern)] = key
+        entry["experts"].setdefault(index, {})[converter.source_patterns.index(pattern)] = key
     layout = {}
     for name, entry in found.items():
         if "single" in entry:
             layout[name] = Stored(((entry["single"],),))
+            continue
+        if "joined" in entry:
+            parts = entry["joined"]
+            layout[name] = Stored((tuple(parts[i] for i in sorted(parts)),), concat_dim=entry["dim"])
             continue
         experts = entry["experts"]
         if sorted(experts) != list(range(len(experts))) or any(len(p) != entry["parts"] for p in experts.values()):
@@ -130,17 +143,29 @@ def _loading_names(model, keys: list[str]) -> dict[str, tuple[str, str | None, o
     return out
 
 
-def _check_streamable(key: str, target: str, converter) -> None:
-    """Only converters that stack per-expert tensors (and join gate and up) can be read and written back one
-    tensor at a time; any other is refused with what to do."""
+def _check_streamable(key: str, target: str, converter, model_type: str) -> int | None:
+    """Only converters that stack per-expert tensors (and join gate and up), or that join tensors into one
+    parameter, can be read and written back one tensor at a time; any other (Lara's ``Split`` of one stored
+    ``in_proj`` into four Linears, Inkling 2's ``Interleave``) is refused, naming the family and what to do.
+    Returns the axis a join-only converter concatenates along, ``None`` for an experts converter."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
     ops = [type(op) for op in converter.operations]
+    if ops == [Concatenate]:
+        return converter.operations[0].dim
     if ops not in ([MergeModulelist], [MergeModulelist, Concatenate]) or any(
         getattr(op, "dim", 0) != (1 if isinstance(op, Concatenate) else 0) for op in converter.operations
     ):
         used = [type(op).__name__ for op in converter.operations]
+        # a folder saved as transformers holds the model (not in the checkpoint's layout) loads without the
+        # converter, unless the converter also matches the model's own names
+        resaved = converter.rename_source_key(target)[1] is None
         raise UnsupportedModelError(
-            f"{key}: transformers builds {target} from it with {used}, which apt-sparse cannot stream; "
-            "save the model with save_pretrained(save_original_format=False) and prune that folder"
+            f"{model_type}: transformers builds {target} from the checkpoint's {key} with {used}, which apt-sparse "
+            "cannot read and write back one tensor at a time"
+            + (
+                "; save the model with save_pretrained(save_original_format=False) and prune that folder"
+                if resaved
+                else ""
+            )
         )
