@@ -21,6 +21,7 @@ import ctypes
 import dataclasses
 import inspect
 import logging
+import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from apt.errors import UnsupportedModelError
 from apt.models.checkpoint import CheckpointError, CheckpointReader
 from apt.models.discovery import is_causal, layout_of
 from apt.models.names import Stored, stored_layout
@@ -356,6 +358,7 @@ class LayeredModel:
         is stood in for by a recorder that passes its input through."""
         records: list[dict] = []
         originals = [block.__dict__.get("forward") for block in self.blocks]
+        unpacked: list[int] = []  # how many values the model's loop unpacks from a block, once learnt
 
         def recorder(index: int, block: torch.nn.Module):
             signature = inspect.signature(type(block).forward)
@@ -369,25 +372,46 @@ class LayeredModel:
                     if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
                         arguments.update(arguments.pop(name))
                 hidden = arguments.pop(names[1])
+                called = len(records[-1]["kwargs"]) if records else 0  # blocks called so far in this pass
+                if index != called:  # a looped core (Dory's) calls its blocks again within one pass
+                    raise UnsupportedModelError(
+                        f"{self.layout.name}: its forward calls block {index} of {self.block_path} after block "
+                        f"{called - 1}, not each block once in order (it runs blocks more than once, a looped "
+                        "core): such blocks cannot be pruned one after another"
+                    )
                 if index == 0:
                     records.append({"hidden": hidden.detach(), "kwargs": []})
                 records[-1]["kwargs"].append({k: v for k, v in arguments.items() if k not in _CACHE_KWARGS})
                 if index == len(self.blocks) - 1:
                     raise _Stop
-                return _stand_in_output(block, hidden)
+                return _stand_in_output(block, hidden, *unpacked[-1:])
 
             return forward
 
         for index, block in enumerate(self.blocks):
             block.forward = recorder(index, block)
         options = {"use_cache": False} if self.layout.causal else {}
+
+        def run_once(batch) -> None:
+            try:
+                self.model(**to_device(batch, self.device), **options)
+            except _Stop:
+                pass
+
         try:
             with self.loaded(self.outside_names(), reader):
                 for batch in batches:
                     try:
-                        self.model(**to_device(batch, self.device), **options)
-                    except _Stop:
-                        pass
+                        run_once(batch)
+                    except ValueError as err:
+                        # a block whose forward is not annotated returns a tuple the loop unpacks (RWKV's
+                        # hidden, state, attentions): learn its length from Python's error and call again
+                        expected = re.search(r"values to unpack \(expected (\d+)", str(err))
+                        if unpacked or not expected or not records:
+                            raise
+                        unpacked.append(int(expected.group(1)))
+                        records.pop()
+                        run_once(batch)
                     record = records.pop()
                     store.append(record["hidden"], _shared(record["kwargs"]))
         finally:
@@ -429,10 +453,13 @@ class LayeredModel:
         return hidden
 
 
-def _stand_in_output(block: torch.nn.Module, hidden: torch.Tensor):
+def _stand_in_output(block: torch.nn.Module, hidden: torch.Tensor, unpacked: int | None = None):
     """What the model's loop gets back from a recording block so that it goes on to the next (only block 0's
     input and each block's keyword arguments are kept): the hidden states, or a tuple of the length the
-    block's ``forward`` is annotated to return (Bamba unpacks ``hidden, attn_weights``)."""
+    block's ``forward`` is annotated to return (Bamba unpacks ``hidden, attn_weights``) or the loop was
+    found to unpack (``unpacked``)."""
+    if unpacked:
+        return (hidden, *[None] * (unpacked - 1))
     annotation = inspect.signature(type(block).forward).return_annotation
     arguments = typing.get_args(annotation) if typing.get_origin(annotation) is tuple else ()
     if arguments and Ellipsis not in arguments:
