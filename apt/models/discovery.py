@@ -34,6 +34,12 @@ from apt.models.families import OVERRIDES
 
 CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+# the config fields transformers' causal LMs read to soft-cap the logits, ``cap · tanh(logits / cap)``: Gemma 2/3's,
+# RecurrentGemma's, xLSTM's
+SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# the config fields by which they divide the logits (or the last hidden states, before a head without bias): Granite's
+# logits_scaling, Inkling's μP width multiplier
+DIVISOR_NAMES = ("logits_scaling", "logits_mup_width_multiplier")
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,8 @@ def layout_of(model: torch.nn.Module) -> ModelLayout:
         final = override.final
     else:
         final = find_final(model, path) if causal else ()
-    softcap = getattr(config, "final_logit_softcapping", None)
-    divisor = getattr(config, "logits_scaling", None)
+    softcap = next((getattr(config, k) for k in SOFTCAP_NAMES if getattr(config, k, None)), None)
+    divisor = next((getattr(config, k) for k in DIVISOR_NAMES if getattr(config, k, None)), None)
     return ModelLayout(
         model_type=model_type,
         block_path=path,
@@ -329,14 +335,15 @@ def unknown_weights(block: torch.nn.Module, prefix: str, targets: list[Target]) 
     """The parameters of ``block`` with more than two dimensions that no target covers and that are no
     convolution's kernel: weights stored in a layout discovery does not know (an experts class that records
     no layout, such as Granite MoE's ``ParallelExperts`` before transformers 5.25), which the run leaves
-    dense. Each as ``{"name", "shape", "module"}``, for the report to say so instead of staying silent."""
+    dense. Each as ``{"name", "shape", "module"}``, for the report to say so instead of staying silent. A vector
+    stored with extra unit axes (Kimi Linear's ``A_log`` ``[1, 1, H, 1]``) is no matrix and is not listed."""
     covered = {id(getattr(t.module, t.part) if t.is_expert else t.module.weight) for t in targets}
     found = []
     for name, module in block.named_modules():
         if isinstance(module, torch.nn.modules.conv._ConvNd):
             continue
         for attr, param in module.named_parameters(recurse=False):
-            if param.dim() > 2 and id(param) not in covered:
+            if param.dim() > 2 and sum(size > 1 for size in param.shape) > 1 and id(param) not in covered:
                 full = ".".join(part for part in (prefix, name, attr) if part)
                 found.append({"name": full, "shape": list(param.shape), "module": type(module).__name__})
     return found
