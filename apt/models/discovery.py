@@ -128,6 +128,8 @@ def layout_of(model: torch.nn.Module) -> ModelLayout:
     config = model.config
     model_type = getattr(config, "model_type", None) or type(model).__name__
     override = OVERRIDES.get(model_type)
+    if override and override.refused:
+        raise UnsupportedModelError(f"{model_type}: cannot be pruned block by block: {override.why}")
     path = override.block_path if override and override.block_path else find_block_path(model)
     causal = is_causal(config) if not (override and override.causal is not None) else override.causal
     if override and override.final is not None:

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 class Override:
     """What discovery cannot read off a model of this type: the dotted path of its blocks, whether it is a
     causal LM, the modules applied after its last block (a path absent or ``None`` in a given config is
-    skipped); ``why`` is said in the report."""
+    skipped), or that it cannot be pruned block by block at all (``refused``: the run stops with ``why``);
+    ``why`` is said in the report."""
 
     why: str
     block_path: str | None = None
     causal: bool | None = None
     final: tuple[str, ...] | None = None
+    refused: bool = False
 
 
 OVERRIDES: dict[str, Override] = {
@@ -26,5 +28,13 @@ OVERRIDES: dict[str, Override] = {
     "opt": Override(
         why="OPT registers its final norm and output projection before its blocks",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    ),
+    # modeling_zaya.py (transformers 5.25): ZayaModel's loop hands each ZayaDecoderLayer's second output, its
+    # router's hidden states, to the next layer's router (prev_router_hidden_states). A block run on its own, as
+    # the streamed run and evaluation run it, would get None there; the recorded calls cannot carry it.
+    "zaya": Override(
+        why="its blocks hand their router's hidden states to the next block (prev_router_hidden_states) besides "
+        "the hidden states, and a block pruned or evaluated on its own cannot be given them",
+        refused=True,
     ),
 }
