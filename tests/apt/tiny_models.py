@@ -20,6 +20,8 @@ TOKENS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102)  # the BERT to
 # windows of 32 tokens: sliding windows and attention chunks of 8 make those layers really differ
 LOCAL = 8
 
+# gated DeltaNet mixers (Qwen3.5, OLMo hybrid, …): 2 key heads, 4 value heads of 16
+DELTANET = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_expand=2)
 
 CONFIGS = {
@@ -187,6 +189,148 @@ CONFIGS = {
         n_groups=1,
         expand=2,
     ),
+    # Qwen3.5's text model: gated DeltaNet (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj) beside
+    # gated attention
+    "qwen3_5_text": lambda: transformers.Qwen3_5TextConfig(
+        **SMALL, **ATTN, **TOKENS, head_dim=16, layer_types=["linear_attention", "full_attention"], **DELTANET
+    ),
+    # the same with a shared expert and experts in every block
+    "qwen3_5_moe_text": lambda: transformers.Qwen3_5MoeTextConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        head_dim=16,
+        layer_types=["linear_attention", "full_attention"],
+        **DELTANET,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+    ),
+    # LFM2's short convolutions beside attention, block 0 with a dense MLP, block 1 with experts
+    "lfm2_moe": lambda: transformers.Lfm2MoeConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        layer_types=["conv", "full_attention"],
+        num_dense_layers=1,
+        moe_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
+    # Mamba-1 with RMS-normed B, C and dt
+    "falcon_mamba": lambda: transformers.FalconMambaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, time_step_rank=8, **TOKENS
+    ),
+    # Griffin: an RG-LRU recurrent block (conv_1d and the LRU's block-diagonal gates dense), then local attention
+    "recurrent_gemma": lambda: transformers.RecurrentGemmaConfig(
+        **SMALL,
+        **TOKENS,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        block_types=["recurrent", "attention"],
+    ),
+    # RWKV-4: time mixing (key, value, receptance, output; time_decay, time_first dense) and channel mixing
+    "rwkv": lambda: transformers.RwkvConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, intermediate_size=128, context_length=256, **TOKENS
+    ),
+    # xLSTM-7B's mLSTM blocks: q, k, v, gate pre-activations and out_proj, then a gated feed-forward;
+    # qk_dim_factor 1: transformers' own forward with a cache fails where the q/k width rounds up (64 · 0.5 → 64)
+    "xlstm": lambda: transformers.xLSTMConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=4, qk_dim_factor=1.0, **TOKENS
+    ),
+    # lightning (linear) attention in block 1, softmax attention in block 0; experts in both
+    "minimax": lambda: transformers.MiniMaxConfig(
+        **SMALL, **ATTN, **TOKENS, head_dim=16, num_local_experts=4, num_experts_per_tok=2, block_size=8
+    ),
+    # Kimi delta attention (its short convolutions dense) beside multi-head latent attention; block 1 with experts
+    "kimi_linear": lambda: transformers.KimiLinearConfig(
+        **SMALL,
+        **TOKENS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        linear_head_dim=16,
+        linear_num_heads=4,
+        layer_types=["linear_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse"],
+    ),
+    # OLMo hybrid: gated DeltaNet (its q/k/v short convolutions stored as three tensors) beside attention
+    "olmo_hybrid": lambda: transformers.OlmoHybridConfig(
+        **SMALL, **ATTN, **TOKENS, layer_types=["linear_attention", "full_attention"], **DELTANET
+    ),
+    # Ling 2.5: gated delta attention beside latent attention, block 1 with experts
+    "bailing_hybrid": lambda: transformers.BailingHybridConfig(
+        **SMALL,
+        **TOKENS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        head_dim=16,
+        layer_group_size=2,
+        num_mtp_layers=0,
+    ),
+    # LFM3: short convolutions beside sliding-window gated attention
+    "lfm3": lambda: transformers.Lfm3Config(
+        **SMALL, **ATTN, **TOKENS, head_dim=16, layer_types=["conv", "sliding_attention"], sliding_window=LOCAL
+    ),
+    # Qwen4-Exp's text model: gated DeltaNet beside attention with a token indexer, hyper-connections (2 residual
+    # streams) around both, experts and a gated shared expert in every block
+    "qwen4_exp_text": lambda: transformers.Qwen4ExpTextConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        head_dim=16,
+        layer_types=["linear_attention", "full_attention"],
+        **DELTANET,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        hc_count=2,
+        hc_lowrank=32,
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+    ),
+    # Inkling: attention whose k and v pass short convolutions, and short convolutions after attention and MLP;
+    # block 0 dense, block 1 with experts and shared experts
+    "inkling_text": lambda: transformers.InklingTextConfig(
+        **SMALL,
+        **ATTN,
+        **TOKENS,
+        head_dim=16,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=2,
+        swa_head_dim=16,
+        sliding_window_size=LOCAL,
+        layer_types=["hybrid_sliding", "hybrid"],
+        mlp_layer_types=["dense", "sparse"],
+        moe_intermediate_size=64,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+    ),
 }
 # vision-language models: the language model is pruned, the vision tower and projector stay dense
 VISION = dict(
@@ -239,8 +383,131 @@ REFUSED = {
         ),
         ("zamba2", "share weights"),
     ),
+    # Zamba: one attention block shared by every hybrid layer, as Zamba2's
+    "zamba": (
+        lambda: transformers.ZambaConfig(
+            **(SMALL | dict(num_hidden_layers=4)),
+            **ATTN,
+            **TOKENS,
+            attention_head_dim=16,
+            n_mamba_heads=2,
+            mamba_d_state=16,
+            mamba_dt_rank=8,
+            layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        ),
+        ("zamba", "share weights"),
+    ),
+    # Lara: its checkpoints store the gated DeltaNet's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a as one tensor
+    # (linear_attn.in_proj) that transformers splits when it loads; a folder saved with save_original_format=False
+    # prunes
+    "lara_mini": (
+        lambda: transformers.LaraMiniConfig(
+            **SMALL,
+            **ATTN,
+            **TOKENS,
+            head_dim=16,
+            layer_types=["linear_attention", "sliding_attention"],
+            sliding_window=LOCAL,
+            **DELTANET,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+        ),
+        ("lara_mini", "in_proj", "Split", "save_original_format=False"),
+    ),
+    # ZAYA: each block hands its router's hidden states to the next block's router
+    "zaya": (
+        lambda: transformers.ZayaConfig(
+            **SMALL,
+            **ATTN,
+            **TOKENS,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=1,
+            moe_intermediate_size=64,
+            router_hidden_size=64,
+            layer_types=["hybrid", "hybrid_sliding"],
+            sliding_window=LOCAL,
+        ),
+        ("zaya", "router's hidden states", "cannot be pruned block by block"),
+    ),
+    # Inkling 2: its experts stored gate/up interleaved and its head unpadded, rebuilt by converters of its own
+    "inkling2_text": (
+        lambda: transformers.Inkling2TextConfig(
+            **SMALL,
+            **ATTN,
+            **TOKENS,
+            head_dim=16,
+            swa_num_attention_heads=4,
+            swa_num_key_value_heads=2,
+            swa_head_dim=16,
+            sliding_window_size=LOCAL,
+            layer_types=["hybrid_sliding", "hybrid"],
+            moe_intermediate_size=64,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            unpadded_vocab_size=VOCAB,
+            n_layers_per_attn_res_block=1,
+        ),
+        ("inkling2_text", "cannot read and write back"),
+    ),
+    # Inkling 2 loop: the same checkpoint converters, and blocks 1..2 run twice (a looped core)
+    "inkling2_loop_text": (
+        lambda: transformers.Inkling2LoopTextConfig(
+            **(SMALL | dict(num_hidden_layers=4)),
+            **ATTN,
+            **TOKENS,
+            head_dim=16,
+            swa_num_attention_heads=4,
+            swa_num_key_value_heads=2,
+            swa_head_dim=16,
+            sliding_window_size=LOCAL,
+            layer_types=["hybrid_sliding", "hybrid"] * 2,
+            moe_intermediate_size=64,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            unpadded_vocab_size=VOCAB,
+            n_layers_per_attn_res_block=1,
+            loop_layer_index_start=1,
+            loop_layer_index_end=3,
+            loop_num_passes=2,
+            loop_gate_rank=16,
+        ),
+        ("inkling2_loop_text", "cannot read and write back"),
+    ),
+    # Dory: blocks 1..2 run twice per forward (a looped recurrent core), each a transformer block
+    "dory": (
+        lambda: transformers.DoryConfig(
+            **(SMALL | dict(num_hidden_layers=4)),
+            **ATTN,
+            **TOKENS,
+            head_dim=16,
+            sliding_window=LOCAL,
+            n_input_layers=1,
+            n_output_layers=1,
+            n_recurrent_loops=2,
+        ),
+        ("dory", "more than once"),
+    ),
 }
-MOE = ("qwen3_moe", "mixtral", "llama4_text", "deepseek_v3", "gpt_oss", "granitemoehybrid", "jamba", "qwen3_next")
+MOE = (
+    "qwen3_moe",
+    "mixtral",
+    "llama4_text",
+    "deepseek_v3",
+    "gpt_oss",
+    "granitemoehybrid",
+    "jamba",
+    "qwen3_next",
+    "qwen3_5_moe_text",
+    "lfm2_moe",
+    "minimax",
+    "kimi_linear",
+    "bailing_hybrid",
+    "qwen4_exp_text",
+    "inkling_text",
+)
 
 
 def save_tiny_model(family: str, folder: Path, poison=None, **overrides) -> Path:
