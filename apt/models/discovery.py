@@ -138,6 +138,8 @@ def layout_of(model: torch.nn.Module) -> ModelLayout:
         final = find_final(model, path) if causal else ()
     softcap = next((getattr(config, k) for k in SOFTCAP_NAMES if getattr(config, k, None)), None)
     divisor = next((getattr(config, k) for k in DIVISOR_NAMES if getattr(config, k, None)), None)
+    if divisor and override and override.logits_scaling_multiplies:
+        divisor = 1 / float(divisor)
     return ModelLayout(
         model_type=model_type,
         block_path=path,

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 class Override:
     """What discovery cannot read off a model of this type: the dotted path of its blocks, whether it is a
     causal LM, the modules applied after its last block (a path absent or ``None`` in a given config is
-    skipped), or that it cannot be pruned block by block at all (``refused``: the run stops with ``why``);
-    ``why`` is said in the report."""
+    skipped), that its ``logits_scaling`` multiplies the logits where Granite's divides them
+    (``logits_scaling_multiplies``), or that it cannot be pruned block by block at all (``refused``: the run
+    stops with ``why``); ``why`` is said in the report."""
 
     why: str
     block_path: str | None = None
     causal: bool | None = None
     final: tuple[str, ...] | None = None
+    logits_scaling_multiplies: bool = False
     refused: bool = False
 
 
@@ -28,6 +30,12 @@ OVERRIDES: dict[str, Override] = {
     "opt": Override(
         why="OPT registers its final norm and output projection before its blocks",
         final=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    ),
+    # modeling_hyperclovax.py (transformers 5.25) HyperCLOVAXForCausalLM.forward: "MuP: multiply logits by
+    # logits_scaling (cf. GraniteForCausalLM which divides)": the same config key, the other way round.
+    "hyperclovax": Override(
+        why="HyperCLOVAX multiplies its logits by logits_scaling, which Granite divides them by",
+        logits_scaling_multiplies=True,
     ),
     # modeling_zaya.py (transformers 5.25): ZayaModel's loop hands each ZayaDecoderLayer's second output, its
     # router's hidden states, to the next layer's router (prev_router_hidden_states). A block run on its own, as

@@ -116,6 +116,10 @@ CONFIGS = {
         attention_multiplier=0.2,
         logits_scaling=4.0,
     ),
+    # HyperCLOVAX multiplies its logits by logits_scaling, where Granite divides (the override table)
+    "hyperclovax": lambda: transformers.HyperCLOVAXConfig(
+        **SMALL, **ATTN, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0
+    ),
     # no pre-norms: q/k/v and gate/up read the raw residual stream
     "olmo2": lambda: transformers.Olmo2Config(**SMALL, **ATTN, **TOKENS),
     # Conv1D layers: weights stored [in, out]; the head tied to the embedding

@@ -40,6 +40,7 @@ EXPECTED = {
     "mistral": (14, 0),
     "qwen3": (14, 0),
     "granite": (14, 0),
+    "hyperclovax": (14, 0),
     "olmo2": (14, 0),
     "gemma3_text": (14, 0),
     "phi3": (8, 0),  # qkv_proj, o_proj, gate_up_proj, down_proj
