@@ -37,6 +37,13 @@ OVERRIDES: dict[str, Override] = {
         why="HyperCLOVAX multiplies its logits by logits_scaling, which Granite divides them by",
         logits_scaling_multiplies=True,
     ),
+    # modeling_hrm_text.py (transformers 5.25) HrmTextModel.forward: two stacks of blocks (L_module, H_module)
+    # run in H_cycles × (L_cycles + 1) rounds, every block several times per token, each time on other inputs.
+    "hrm_text": Override(
+        why="its two stacks of blocks (L_module and H_module) run in cycles, every block several times per token "
+        "on other inputs, so no single order of blocks describes the model",
+        refused=True,
+    ),
     # modeling_zaya.py (transformers 5.25): ZayaModel's loop hands each ZayaDecoderLayer's second output, its
     # router's hidden states, to the next layer's router (prev_router_hidden_states). A block run on its own, as
     # the streamed run and evaluation run it, would get None there; the recorded calls cannot carry it.

@@ -494,6 +494,11 @@ REFUSED = {
         ),
         ("dory", "more than once"),
     ),
+    # two stacks of blocks run in cycles (the override table)
+    "hrm_text": (
+        lambda: transformers.HrmTextConfig(**SMALL, **ATTN, **TOKENS, head_dim=16, H_cycles=2, L_cycles=1),
+        ("hrm_text", "cannot be pruned block by block: its two stacks of blocks"),
+    ),
 }
 MOE = (
     "qwen3_moe",
