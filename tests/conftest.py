@@ -29,6 +29,15 @@ def smollm2_demo(tmp_path_factory):
     magnitude, exported to every target, benchmarked and reported. ``(folder, printed output)``."""
     from apt_sparse.cli import main
 
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # every test that uses the demo shares one worker (the hook below): a second build means it does not
+        claim = tmp_path_factory.getbasetemp().parent / "smollm2_demo.worker"  # the run's folder, shared by workers
+        if claim.exists() and claim.read_text() != worker:
+            pytest.fail(
+                f"worker {worker} would build the SmolLM2 demo again ({claim.read_text()} built it): --dist loadgroup "
+                "is not grouping the tests that use it (pytest-xdist with pytest 9 renames no node id)"
+            )
+        claim.write_text(worker)
     out = tmp_path_factory.mktemp("demo") / "demo"
     capture = pytest.MonkeyPatch()
     lines = []
