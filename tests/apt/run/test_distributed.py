@@ -24,7 +24,7 @@ from apt.run import PruneJob, RunConfig, partial_folder, prune_model
 from apt.solver import PruneConfig, prune_layer
 from apt.solver.patterns import is_nm_sparse
 
-from ..tiny_models import save_tiny_model
+from ..tiny_models import save_images, save_tiny_model, save_tiny_vlm_with_processor
 
 REPO = Path(__file__).resolve().parents[3]
 ENV = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -81,6 +81,39 @@ def torchrun(*args: str, script: Path | None = None, timeout: int = 300) -> subp
 
 
 FAST = ["--num-calibration-samples", "8", "--max-seq-length", "32", "--batch-size", "2", "--num-eval-windows", "4"]
+
+
+def test_two_ranks_prune_a_vision_language_model_with_its_vision_part_as_one_does(tmp_path):
+    # --prune-vision under torchrun: each rank calibrates the vision blocks, the projector and the language model on
+    # its share of the image+text samples; the Hessians are summed, rank 0 writes, and the ranks read the pruned
+    # vision part back through the broadcast reader before the language model
+    src = save_tiny_vlm_with_processor("llava", tmp_path / "src")
+    images = save_images(tmp_path / "images", 2)
+    vision = ["--prune-vision", "--calibration-images", str(images), "--mask-search", "off"]
+    run = torchrun("prune", "--model", str(src), "--out", str(tmp_path / "two"), *FAST, *vision)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = prune_model(
+        PruneJob(
+            model=str(src),
+            out=str(tmp_path / "one"),
+            num_calibration_samples=8,
+            max_seq_length=32,
+            num_eval_windows=4,
+            calibration_images=str(images),
+            run=RunConfig(batch_size=2, vision=True, solver=PruneConfig(mask_search="off")),
+        )
+    )
+    two = json.loads((tmp_path / "two" / REPORT_NAME).read_text())
+    assert [r["calibration_batches"] for r in two["distributed"]["ranks"]] == [4, 4]  # 8 samples, one per batch
+    assert two["vision"] == one["vision"] and two["totals"]["all_nm_valid"]
+    assert [r["name"] for r in two["layers"]] == [r["name"] for r in one["layers"]]
+    vision_layers = [r for r in one["layers"] if not r["name"].startswith("model.language_model.")]
+    assert len(vision_layers) == 14  # 2 CLIP blocks × 6, the projector's 2
+    for a, b in zip(one["layers"], two["layers"]):  # the ranks' summation order moves a few masks, as above
+        assert b["relative_loss"] == pytest.approx(a["relative_loss"], rel=5e-2), a["name"]
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "two")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert all(is_nm_sparse(model.get_parameter(f"{r['name']}.weight").data) for r in vision_layers)
 
 
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])  # DeepSeek-V3: one dense block, then MoE blocks
