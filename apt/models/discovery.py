@@ -180,24 +180,14 @@ def find_block_path(model: torch.nn.Module) -> str:
         if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__ in classes
     ]
     if not lists:  # no _no_split_modules: the longest list of modules of one class that hold Linears
-        lists = [
-            (name, module)
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.ModuleList)
-            and len(module) > 1
-            and len({type(m) for m in module}) == 1
-            and any(isinstance(m, torch.nn.Linear) or is_conv1d(m) for m in module[0].modules())
-        ]
-        lists.sort(key=lambda item: -len(item[1]))
-        lists = lists[:1]
+        lists = sorted(_repeated_blocks(model), key=lambda item: -len(item[1]))[:1]
     if len(lists) > 1:  # a vision-language wrapper lists its vision layers too: keep the text decoder's
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         inside = [(n, m) for n, m in lists if decoder is not model and any(m is x for x in decoder.modules())]
         lists = inside or lists
     if len(lists) != 1:
-        found = ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for n, m in lists) or "none"
         raise UnsupportedModelError(
-            f"{type(model).__name__}: cannot tell which module list holds its blocks (found: {found}; "
+            f"{type(model).__name__}: cannot tell which module list holds its blocks (found: {_listed(lists)}; "
             f"_no_split_modules: {sorted(classes) or 'not set'}): this model needs an entry in apt.models.families"
         )
     return lists[0][0]
@@ -208,23 +198,29 @@ def vision_block_path(model: torch.nn.Module, text_blocks: str) -> str:
     Linears, outside its text decoder (SigLIP's ``encoder.layers``, Qwen2-VL's ``visual.blocks``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     inside = {id(m) for m in decoder.modules()} if decoder is not model else set()
-    lists = [
+    lists = [(n, m) for n, m in _repeated_blocks(model) if id(m) not in inside and n != text_blocks]
+    if len(lists) != 1:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: cannot tell which module list holds its vision tower's blocks (found "
+            f"outside the text decoder: {_listed(lists)}); prune its language model alone (without --prune-vision)"
+        )
+    return lists[0][0]
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """Every list of two or more modules of one class that hold a Linear (or a GPT-2 Conv1D)."""
+    return [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.ModuleList)
-        and id(module) not in inside
-        and name != text_blocks
         and len(module) > 1
         and len({type(m) for m in module}) == 1
         and any(isinstance(m, torch.nn.Linear) or is_conv1d(m) for m in module[0].modules())
     ]
-    if len(lists) != 1:
-        found = ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for n, m in lists) or "none"
-        raise UnsupportedModelError(
-            f"{type(model).__name__}: cannot tell which module list holds its vision tower's blocks (found "
-            f"outside the text decoder: {found}); prune its language model alone (without --prune-vision)"
-        )
-    return lists[0][0]
+
+
+def _listed(lists: list[tuple[str, torch.nn.ModuleList]]) -> str:
+    return ", ".join(f"{n} ({len(m)} × {type(m[0]).__name__})" for n, m in lists) or "none"
 
 
 def vision_tail_targets(
