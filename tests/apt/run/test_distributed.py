@@ -83,6 +83,13 @@ def torchrun(*args: str, script: Path | None = None, timeout: int = 300) -> subp
 FAST = ["--num-calibration-samples", "8", "--max-seq-length", "32", "--batch-size", "2", "--num-eval-windows", "4"]
 
 
+def one_rank(src: Path, out: Path, vision: bool = False, **job) -> dict:
+    """The FAST run without the ADMM search in this one process: what two ranks are compared to."""
+    run = RunConfig(batch_size=2, vision=vision, solver=PruneConfig(mask_search="off"))
+    config = dict(num_calibration_samples=8, max_seq_length=32, num_eval_windows=4)
+    return prune_model(PruneJob(model=str(src), out=str(out), run=run, **config, **job))
+
+
 def test_two_ranks_prune_a_vision_language_model_with_its_vision_part_as_one_does(tmp_path):
     # --prune-vision under torchrun: each rank calibrates the vision blocks, the projector and the language model on
     # its share of the image+text samples; the Hessians are summed, rank 0 writes, and the ranks read the pruned
@@ -92,17 +99,7 @@ def test_two_ranks_prune_a_vision_language_model_with_its_vision_part_as_one_doe
     vision = ["--prune-vision", "--calibration-images", str(images), "--mask-search", "off"]
     run = torchrun("prune", "--model", str(src), "--out", str(tmp_path / "two"), *FAST, *vision)
     assert run.returncode == 0, run.stderr[-3000:]
-    one = prune_model(
-        PruneJob(
-            model=str(src),
-            out=str(tmp_path / "one"),
-            num_calibration_samples=8,
-            max_seq_length=32,
-            num_eval_windows=4,
-            calibration_images=str(images),
-            run=RunConfig(batch_size=2, vision=True, solver=PruneConfig(mask_search="off")),
-        )
-    )
+    one = one_rank(src, tmp_path / "one", calibration_images=str(images), vision=True)
     two = json.loads((tmp_path / "two" / REPORT_NAME).read_text())
     assert [r["calibration_batches"] for r in two["distributed"]["ranks"]] == [4, 4]  # 8 samples, one per batch
     assert two["vision"] == one["vision"] and two["totals"]["all_nm_valid"]
@@ -125,16 +122,7 @@ def test_two_ranks_prune_a_tiny_model_as_one_does(tmp_path, family):
     run = torchrun("prune", "--model", str(src), "--out", str(tmp_path / "two"), *FAST, "--mask-search", "off")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 ranks (gloo)" in run.stdout and run.stdout.count("all N:M valid: True") == 1  # rank 0 prints
-    one = prune_model(
-        PruneJob(
-            model=str(src),
-            out=str(tmp_path / "one"),
-            num_calibration_samples=8,
-            max_seq_length=32,
-            num_eval_windows=4,
-            run=RunConfig(batch_size=2, solver=PruneConfig(mask_search="off")),
-        )
-    )
+    one = one_rank(src, tmp_path / "one")
     two = json.loads((tmp_path / "two" / REPORT_NAME).read_text())
     assert two["distributed"]["world_size"] == 2 and [r["rank"] for r in two["distributed"]["ranks"]] == [0, 1]
     assert all(r["calibration_batches"] == 2 and r["seconds"] > 0 for r in two["distributed"]["ranks"])
