@@ -293,9 +293,11 @@ def _calibrate(
         before = None  # where the parameters before language block 0 are read: the source, or the pruned vision part
         if job.run.vision:
             if not state.get("vision"):
+                clock = time.perf_counter()
                 records, summary = prune_vision(layered, batches, job.run, new_store, write_parameters, written, coll)
                 state["vision"] = summary
                 state["layers"] += records
+                state["seconds_pruning"] += time.perf_counter() - clock
                 if coll.is_writer:
                     write_json_atomic(work / RESUME_NAME, state)
             before = written
