@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from apt.collective import Collective
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader
-from apt.models.layered import LayeredModel
+from apt.models.layered import LayeredModel, token_batches
 
 EVAL_BATCH = 4
 FINAL_CHUNK = 64
@@ -63,8 +63,7 @@ def streaming_perplexity(
     """The same perplexity, computed block by block from ``reader`` (default: the model's own checkpoint).
     Under several ranks (``coll``) each takes its share of the batches and the sums are added."""
     coll = coll or Collective()
-    batches = [{"input_ids": windows[s : s + batch_size]} for s in range(0, len(windows), batch_size)]
-    batches = coll.share(batches)
+    batches = coll.share(token_batches(windows, batch_size))
     store = layered.block_inputs(batches, ActivationStore(layered.dtype), reader)
     layered.run_blocks(store, range(len(layered.blocks)), reader)
     nll = 0.0

@@ -101,6 +101,11 @@ def is_vision_language(config) -> bool:
     return VLMS.get(config.model_type) in (getattr(config, "architectures", None) or [])
 
 
+def token_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Token windows ``[n, seq]`` (int64) as the model-input batches ``block_inputs`` runs: ``batch_size`` each."""
+    return [{"input_ids": windows[s : s + batch_size]} for s in range(0, len(windows), batch_size)]
+
+
 def to_device(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)

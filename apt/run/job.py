@@ -31,7 +31,7 @@ from apt.measure.accuracy import Accuracy
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
 from apt.models.discovery import vision_block_path
-from apt.models.layered import LayeredModel, is_vision_language
+from apt.models.layered import LayeredModel, is_vision_language, token_batches
 from apt.models.loading import DTYPES, ModelSource, load_tokenizer, source_folder
 from apt.run.config import PruneJob
 from apt.run.distributed import BroadcastReader, check_same_job
@@ -122,7 +122,7 @@ class _Source:
         """The model inputs calibration runs on: the image+text samples, or the text windows in batches."""
         if self.batches is not None:
             return self.batches
-        return [{"input_ids": self.windows[s : s + batch_size]} for s in range(0, len(self.windows), batch_size)]
+        return token_batches(self.windows, batch_size)
 
 
 def _open_source(job: PruneJob) -> _Source:

@@ -8,7 +8,7 @@ import time
 import torch
 
 from apt.models.activations import ActivationStore
-from apt.models.layered import LayeredModel
+from apt.models.layered import LayeredModel, token_batches
 from apt.run.config import RunConfig
 from apt.run.sequential import prune_blocks
 from apt.run.vision import prune_vision
@@ -23,18 +23,15 @@ def calibrate_and_prune(model, windows: torch.Tensor | list[dict], config: RunCo
     start = time.perf_counter()
     layered = LayeredModel.resident(model, config.device)
     model.to(config.device)
-    batches = windows
-    if isinstance(windows, torch.Tensor):
-        size = config.batch_size
-        batches = [{"input_ids": windows[s : s + size]} for s in range(0, len(windows), size)]
+    batches = token_batches(windows, config.batch_size) if isinstance(windows, torch.Tensor) else windows
+
+    def new_store() -> ActivationStore:
+        return ActivationStore(layered.dtype, device=config.device)
+
     layers = []
     if config.vision:
-
-        def new_store():
-            return ActivationStore(layered.dtype, device=config.device)
-
         layers, _ = prune_vision(layered, batches, config, new_store, lambda _names: None, None)
-    store = layered.block_inputs(batches, ActivationStore(layered.dtype, device=config.device))
+    store = layered.block_inputs(batches, new_store())
     layers += prune_blocks(layered, store, config)
     model.to("cpu")
     return {"layers": layers, "seconds": time.perf_counter() - start}
