@@ -395,19 +395,11 @@ class LayeredModel:
 
         for index, block in enumerate(self.blocks):
             block.forward = recorder(index, block)
-        options = {"use_cache": False} if self.layout.causal else {}
-
-        def run_once(batch) -> None:
-            try:
-                self.model(**to_device(batch, self.device), **options)
-            except _Stop:
-                pass
-
         try:
             with self.loaded(self.outside_names(), reader):
                 for batch in batches:
                     try:
-                        run_once(batch)
+                        self.run_until_stopped(batch)
                     except ValueError as err:
                         # a block whose forward is not annotated returns a tuple the loop unpacks (RWKV's
                         # hidden, state, attentions): learn its length from Python's error and call again
@@ -416,7 +408,7 @@ class LayeredModel:
                             raise
                         unpacked.append(int(expected.group(1)))
                         records.pop()
-                        run_once(batch)
+                        self.run_until_stopped(batch)
                     record = records.pop()
                     store.append(record["hidden"], _shared(record["kwargs"]))
         finally:
@@ -426,6 +418,16 @@ class LayeredModel:
                 else:
                     block.forward = original
         return store
+
+    @torch.no_grad()
+    def run_until_stopped(self, batch: dict[str, torch.Tensor]) -> None:
+        """The whole model's forward on ``batch`` (no KV cache), until a hook raises ``_Stop``: what runs before
+        the hook must be materialised."""
+        options = {"use_cache": False} if self.layout.causal else {}
+        try:
+            self.model(**to_device(batch, self.device), **options)
+        except _Stop:
+            pass
 
     @torch.no_grad()
     def run_blocks(self, store: ActivationStore, blocks: range, reader: CheckpointReader | None = None) -> None:

@@ -75,7 +75,9 @@ def _experts_hook(groups: list[Group], stats: list[Statistics], indices: list[in
     return hook
 
 
-def _linear_hook(stat: Statistics, last: bool):
+def input_hook(stat: Statistics, last: bool):
+    """A forward hook adding a Linear's input to ``stat``; ``last``: the pass ends there (raises ``_Stop``)."""
+
     def hook(_module, inputs, _output):
         stat.add(inputs[0])
         if last:
@@ -108,7 +110,7 @@ def collect(
             hook = _experts_hook(groups, stats, indices, last, experts_all[id(source)])
             handles.append(source.register_forward_pre_hook(hook, with_kwargs=True))
         elif source is not None:
-            handles.append(source.register_forward_hook(_linear_hook(stats[indices[0]], last)))
+            handles.append(source.register_forward_hook(input_hook(stats[indices[0]], last)))
     try:
         _run(block, index, store, device)
     finally:

@@ -22,8 +22,8 @@ from apt.collective import Collective
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader
 from apt.models.discovery import Target, find_groups, vision_block_path, vision_tail_targets
-from apt.models.layered import LayeredModel, _Stop, to_device
-from apt.run.calibration import Statistics, sum_over_ranks
+from apt.models.layered import LayeredModel, _Stop
+from apt.run.calibration import Statistics, input_hook, sum_over_ranks
 from apt.run.config import RunConfig
 from apt.run.sequential import prune_blocks, prune_group
 
@@ -71,8 +71,9 @@ def prune_vision(
         "blocks": vision.block_path,
         "count": len(vision.blocks),
         "after_blocks": [t.name for t in tail],
+        "matrices_kept_dense": dense,
     }
-    return records, summary | {"matrices_kept_dense": dense}
+    return records, summary
 
 
 def _stop(*_) -> None:
@@ -94,28 +95,19 @@ def _prune_tail(
         return []
     stop = layered.blocks[0].register_forward_pre_hook(_stop)
     names = layered.outside_names()  # everything before language block 0, the pruned vision blocks included
-    options = {"use_cache": False} if layered.layout.causal else {}
-
-    def run(batch) -> None:
-        try:
-            with torch.no_grad():
-                layered.model(**to_device(batch, layered.device), **options)
-        except _Stop:
-            pass
-
     bar = tqdm(total=len(targets), desc="pruning", unit="layer", disable=None if coll.is_writer else True)
     try:
         with layered.loaded(names, written):
-            groups = find_groups(layered.model, targets, lambda: run(batches[0]))
+            groups = find_groups(layered.model, targets, lambda: layered.run_until_stopped(batches[0]))
             stats = [Statistics() for _ in groups]
             handles = [
-                g.source.register_forward_hook(lambda _m, inputs, _o, s=s: s.add(inputs[0]))
+                g.source.register_forward_hook(input_hook(s, last=False))
                 for g, s in zip(groups, stats)
                 if g.source is not None
             ]
             try:
                 for batch in batches:
-                    run(batch)
+                    layered.run_until_stopped(batch)
             finally:
                 for handle in handles:
                     handle.remove()
