@@ -85,18 +85,23 @@ def compensated_fp8(
     """``(q, scale)`` like ``quantize_weight``, with each column's rounding error compensated by the columns
     to its right (see the module docstring). The zeros of ``weight`` (its mask) stay ``+0``; the scales
     are ``weight_scales(weight)``, fixed before the pass (a compensated value beyond ``±448·scale`` is
-    clamped). ``hessian`` ``[in, in]`` (``Σ x xᵀ``), damped by ``damp·mean(diag H)``; a failed
-    factorisation retries with ×10 damping up to 4 times, then raises."""
+    clamped), and each row's largest weight, from which its scale was taken, is stored as ``±448`` whatever
+    the errors pushed onto it: so the row's largest ``|q·scale|`` is ``448·scale`` and rounding the FP8 copy
+    to nearest again (``quantize_weight(q·scale)``, what ``apt-sparse quantize`` does after a run that
+    compensated) gives back the same ``q``. A column no token reaches (``H_jj = 0``) is rounded to nearest.
+    ``hessian`` ``[in, in]`` (``Σ x xᵀ``), damped by ``damp·mean(diag H)``; a failed factorisation retries
+    with ×10 damping up to 4 times, then raises."""
     out, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise InvalidInputError(f"Hessian {list(hessian.shape)} does not match the weight's {cols} inputs")
     scale = weight_scales(weight)
     keep = weight != 0
     W = weight.detach().float().clone()
+    largest = W.abs().argmax(dim=1)  # per row: the weight its scale is amax/448 of
+    pinned = torch.sign(W[torch.arange(out, device=W.device), largest]) * FP8_MAX * scale
     H = hessian.detach().float().clone()
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0  # a column no token reaches: rounding it costs nothing
+    H[dead, dead] = 1.0  # an input no token reaches: no error is pushed from or onto it
     mean = float(H.diagonal().mean())
     U = None
     for attempt in range(5):
@@ -120,6 +125,7 @@ def compensated_fp8(
         for j in range(end - start):
             w = W1[:, j]
             q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+            q = torch.where(largest == start + j, pinned, q)
             q = torch.where(keep[:, start + j], q, torch.zeros_like(q))
             Q[:, start + j] = q
             err = (w - q) / U1[j, j]
