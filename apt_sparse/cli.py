@@ -82,9 +82,9 @@ def _add_prune(sub) -> None:
     p.add_argument(
         "--fp8-compensate",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="--quantize fp8: round with the error-compensating pass (GPTQ-style, through each layer's Hessian) "
-        "instead of to nearest",
+        default=None,
+        help="--quantize fp8: round with the error-compensating pass (GPTQ-style, through each layer's Hessian; "
+        "the default), or to nearest (--no-fp8-compensate)",
     )
     p.add_argument("--targets", default=None, help="regex over module names: prune only matching layers")
     p.add_argument("--ignore", default=None, help="regex over module names: leave matching layers dense")
@@ -259,6 +259,13 @@ def _eval(args) -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"evaluated on {result['data']}")
+    if "fp8" in result:
+        fp8 = result["fp8"]
+        print(
+            f"{args.model} is FP8 ({fp8['scheme']}; {fp8['weights_in_fp8']} weights in float8_e4m3fn), measured "
+            "as served: W8A8 emulated exactly (weights q·scale, each FP8 layer's inputs through float8 per token, "
+            "float32 accumulation)"
+        )
     for key in ("dense", "pruned"):
         for metric in (result["metric"], "retrieval_top1"):
             if key in result and metric in result[key]:
@@ -504,24 +511,60 @@ def _add_quantize(sub) -> None:
     q.add_argument("src", help="a pruned Hugging Face folder, a dense one (the dense FP8 baseline), or a short name")
     q.add_argument("out", help="output folder (written atomically)")
     q.add_argument("--scheme", default="fp8", choices=["fp8"], help="fp8: e4m3, per-channel weights, per-token inputs")
+    q.add_argument(
+        "--rounding",
+        default="compensate",
+        choices=["compensate", "nearest"],
+        help="compensate (default): GPTQ's sequential error-compensating pass with the mask fixed, on calibration "
+        "text; nearest: each weight rounded on its own, no data",
+    )
+    q.add_argument("--calibration-data", default=None, help="--rounding compensate: default the run's (report)")
+    q.add_argument("--num-calibration-samples", type=int, default=None, help="default the run's, else 128")
+    q.add_argument("--max-seq-length", type=int, default=None, help="default the run's, else 512")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--device", default="cpu", help="cpu or cuda[:N]: holds one block and its Hessians")
+    q.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the report's accuracy again, in FP8 (W8A8), on the run's evaluation text",
+    )
     q.add_argument("--max-shard-size", default="5GB")
     q.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False)
     q.set_defaults(handler=_quantize)
 
 
 def _quantize(args) -> None:
+    from apt.folder.report import read_report
     from apt.models.loading import source_folder
-    from apt.run.quantize import quantize_folder
+    from apt.run.quantize import QuantizeConfig, quantize_folder
 
+    config = QuantizeConfig(
+        rounding=args.rounding,
+        calibration_data=args.calibration_data,
+        num_calibration_samples=args.num_calibration_samples,
+        max_seq_length=args.max_seq_length,
+        device=args.device,
+        batch_size=args.batch_size,
+        evaluate=args.evaluate,
+        max_shard_size=args.max_shard_size,
+    )
     src = args.src
     if not os.path.isdir(src):
         src = source_folder(src)[1]  # a short name or hub id: its dense folder
-    record = quantize_folder(src, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    record = quantize_folder(src, args.out, overwrite=args.overwrite, config=config)
     what = f"{record['pattern']} sparse" if record["pattern"] else "dense"
     print(
-        f"wrote {args.out}: {record['weights_quantized']} {what} weights in float8_e4m3fn with per-channel scales; "
-        f"unquantized: {', '.join(record['ignore'])}"
+        f"wrote {args.out}: {record['weights_quantized']} {what} weights in float8_e4m3fn with per-channel scales, "
+        f"rounded by {record['pass']}; unquantized: {', '.join(record['ignore'])}"
     )
+    report = read_report(args.out)
+    accuracy = report.get("accuracy") if report else None
+    if accuracy and "fp8" in accuracy:
+        metric = accuracy["metric"]
+        dense = accuracy["dense"].get(metric)
+        line = f"{metric} in FP8 (W8A8): dense {dense:.4f} → " if dense is not None else f"{metric} in FP8 (W8A8): "
+        print(line + f"{accuracy['pruned'][metric]:.4f}")
 
 
 _EXTRA_COMMANDS: list = [_add_export, _add_demo, _add_bench, _add_quantize]

@@ -7,6 +7,9 @@ the source stores it. ``config.json`` carries ``quantization_config`` (``quantiz
 the keys compressed-tensors 0.14 and 0.17 both parse); a 2:4 folder also carries ``apt_sparse_24.json``
 (``format: fp8``), which tells the vLLM plugin which layers are 2:4, and its ``prune_report.json`` gains a
 ``quantization`` entry.
+
+Reading such a folder is ``apt.models.checkpoint.CheckpointReader``'s: every reader of a folder reads its FP8
+weights as ``q · scale`` and refuses a damaged one (``SCALE_SUFFIX`` and ``SIDE_FILE`` are defined there).
 """
 
 from __future__ import annotations
@@ -14,14 +17,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from apt.errors import InvalidInputError
-from apt.models.checkpoint import CheckpointReader
-from apt.solver.fp8 import FP8, dequantize_weight
+from apt.folder.report import read_report
+from apt.folder.targets import targets_of_folder
+from apt.models.checkpoint import SCALE_SUFFIX, SIDE_FILE, CheckpointReader
+from apt.solver.patterns import conforms, first_nm_violation
 
-SCALE_SUFFIX = ".weight_scale"
-SIDE_FILE = "apt_sparse_24.json"  # serving.vllm_plugin.SIDE_FILE: the plugin's list of 2:4 layers
+__all__ = [
+    "SCALE_SUFFIX",
+    "SCHEME",
+    "SIDE_FILE",
+    "is_fp8_config",
+    "open_fp8_checked",
+    "quantization_config",
+    "quantized_modules",
+    "read_side_file",
+]
 SCHEME = "FP8_DYNAMIC"  # llm-compressor's name for it: W8A8, channel-wise weights, dynamic per-token inputs
 
 
@@ -79,52 +90,32 @@ def is_fp8_config(config: dict) -> bool:
     )
 
 
-def fp8_weights(reader: CheckpointReader) -> list[str]:
-    """The FP8 weights of a checkpoint (tensor names ending in ``.weight``); each must have its scale, of one
-    float32 per output row, or the folder is refused naming the first that lacks it."""
-    names = [n for n in reader.names() if reader.info(n).dtype == FP8]
-    for name in names:
-        scale = name.removesuffix(".weight") + SCALE_SUFFIX
-        if not name.endswith(".weight"):
-            raise InvalidInputError(f"{reader.folder}: {name} is float8 but not a weight: not this FP8 layout")
-        if scale not in reader:
+def open_fp8_checked(folder: str | Path) -> CheckpointReader:
+    """The folder's reader (``apt.models.checkpoint``: FP8 weights read as ``q · scale``, their scales checked on
+    opening), with every FP8 weight read once now: finite, and following the pattern the folder's report
+    (or its ``apt_sparse_24.json``) says it was pruned to. What a command that measures a folder calls first,
+    so a damaged FP8 folder is refused, naming the tensor, before any work."""
+    reader = CheckpointReader(folder)
+    if not reader.fp8:
+        return reader
+    targets = targets_of_folder(folder) if read_report(folder) is not None else None
+    for name in sorted(reader.fp8):
+        weight = reader.read(name)  # NaN and the side file's pattern are checked here
+        if targets is not None and name in targets.tensors and not conforms(weight, targets.pattern):
+            where = ""
+            if targets.pattern.is_nm:
+                row, col = first_nm_violation(weight, targets.pattern.n, targets.pattern.m)
+                where = f" (row {row}, columns {col}..{col + targets.pattern.m - 1})"
             raise InvalidInputError(
-                f"{reader.folder}: {name} is float8 but the folder lacks {scale} (its per-channel scales): "
-                "the folder is damaged; quantize it again with apt-sparse quantize"
+                f"{folder}: the FP8 weight {name} breaks {targets.pattern}{where}, which {targets.source} says it "
+                "was pruned to: the folder is damaged; quantize its pruned source again"
             )
-        rows = reader.info(name).shape[0]
-        info = reader.info(scale)
-        if info.dtype != torch.float32 or info.shape not in ((rows, 1), (rows,)):
-            raise InvalidInputError(
-                f"{reader.folder}: {scale} is {str(info.dtype).removeprefix('torch.')} {list(info.shape)}, "
-                f"expected float32 [{rows}, 1]: the folder is damaged; quantize it again"
-            )
-    return names
-
-
-class DequantizingReader(CheckpointReader):
-    """A ``CheckpointReader`` over an FP8 folder that returns each FP8 weight as ``q · scale`` (float32, then
-    the dtype asked): the weights an FP8 GEMM multiplies, for measuring the folder with the float model."""
-
-    def __init__(self, folder: str | Path):
-        super().__init__(folder)
-        self.fp8 = set(fp8_weights(self))
-
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if name not in self.fp8:
-            return super().read(name, dtype)
-        q = super().read(name)
-        scale = super().read(name.removesuffix(".weight") + SCALE_SUFFIX)
-        return dequantize_weight(q, scale, dtype or torch.float32)
-
-    def scale(self, name: str) -> torch.Tensor:
-        """``[out]`` float32 scales of the FP8 weight ``name``."""
-        return super().read(name.removesuffix(".weight") + SCALE_SUFFIX).reshape(-1)
+    return reader
 
 
 def quantized_modules(folder: str | Path) -> list[str]:
     """The module names (checkpoint names without ``.weight``) whose weights a folder stores in FP8."""
-    return [n.removesuffix(".weight") for n in fp8_weights(CheckpointReader(folder))]
+    return sorted(n.removesuffix(".weight") for n in CheckpointReader(folder).fp8)
 
 
 def read_side_file(folder: str | Path) -> dict | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apt.folder.fp8 import SCALE_SUFFIX, DequantizingReader
+from apt.folder.fp8 import SCALE_SUFFIX, open_fp8_checked
 from apt.folder.targets import targets_of_folder
 from apt.solver.patterns import as_rows, conforms, sparsity_of
 
@@ -14,10 +14,10 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
     """``{pattern, targets_from, tensors}``; one row per 2-D floating-point tensor and per pruned 3-D experts
     tensor: ``name``, ``shape``, ``sparsity``, ``target`` (pruned, per ``apt.folder.targets``) and
     ``follows_pattern`` along the tensor's input axis (None where the pattern cannot apply: an N:M pattern
-    on a width that is not a multiple of M). An FP8 folder (``apt.folder.fp8``; a weight without its scales is
-    refused) also gives each FP8 weight's ``dtype`` and ``scale`` (min, max of its per-channel scales); the
-    scales are not rows of their own."""
-    reader = DequantizingReader(path)
+    on a width that is not a multiple of M). An FP8 folder is read as FP8 (``q · scale``; a damaged one is
+    refused, ``apt.folder.fp8.open_fp8_checked``) and also gives each FP8 weight's ``dtype`` and ``scale`` (min,
+    max of its per-channel scales); the scales are not rows of their own."""
+    reader = open_fp8_checked(path)
     targets = targets_of_folder(path, pattern)
     pruned = set(targets.tensors)
     rows = []
@@ -40,6 +40,6 @@ def inspect_checkpoint(path: str | Path, pattern: str | None = None) -> dict:
             }
         )
         if name in reader.fp8:
-            scale = reader.scale(name)
+            scale = reader.read(name.removesuffix(".weight") + SCALE_SUFFIX)
             rows[-1]["scale"] = {"min": float(scale.min()), "max": float(scale.max())}
     return {"pattern": str(targets.pattern), "targets_from": targets.source, "tensors": rows}

@@ -13,6 +13,7 @@ import torch
 
 from apt.collective import Collective
 from apt.errors import AptError, InvalidInputError
+from apt.folder.fp8 import open_fp8_checked
 from apt.folder.report import REPORT_NAME, read_report
 from apt.measure.evaluate import (
     embedding_cosine,
@@ -77,17 +78,21 @@ def evaluate_model(
     """Accuracy of a dense model or a pruned folder, block by block. For a pruned folder the dense source
     named in its ``prune_report.json`` is measured in the same run, on the same text, as the reference.
     The evaluation text is the held-out share of ``eval_data`` when it is the folder's calibration
-    source, and the whole of it otherwise."""
+    source, and the whole of it otherwise. An FP8 folder is measured as it is served (W8A8, emulated
+    exactly: ``fp8_emulation`` is in the result as ``fp8``); a damaged one is refused before any work."""
     check_device(device)
     report_path = Path(name) / REPORT_NAME
     report = read_report(name) if Path(name).is_dir() else None
     calibration_source = report["config"]["calibration_data"] if report else None
     documents, chosen = evaluation_documents(eval_data, calibration_source, seed)
     _, folder = source_folder(name, trust_remote_code)
-    layered = LayeredModel.from_folder(folder, torch.float32, device, trust_remote_code)
+    reader = open_fp8_checked(folder)  # a damaged FP8 folder is refused before any work
+    layered = LayeredModel.from_folder(folder, torch.float32, device, trust_remote_code, reader)
     tokenizer = load_tokenizer(folder, trust_remote_code)
     meter = Accuracy(layered, tokenizer, documents, num_eval_windows, max_seq_length, seed)
     result = {"model": name, "metric": meter.metric, "data": chosen}
+    if reader.fp8:
+        result["fp8"] = fp8_emulation(reader)
     if report:
         dense_name = report["model"]["name"]
         try:
@@ -104,3 +109,15 @@ def evaluate_model(
     else:
         result["dense"] = {"model": name} | meter.measure(reference=True)
     return result
+
+
+def fp8_emulation(reader: CheckpointReader) -> dict:
+    """How an FP8 folder's accuracy is measured: what ``apt.models.layered`` does with its reader."""
+    return {
+        "scheme": "W8A8 FP8_DYNAMIC (compressed-tensors float-quantized)",
+        "weights_in_fp8": len(reader.fp8),
+        "weights": "float8_e4m3fn q times its per-output-channel float32 scale, computed in float32",
+        "inputs": "the input of every FP8 Linear quantized per token to float8_e4m3fn (scale amax/448) and back, "
+        "as vLLM's FP8 path does",
+        "accumulation": "float32 (an FP8 GEMM's only difference)",
+    }

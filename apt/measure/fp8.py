@@ -1,6 +1,11 @@
-"""FP8 emulated exactly on any machine: an FP8 folder's weights as ``q · scale`` (``apt.folder.fp8``) and the
-inputs of its quantized Linears through float8_e4m3fn and back per token, as vLLM's FP8 path and
-compressed-tensors' forward quantize them. Only the accumulation differs from an FP8 GEMM (float32 here).
+"""FP8 emulated exactly on any machine: an FP8 folder's weights as ``q · scale`` (the folder's reader,
+``apt.models.checkpoint``) and the inputs of its quantized Linears through float8_e4m3fn and back per token, as
+vLLM's FP8 path and compressed-tensors' forward quantize them. Only the accumulation differs from an FP8 GEMM
+(float32 here).
+
+Every command that streams a folder (``eval``, the report's accuracy, the benchmarks) gets this from
+``apt.models.layered`` by itself; this module is the same emulation for a whole model in memory (what
+transformers' and vLLM's outputs are compared with).
 """
 
 from __future__ import annotations
@@ -12,12 +17,8 @@ from pathlib import Path
 import torch
 
 from apt.errors import InvalidInputError
-from apt.folder.fp8 import DequantizingReader
-from apt.solver.fp8 import fake_quantize_activations
-
-
-def _pre_hook(_module, args):
-    return (fake_quantize_activations(args[0]), *args[1:])
+from apt.models.checkpoint import SCALE_SUFFIX, CheckpointReader
+from apt.models.layered import quantize_inputs
 
 
 @contextlib.contextmanager
@@ -33,7 +34,7 @@ def fp8_activations(model: torch.nn.Module, modules: list[str]) -> Iterator[None
             )
             if match is None:
                 raise InvalidInputError(f"{name} has no module in this model")
-            handles.append(found[match].register_forward_pre_hook(_pre_hook))
+            handles.append(found[match].register_forward_pre_hook(quantize_inputs))
         yield
     finally:
         for handle in handles:
@@ -50,7 +51,7 @@ def load_fp8_emulated(folder: str | Path, dtype: torch.dtype = torch.float32):
     from apt.models.layered import auto_class
 
     folder = Path(folder)
-    reader = DequantizingReader(folder)
+    reader = CheckpointReader(folder)
     if not reader.fp8:
         raise InvalidInputError(f"{folder} holds no FP8 weight: quantize it with apt-sparse quantize")
     config = json.loads((folder / "config.json").read_text())
@@ -58,7 +59,7 @@ def load_fp8_emulated(folder: str | Path, dtype: torch.dtype = torch.float32):
     model_type = config.pop("model_type")
     hf_config = transformers.AutoConfig.for_model(model_type, **config)
     model = auto_class(hf_config).from_config(hf_config, dtype=dtype).eval()
-    state = {name: reader.read(name, dtype) for name in reader.names() if not name.endswith(".weight_scale")}
+    state = {name: reader.read(name, dtype) for name in reader.names() if not name.endswith(SCALE_SUFFIX)}
     prefix = getattr(model, "base_model_prefix", "")
     own = model.state_dict()
     renamed = {}

@@ -11,9 +11,11 @@ Needs the ``eval`` extra (``pip install 'apt-sparse[eval]'``: lm-eval 0.4.x).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from apt.errors import InvalidInputError, MissingDependencyError
+from apt.folder.fp8 import open_fp8_checked
 from apt.folder.report import REPORT_NAME, read_report
 from apt.models.loading import source_folder
 
@@ -97,6 +99,12 @@ def evaluate_tasks(
     """The pruned folder and its dense source (from its report, or ``dense``) on the same tasks."""
     lm_eval, _ = _lm_eval()
     folder = Path(folder)
+    fp8 = open_fp8_checked(folder).fp8  # a damaged FP8 folder is refused naming the tensor
+    if fp8 and importlib.util.find_spec("compressed_tensors") is None:
+        raise MissingDependencyError(
+            f"{folder} is FP8: transformers loads it through compressed-tensors >= 0.15, which is not installed "
+            "here: pip install 'apt-sparse[fp8]'"
+        )
     if dense is None:
         report = read_report(folder)
         if report is None:
@@ -117,4 +125,8 @@ def evaluate_tasks(
         "limit": limit,
         "lm_eval": getattr(lm_eval, "__version__", "unknown"),
         "rows": task_table(outputs["dense"], outputs["pruned"]),
-    }
+    } | (
+        {"fp8": f"{len(fp8)} FP8 weights: transformers runs the folder through compressed-tensors as W8A8"}
+        if fp8
+        else {}
+    )

@@ -11,6 +11,15 @@ tensor's offset, and a pruned tensor keeps its source's dtype and shape, so the 
 from the source's headers. Each tensor is then written in place when it is ready. The layout is a
 pure function of the tensor list and the shard size, which is what makes a resumed run's files
 bit-identical to an uninterrupted run's.
+
+A checkpoint in compressed-tensors' FP8 layout (what ``apt-sparse quantize`` writes: ``M.weight``
+float8_e4m3fn ``[out, in]`` beside ``M.weight_scale`` float32 ``[out, 1]``) is read as FP8 by this one
+reader, whoever reads it: ``read`` gives each FP8 weight as ``q · scale`` (the weights an FP8 GEMM
+multiplies), ``fp8_inputs`` names the weights whose layers take their inputs through FP8 per token
+(``apt.models.layered`` applies it), and ``read_stored`` gives the bytes as stored. A damaged FP8 folder
+is refused naming the tensor: a scale missing, misshapen, non-finite or not positive when the folder is
+opened; a weight holding NaN, or off the 2:4 pattern the folder's ``apt_sparse_24.json`` declares, when it
+is read.
 """
 
 from __future__ import annotations
@@ -27,8 +36,12 @@ import torch
 
 from apt.atomic import writing
 from apt.errors import InvalidInputError
+from apt.solver.fp8 import FP8, dequantize_weight
+from apt.solver.patterns import Pattern, conforms, first_nm_violation
 
 INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIX = ".weight_scale"  # compressed-tensors' name for an FP8 weight's per-output-channel scales
+SIDE_FILE = "apt_sparse_24.json"  # an FP8 folder's list of its 2:4 layers (serving.vllm_plugin reads it too)
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
@@ -154,6 +167,66 @@ class CheckpointReader:
                 info = self.tensors.get(tensor)
                 if info is None or info.file.name != name:
                     raise CheckpointError(f"{index} says {tensor} is in {name}, but that file does not hold it")
+        self.fp8 = self._fp8_weights()
+        self._fp8_patterns = self._declared_patterns() if self.fp8 else {}
+
+    @property
+    def fp8_inputs(self) -> frozenset[str]:
+        """The weights whose layers take their inputs through FP8 per token when the model runs (W8A8): every
+        FP8 weight. A reader of unquantized weights has none."""
+        return self.fp8
+
+    def _fp8_weights(self) -> frozenset[str]:
+        """The FP8 weights (``M.weight`` float8_e4m3fn), each checked to have ``M.weight_scale``: float32, one
+        per output row, finite and positive. Reading the scales costs 4 bytes per output row."""
+        names = []
+        for name, info in self.tensors.items():
+            if not info.dtype.is_floating_point or info.dtype.itemsize != 1:
+                continue
+            if info.dtype != FP8 or not name.endswith(".weight") or len(info.shape) != 2:
+                raise CheckpointError(
+                    f"{self.folder}: {name} is {str(info.dtype).removeprefix('torch.')} {list(info.shape)}; "
+                    "apt-sparse reads FP8 as 2-D float8_e4m3fn Linear weights with per-channel scales only"
+                )
+            scale = name.removesuffix(".weight") + SCALE_SUFFIX
+            if scale not in self.tensors:
+                raise CheckpointError(
+                    f"{self.folder}: {name} is float8 but the folder lacks {scale} (its per-channel scales): "
+                    "the folder is damaged; quantize it again with apt-sparse quantize"
+                )
+            rows, found = info.shape[0], self.tensors[scale]
+            if found.dtype != torch.float32 or found.shape not in ((rows, 1), (rows,)):
+                raise CheckpointError(
+                    f"{self.folder}: {scale} is {str(found.dtype).removeprefix('torch.')} {list(found.shape)}, "
+                    f"expected float32 [{rows}, 1]: the folder is damaged; quantize it again with apt-sparse quantize"
+                )
+            values = self.read_stored(scale).reshape(-1)
+            bad = ~torch.isfinite(values) | (values <= 0)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise CheckpointError(
+                    f"{self.folder}: {scale} is {float(values[row])} at row {row} (a scale must be finite and "
+                    "positive): the folder is damaged; quantize it again with apt-sparse quantize"
+                )
+            names.append(name)
+        return frozenset(names)
+
+    def _declared_patterns(self) -> dict[str, Pattern]:
+        """The FP8 weights the folder's ``apt_sparse_24.json`` (``format: fp8``) declares 2:4, which every read
+        checks: the layers the vLLM plugin would hand to 2:4 kernels."""
+        path = self.folder / SIDE_FILE
+        if not path.is_file():
+            return {}
+        try:
+            side = json.loads(path.read_text())
+            if side.get("format") != "fp8":
+                return {}
+            pattern, modules = Pattern.parse(side["pattern"]), side["targets"]
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidInputError) as err:
+            raise CheckpointError(
+                f"{path} is damaged ({err}); quantize the folder again with apt-sparse quantize"
+            ) from err
+        return {f"{m}.weight": pattern for m in modules if f"{m}.weight" in self.fp8}
 
     def names(self) -> list[str]:
         """Tensor names in file order, then byte order: a fixed order for a given checkpoint."""
@@ -176,7 +249,29 @@ class CheckpointReader:
         return max(elements, key=elements.get) if elements else None
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, read into fresh memory (no memory map is kept), optionally cast to ``dtype``."""
+        """One tensor, read into fresh memory (no memory map is kept), optionally cast to ``dtype``. An FP8 weight
+        comes as ``q · scale`` (float32 unless ``dtype``), checked finite and, where the folder declares it 2:4,
+        checked against the pattern."""
+        if name not in self.fp8:
+            return self.read_stored(name, dtype)
+        q = self.read_stored(name)
+        weight = dequantize_weight(q, self.read_stored(name.removesuffix(".weight") + SCALE_SUFFIX))
+        if not bool(torch.isfinite(weight).all()):
+            row = int((~torch.isfinite(weight)).any(dim=1).nonzero()[0, 0])
+            raise CheckpointError(
+                f"{self.folder}: {name} holds NaN at row {row}: the folder is damaged; quantize it again"
+            )
+        pattern = self._fp8_patterns.get(name)
+        if pattern is not None and not conforms(weight, pattern):
+            row, col = first_nm_violation(weight, pattern.n, pattern.m)
+            raise CheckpointError(
+                f"{self.folder}: {name} breaks {pattern} (row {row}, columns {col}..{col + pattern.m - 1}), which "
+                f"{SIDE_FILE} declares: the folder is damaged; quantize its pruned source again"
+            )
+        return weight if dtype is None else weight.to(dtype)
+
+    def read_stored(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor as the file stores it (an FP8 weight as its float8 values), optionally cast to ``dtype``."""
         info = self.info(name)
         buffer = bytearray(info.nbytes)
         with open(info.file, "rb", buffering=0) as f:

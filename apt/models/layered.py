@@ -11,6 +11,11 @@ exactly what the checkpoint holds.
 A model that is already in memory is wrapped the same way (``LayeredModel.resident``): then
 materialising and releasing do nothing, which is how the streaming run is checked against the
 in-memory computation.
+
+Read from an FP8 folder, the model computes as it is served (W8A8): its reader gives the FP8 weights as
+``q · scale`` and names them in ``fp8_inputs``, and while such a weight is materialised its layer quantizes
+its inputs per token through float8_e4m3fn and back (``quantize_inputs``), as vLLM's FP8 path does. No caller
+has to ask for it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from apt.errors import UnsupportedModelError
 from apt.models.checkpoint import CheckpointError, CheckpointReader
 from apt.models.discovery import is_causal, layout_of
 from apt.models.names import Stored, stored_layout
+from apt.solver.fp8 import fake_quantize_activations
 from apt.solver.patterns import positive_zeros
 
 if TYPE_CHECKING:
@@ -101,6 +107,11 @@ def is_vision_language(config) -> bool:
     return VLMS.get(config.model_type) in (getattr(config, "architectures", None) or [])
 
 
+def quantize_inputs(_module, args):
+    """A forward pre-hook: the layer's input through float8_e4m3fn and back per token (``apt.solver.fp8``)."""
+    return (fake_quantize_activations(args[0]), *args[1:])
+
+
 def token_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Token windows ``[n, seq]`` (int64) as the model-input batches ``block_inputs`` runs: ``batch_size`` each."""
     return [{"input_ids": windows[s : s + batch_size]} for s in range(0, len(windows), batch_size)]
@@ -144,6 +155,7 @@ class LayeredModel:
             self._aliases.setdefault(id(param), []).append(name)
         self._names = {name: names for names in self._aliases.values() for name in names}
         self._stored: dict[str, Stored] = {}
+        self._fp8_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}  # parameter → its layer's input hook
         self._elsewhere: tuple[str, ...] = ()  # a section's: prefixes of what runs after what it needs
         if reader is not None:
             self._map_checkpoint()
@@ -320,19 +332,27 @@ class LayeredModel:
 
     def materialize(self, names: list[str], reader: CheckpointReader | None = None) -> None:
         """Read ``names`` from ``reader`` (default: the source checkpoint) into the skeleton, cast to the
-        compute dtype, on the compute device."""
+        compute dtype, on the compute device; a layer whose weight the reader names in ``fp8_inputs`` quantizes
+        its inputs per token until it is released (see the module docstring)."""
         reader = reader or self.reader
         if reader is None:
             return
+        fp8 = getattr(reader, "fp8_inputs", frozenset())
         for name in names:
             stored = self._stored.get(name) or Stored(((name,),))
             tensor = stored.assemble(lambda key: reader.read(key, self.dtype)).to(self.device)
             self._set(name, torch.nn.Parameter(tensor, requires_grad=False))
+            if fp8 and name not in self._fp8_hooks and any(key in fp8 for key in stored.all_keys):
+                layer = self.model.get_submodule(name.rpartition(".")[0])
+                self._fp8_hooks[name] = layer.register_forward_pre_hook(quantize_inputs)
 
     def release(self, names: list[str]) -> None:
         if self.reader is None:
             return
         for name in names:
+            hook = self._fp8_hooks.pop(name, None)
+            if hook is not None:
+                hook.remove()
             old = self._parameter(name)
             self._set(name, torch.nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), False))
         give_back_memory()

@@ -30,6 +30,7 @@ def command_of(config: dict) -> str:
         if solver.get(option) is not None:
             parts.append(f"--{'' if solver[option] else 'no-'}{option}")
     run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    run_defaults["fp8_compensate"] = config["run"].get("quantize") == "fp8"  # what None resolves to
     for key in (
         "targets",
         "ignore",

@@ -24,10 +24,11 @@ class RunConfig:
     expert received (``apt.run.calibration``; default: the expert matrix's input width, 0: never);
     ``permute``: reorder each gated MLP's down-projection inputs (with its gate and up rows) where that
     lowers the loss after the refit (``apt.models.permutation``); ``quantize="fp8"``: every pruned Linear is put
-    on the FP8 grid as soon as it is pruned (round to nearest, or ``fp8_compensate``: the error-compensating
-    pass on its Hessian, ``apt.solver.fp8``), so later blocks calibrate on the quantized model, and the folder
-    is written in FP8 (``apt.run.quantize``); ``vision``: a vision-language model's vision tower and projector are
-    pruned too, before its language model, on the calibration images (``apt.run.vision``)."""
+    on the FP8 grid as soon as it is pruned (``fp8_compensate``, the default: the error-compensating pass on
+    its Hessian, ``apt.solver.fp8``; ``False``: round to nearest), so later blocks calibrate on the quantized
+    model, and the folder is written in FP8 (``apt.run.quantize``); ``vision``: a vision-language model's vision
+    tower and projector are pruned too, before its language model, on the calibration images
+    (``apt.run.vision``)."""
 
     solver: PruneConfig = PruneConfig()
     targets: str | None = None
@@ -39,16 +40,21 @@ class RunConfig:
     expert_min_tokens: int | None = None
     permute: bool = False
     quantize: str | None = None
-    fp8_compensate: bool = False
+    fp8_compensate: bool | None = None
     vision: bool = False
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "fp8"):
             raise InvalidInputError(f"--quantize takes fp8, got {self.quantize!r}")
-        if self.fp8_compensate and self.quantize != "fp8":
+        if self.fp8_compensate is not None and self.quantize != "fp8":
             raise InvalidInputError("--fp8-compensate applies to --quantize fp8 only")
+        if self.fp8_compensate is None:  # the default of --quantize fp8: the error-compensating pass
+            object.__setattr__(self, "fp8_compensate", self.quantize == "fp8")
         if self.fp8_compensate and self.permute:
-            raise InvalidInputError("--fp8-compensate and --permute cannot be combined")
+            raise InvalidInputError(
+                "--permute cannot be combined with the error-compensating FP8 pass (the default of --quantize "
+                "fp8): add --no-fp8-compensate to round to nearest"
+            )
         if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
             raise InvalidInputError(f"--expert-min-tokens must be at least 0, got {self.expert_min_tokens}")
         if not (0.0 <= self.correction <= 1.0):

@@ -26,6 +26,7 @@ import torch
 from apt.atomic import check_free_space, is_write_failure, write_failure, write_json_atomic
 from apt.collective import Collective
 from apt.errors import AptError, InvalidInputError, OutputError
+from apt.folder.fp8 import open_fp8_checked
 from apt.folder.report import DamagedFileError
 from apt.measure.accuracy import Accuracy
 from apt.models.activations import ActivationStore
@@ -128,6 +129,12 @@ class _Source:
 def _open_source(job: PruneJob) -> _Source:
     source, folder = source_folder(job.model, job.trust_remote_code)
     reader = CheckpointReader(folder)
+    if reader.fp8:
+        open_fp8_checked(folder)  # a damaged FP8 folder is named for what is damaged
+        raise InvalidInputError(
+            f"{job.model} is stored in FP8 ({len(reader.fp8)} float8 weights): apt-sparse prunes unquantized "
+            "checkpoints; prune its unquantized source and add --quantize fp8"
+        )
     dtype, reason = compute_dtype(job.dtype, reader.float_dtype(), job.run.device)
     log.info("computing in %s: %s", dtype, reason)
     layered = LayeredModel.from_folder(folder, DTYPES[dtype], job.run.device, job.trust_remote_code, reader)
@@ -195,6 +202,9 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
     done = progress["blocks_done"] = state["blocks_done"]
     written = BroadcastReader(coll, CheckpointReader(work) if coll.is_writer else None, layout)
     batches = _calibrate(job, src, work, writer, state, written, progress, coll)
+    if job.run.quantize:  # measured as the FP8 folder will compute: W8A8
+        quantized = {r["tensor"] for r in state["layers"] if "fp8_relative_loss" in r}
+        written = ServedInFp8(written, quantized)
     accuracy = _evaluate(job, src, written, coll) if job.evaluate else None
     ranks = coll.gather_objects(
         {
@@ -332,7 +342,23 @@ def _calibrate(
     return batches
 
 
-def _evaluate(job: PruneJob, src: _Source, written: BroadcastReader, coll: Collective) -> dict:
+class ServedInFp8:
+    """The run's written folder as its FP8 copy computes (``--quantize fp8``): the quantized weights are already on
+    the FP8 grid (``q · scale``, stored unquantized until the run ends), and their layers take their inputs
+    through FP8 per token (``fp8_inputs``, which ``apt.models.layered`` applies), as the FP8 folder's reader
+    makes them do."""
+
+    def __init__(self, reader, tensors: set[str]):
+        self.reader, self.fp8_inputs = reader, frozenset(tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.reader.read(name, dtype)
+
+
+def _evaluate(job: PruneJob, src: _Source, written, coll: Collective) -> dict:
     """Dense and pruned accuracy on held-out text, both streamed block by block."""
     documents, chosen = evaluation_documents(job.eval_data, job.calibration_data, job.seed)
     meter = Accuracy(src.layered, src.tokenizer, documents, job.num_eval_windows, job.max_seq_length, job.seed, coll)
