@@ -6,7 +6,9 @@ in the layer's *dispatch* (bands of M, each with a path and its launch) and runs
 
 =============  ==========================================================================================
 ``dense``      cuBLAS on the dense weight (``F.linear``)
-``apt-gemv``   our decode kernel (``serving.triton24``, CUDA cores), M ≤ 8
+``apt-decode`` our decode kernel (``serving.decode24``, tensor cores, one launch), M ≤ 64; only in a
+               dispatch the GPU suite measured (it checked the kernel against the reference there)
+``apt-gemv``   our CUDA-core decode kernel (``serving.triton24``), M ≤ 8
 ``apt-mma``    our tensor-core kernel over the same compressed layout, any M ≥ 1
 ``cusparselt`` cuSPARSELt (``torch._cslt_sparse_mm``) on its own compressed copy, with the algorithm
                chosen at load; eager calls rebuild its plan (~0.45 ms on PyTorch ≤ 2.11), graphed
@@ -21,10 +23,14 @@ Two memory modes:
 - ``memory-first`` keeps only our layout (0.5625× the dense bytes in fp16/bf16): ``apt-*`` paths only.
 
 Where nothing was measured, ``speed-first`` is dense everywhere and ``memory-first`` takes ``apt-gemv`` up to
-8 tokens, ``apt-mma`` up to 255 and ``apt-unpack`` from 256 (an unmeasured default, said as such);
+8 tokens (its launch sized by M: 1, 2, 4 or 8), ``apt-mma`` up to 255 and ``apt-unpack`` from 256 (an
+unmeasured default, said as such);
 ``runtime_bench.gpu_suite`` measures the bands per shape (graphed) and writes them to a dispatch file.
 Where a path cannot run (a CPU), the ``apt-*`` paths compute the same product through the dense weight
-unpacked by PyTorch, and a ``cusparselt`` band falls back to the dense weight.
+unpacked by PyTorch, and a ``cusparselt`` band falls back to the dense weight. An FP8 layer on a GPU without
+FP8 (before sm89: no FP8 tensor cores, no Triton float8, no ``torch._scaled_mm``) is served W8A16, as vLLM
+serves FP8 checkpoints on Ampere: its weight dequantised (``q · scale``) and multiplied with the unquantised
+inputs, whatever the band says (``fp8_fallback`` gives the line reports print).
 """
 
 from __future__ import annotations
@@ -37,16 +43,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from apt.solver.fp8 import FP8, FP8_MAX, MIN_TOKEN_SCALE, quantize_activations
+from apt.solver.fp8 import FP8, FP8_MAX, MIN_TOKEN_SCALE, dequantize_weight, quantize_activations
 from serving import triton24
 from serving.kernels import cusparselt
 from serving.layout import Packed24, check_24, pack_24, unpack_24
 from serving.triton24 import KernelConfig
 
-PATHS = ("dense", "apt-gemv", "apt-mma", "cusparselt", "apt-unpack")
+PATHS = ("dense", "apt-gemv", "apt-mma", "cusparselt", "apt-unpack", "apt-decode")
 SPEED_FIRST, MEMORY_FIRST = "speed-first", "memory-first"
 MODES = (SPEED_FIRST, MEMORY_FIRST)
-MEMORY_FIRST_PATHS = ("apt-gemv", "apt-mma", "apt-unpack")
+MEMORY_FIRST_PATHS = ("apt-gemv", "apt-mma", "apt-unpack", "apt-decode")
+KERNEL_PATHS = {"apt-gemv": "gemv", "apt-mma": "mma", "apt-decode": "decode"}
 _WORDS = 9  # per band in the op's plan: start, path, and 7 launch integers
 CSLT_PAD = 16  # cuSPARSELt wants the token count padded to this
 
@@ -66,7 +73,7 @@ class Band:
             raise ValueError(f"path {self.path!r}: one of {', '.join(PATHS)}")
         if self.start < 1:
             raise ValueError(f"a band starts at 1 token or more, not {self.start}")
-        kernel = {"apt-gemv": "gemv", "apt-mma": "mma"}.get(self.path)
+        kernel = KERNEL_PATHS.get(self.path)
         if kernel and (self.config is None or self.config.kernel != kernel):
             raise ValueError(f"a {self.path} band needs a {kernel} KernelConfig")
         if self.path == "apt-gemv" and self.start > self.config.block_m:
@@ -150,7 +157,7 @@ def _decoded(plan: tuple[int, ...]) -> tuple[tuple[int, str, KernelConfig | None
     for i in range(0, len(plan), _WORDS):
         start, path, *launch = plan[i : i + _WORDS]
         name = PATHS[path]
-        config = KernelConfig.from_list(launch) if name in ("apt-gemv", "apt-mma") else None
+        config = KernelConfig.from_list(launch) if name in KERNEL_PATHS else None
         bands.append((start, name, config, launch[0]))
     return tuple(bands)
 
@@ -160,14 +167,13 @@ def dense_dispatch() -> Dispatch:
 
 
 def memory_first_default(n: int, k: int) -> Dispatch:
-    """Our layout only, by rule of thumb: gemv to 8 tokens, mma to 255, unpack + cuBLAS from 256."""
+    """Our layout only, by rule of thumb: gemv to 8 tokens (its launch sized by M: a one-token call never pays
+    the select work of eight), mma to 255, unpack + cuBLAS from 256. Never ``apt-decode``: only a dispatch the
+    GPU suite measured, having checked that kernel against the reference on the device, names it."""
+    gemv = [Band(start, "apt-gemv", triton24.default_config("gemv", start, n, k)) for start in (1, 2, 3, 5)]
     return Dispatch(
-        (
-            Band(1, "apt-gemv", triton24.default_config("gemv", 8, n, k)),
-            Band(9, "apt-mma", triton24.default_config("mma", 64, n, k)),
-            Band(256, "apt-unpack"),
-        ),
-        "unmeasured default (gemv ≤ 8, mma ≤ 255, unpack from 256)",
+        (*gemv, Band(9, "apt-mma", triton24.default_config("mma", 64, n, k)), Band(256, "apt-unpack")),
+        "unmeasured default (gemv ≤ 8 sized by M, mma ≤ 255, unpack from 256)",
     )
 
 
@@ -230,12 +236,32 @@ def _unpacked(values: torch.Tensor, codes: torch.Tensor, ours: bool) -> torch.Te
     return unpack_24(Packed24(values, codes, 4 * values.shape[2]))
 
 
+def fp8_fallback(device: torch.device | str) -> str | None:
+    """Why FP8 layers on ``device`` are served W8A16 (the weight dequantised, the inputs not quantised), or
+    ``None`` where they are served W8A8 as vLLM serves them on Hopper (emulated exactly on a CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= triton24.FP8_FROM:
+        return None
+    return (
+        f"FP8 layers on sm{major}{minor} are served W8A16 (weights dequantised to the inputs' dtype, inputs not "
+        "quantised), as vLLM serves FP8 checkpoints on Ampere: FP8 tensor cores, Triton's float8 and "
+        "torch._scaled_mm start at sm89"
+    )
+
+
 def _run(band, x, values, codes, dense, compressed, bias, weight_scale) -> torch.Tensor:
     """One band's path on ``x`` ``[M, K]``. FP8 (``weight_scale`` given): ``x`` is quantized per token once and
     every path computes the same W8A8 product. Where a path cannot run here, the same product another way:
-    cuSPARSELt falls back to dense (or unpack), our kernels to PyTorch on the unpacked weight."""
+    cuSPARSELt falls back to dense (or unpack), our kernels to PyTorch on the unpacked weight; FP8 on a GPU
+    without FP8 is W8A16 on every band (``fp8_fallback``)."""
     _, path, config, alg_id = band
-    ours = triton24.available(x.device)[0]
+    if weight_scale is not None and fp8_fallback(x.device):
+        weight = dense if dense is not None else _unpacked(values, codes, ours=False)
+        return F.linear(x, dequantize_weight(weight, weight_scale, x.dtype), bias)
+    ours = triton24.available(x.device, values.dtype)[0]
     out_dtype, scale_x = x.dtype, None
     if weight_scale is not None:
         # one fused launch where our kernels run: decode pays it in every layer
@@ -317,6 +343,13 @@ class Sparse24Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         dispatch = dispatch or (dense_dispatch() if mode == SPEED_FIRST else memory_first_default(*weight.shape))
         dispatch.check_mode(mode)
+        for band in dispatch.bands:
+            refused = band.config.refuse_for(weight.dtype) if band.config is not None else None
+            if refused:
+                raise ValueError(
+                    f"the dispatch's band from {band.start} tokens cannot serve this {weight.dtype} layer: {refused}; "
+                    "measure the shape again (runtime_bench.gpu_suite)"
+                )
         self.mode, self.dispatch = mode, dispatch
         packed = pack_24(weight)
         self.register_buffer("values", packed.values)
@@ -349,6 +382,8 @@ class Sparse24Linear(torch.nn.Module):
 
     def path_for(self, tokens: int) -> str:
         """The path a call with ``tokens`` tokens takes on this layer's device."""
+        if self.weight_scale is not None and fp8_fallback(self.values.device):
+            return "fp8-w8a16"
         path = self.dispatch.band_for(tokens).path
         if path == "cusparselt" and self.compressed is None:
             return "dense" if self.dense is not None else "apt-unpack"

@@ -1,9 +1,11 @@
 """Measuring the sparse op's paths for one weight shape, and choosing its dispatch from what was measured.
 
 ``measure_shape`` times every path of ``serving.sparse_op`` at each token count M — dense (cuBLAS),
-cuSPARSELt (its algorithm searched), our ``gemv`` and ``mma`` kernels (their launch tuned over
+cuSPARSELt (its algorithm searched), our ``decode``, ``gemv`` and ``mma`` kernels (their launch tuned over
 ``triton24.candidates``) and ``apt-unpack`` — replayed as CUDA graphs (how servers run decode) and eagerly,
-and checks each against the dense product. Method: random inputs, never zeros; every path is timed on
+and checks each against the reference product: a path whose error exceeds its dtype's tolerance is recorded
+as rejected and never chosen (this is where the decode kernel, which the interpreter cannot run compiled, is
+first checked on the device). Method: random inputs, never zeros; every path is timed on
 several copies of the weight in turn, enough copies to exceed the L2 cache, so no path is timed from
 cache (a real model's next layer is never in L2); warm-up first; CUDA events; the median of the repeats.
 On a CPU (the tests) the same code times eagerly with a host clock and says graphs were not measured.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,7 @@ from serving.kernels import cusparselt
 from serving.layout import pack_24
 from serving.sparse_op import (
     FP8,
+    KERNEL_PATHS,
     MEMORY_FIRST_PATHS,
     SPEED_FIRST,
     Band,
@@ -36,11 +40,15 @@ from serving.sparse_op import (
     quantize_tokens,
 )
 from serving.timing import summary
-from serving.triton24 import GEMV_MAX_M, KernelConfig
+from serving.triton24 import GEMV_MAX_M, TOKEN_TILES, KernelConfig
 
 PROBE_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 GEMV_TUNE_MS = (1, 2, 4, 8)
+DECODE_TUNE_MS = (1, 16, 64)
 MMA_TUNE_MS = (16, 64, 256, 1024, 4096)
+# A path's relative error against the reference over which it is rejected: several times the output's own
+# rounding (fp16 2⁻¹¹, bf16 2⁻⁸), far below what a wrong kernel gives (order 1).
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 CSLT_SEARCH_MS = (16, 256, 4096)
 UNPACK_FROM = 64  # apt-unpack writes the whole dense weight: below this M it cannot win, and is not timed
 ROTATE_BYTES = 256 << 20  # weights touched per round of timing: several times an H200's 50 MB L2
@@ -133,7 +141,7 @@ def _best_config(kernel: str, copies: _Copies, x: torch.Tensor, graphed: bool) -
     n = copies.dense[0].shape[0]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else triton24.SMS_HINT
     tried, best = [], None
-    for config in triton24.candidates(kernel, m, n, k, sms):
+    for config in triton24.candidates(kernel, m, n, k, sms, dtype=copies.values[0].dtype):
         try:
             ms = time_calls(_calls(f"apt-{kernel}", copies, x, config), graphed, 3, x.is_cuda)["median"]
         except Exception as err:  # a launch the compiler or the device refuses: recorded, not fatal
@@ -188,7 +196,8 @@ def measure_shape(
     if not ours:
         not_measured["apt kernels"] = triton24.available(device)[1]
     g = torch.Generator(device="cpu").manual_seed(n * 31 + k)
-    tuned = {"gemv": {}, "mma": {}}
+    tuned = {"decode": {}, "gemv": {}, "mma": {}}
+    tolerance = TOLERANCE[torch.bfloat16 if weight.dtype == FP8 else weight.dtype]
     tuning, algs = {}, {}
     rows = []
     for m in ms:
@@ -198,8 +207,8 @@ def measure_shape(
             progress(f"{k}x{n} M={m}")
         launches = {}
         if ours:
-            for kernel, tune_ms in (("gemv", GEMV_TUNE_MS), ("mma", MMA_TUNE_MS)):
-                if kernel == "gemv" and m > GEMV_MAX_M:
+            for kernel, tune_ms in (("decode", DECODE_TUNE_MS), ("gemv", GEMV_TUNE_MS), ("mma", MMA_TUNE_MS)):
+                if (kernel == "gemv" and m > GEMV_MAX_M) or (kernel == "decode" and m > TOKEN_TILES[-1]):
                     continue
                 if tune and m in tune_ms:
                     config, tried = _best_config(kernel, copies, x, graphs)
@@ -208,6 +217,10 @@ def measure_shape(
                 elif kernel == "gemv":  # gemv's launch is sized by M: the tuned launch of the next tuned M up
                     up = [t for t in tuned["gemv"] if t >= m]
                     config = tuned["gemv"][min(up)] if up else triton24.default_config("gemv", m, n, k)
+                elif kernel == "decode":  # the nearest tuned warp count, with this M's token tile
+                    default = triton24.default_config("decode", m, n, k)
+                    near = _nearest(tuned["decode"], m)
+                    config = replace(near, block_m=default.block_m) if near else default
                 else:
                     config = _nearest(tuned["mma"], m) or triton24.default_config("mma", m, n, k)
                 launches[kernel] = config
@@ -223,17 +236,20 @@ def measure_shape(
         if with_cslt:
             paths["cusparselt"] = None
         if ours:
-            if "gemv" in launches:
-                paths["apt-gemv"] = launches["gemv"]
+            for kernel in ("decode", "gemv"):
+                if kernel in launches:
+                    paths[f"apt-{kernel}"] = launches[kernel]
             paths["apt-mma"] = launches["mma"]
             if m >= UNPACK_FROM:
                 paths["apt-unpack"] = None
-        row = {"m": m, "graphed": {}, "eager": {}, "error": {}, "alg_id": alg_id}
+        row = {"m": m, "graphed": {}, "eager": {}, "error": {}, "rejected": {}, "alg_id": alg_id}
         row["config"] = {kernel: config.as_dict() for kernel, config in launches.items()}
         for path, config in paths.items():
             calls = _calls(path, copies, x, config, alg_id)
             if path != "dense" or dense_weight is None:
                 row["error"][path] = _relative_error(calls[0](), reference)
+                if not row["error"][path] <= tolerance:  # NaN and inf too
+                    row["rejected"][path] = f"relative error {row['error'][path]:.3g} over the tolerance {tolerance}"
             if graphs:
                 row["graphed"][path] = time_calls(calls, True, repeats, x.is_cuda)
             if eager or not graphs:
@@ -253,10 +269,12 @@ def speedups(row: dict, timing: str = "graphed") -> dict[str, float]:
 def bands_from(measured: dict, mode: str, timing: str = "graphed", margin: float = MARGIN) -> Dispatch:
     """The dispatch of ``mode`` from ``measure_shape``'s result: at each measured M the fastest path the mode
     holds (speed-first: a sparse path only where it beats dense by ``margin``; a path whose error was not
-    finite never), and between two measured Ms the choice of the larger one."""
+    finite, or was rejected against its tolerance, never), and between two measured Ms the choice of the
+    larger one."""
     choices = []
     for row in measured["rows"]:
         finite = {p for p in row[timing] if p == "dense" or math.isfinite(row["error"].get(p, math.inf))}
+        finite -= set(row.get("rejected", {}))
         times = {p: t["median"] for p, t in row[timing].items() if p in finite}
         if mode == SPEED_FIRST:
             dense = times["dense"]
@@ -273,7 +291,7 @@ def bands_from(measured: dict, mode: str, timing: str = "graphed", margin: float
         start = previous_m + 1
         if path == "apt-gemv" and start > row["config"]["gemv"]["block_m"]:
             path = "apt-mma"  # cannot happen with the tuned launches; kept so a hand-edited file stays valid
-        config = KernelConfig(**row["config"][path.removeprefix("apt-")]) if path in ("apt-gemv", "apt-mma") else None
+        config = KernelConfig(**row["config"][KERNEL_PATHS[path]]) if path in KERNEL_PATHS else None
         band = Band(start, path, config, row["alg_id"] if path == "cusparselt" else 0)
         if not bands or (band.path, band.config, band.alg_id) != (bands[-1].path, bands[-1].config, bands[-1].alg_id):
             bands.append(band)

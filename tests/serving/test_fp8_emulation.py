@@ -12,7 +12,7 @@ from serving.sparse_op import Sparse24Linear
 
 def test_the_sparse_op_on_an_fp8_folder_weight_is_our_fp8_emulation(monkeypatch):
     # the op's PyTorch path (its Triton kernels are the sparse op's own tests' business)
-    monkeypatch.setattr(triton24, "available", lambda device: (False, "PyTorch path under test"))
+    monkeypatch.setattr(triton24, "available", lambda device, dtype=None: (False, "PyTorch path under test"))
     g = torch.Generator().manual_seed(0)
     W = torch.randn(64, 128, generator=g)
     q, scale = quantize_weight(W * select_mask(W.abs(), Pattern.parse("2:4")))

@@ -24,8 +24,12 @@ from serving.triton24 import KernelConfig
 from .interpreter import DEVICE, interpreter_fixes, needs_kernels, relative_error, sparse_weight  # noqa: F401
 
 GEMV = KernelConfig("gemv", 4, 16, 16, split_k=2)
-MMA = KernelConfig("mma", 16, 32, 16)
-EVERY_PATH = Dispatch((Band(1, "apt-gemv", GEMV), Band(5, "apt-mma", MMA), Band(40, "dense"), Band(90, "apt-unpack")))
+MMA = KernelConfig("mma", 16, 32, 32)
+DECODE = KernelConfig("decode", 64, 16, 32, num_warps=2)
+EVERY_PATH = Dispatch(
+    (Band(1, "apt-gemv", GEMV), Band(5, "apt-mma", MMA), Band(40, "dense"), Band(50, "apt-decode", DECODE),
+     Band(90, "apt-unpack"))
+)  # fmt: skip
 
 
 def _layer(mode, dispatch=None, dtype=torch.float16, n=48, k=160):
@@ -35,17 +39,21 @@ def _layer(mode, dispatch=None, dtype=torch.float16, n=48, k=160):
 
 
 def test_dispatch_picks_the_band_of_the_token_count():
-    assert [EVERY_PATH.band_for(m).path for m in (1, 4, 5, 39, 40, 89, 90, 10**6)] == [
+    assert [EVERY_PATH.band_for(m).path for m in (1, 4, 5, 39, 40, 49, 50, 89, 90, 10**6)] == [
         "apt-gemv",
         "apt-gemv",
         "apt-mma",
         "apt-mma",
         "dense",
         "dense",
+        "apt-decode",
+        "apt-decode",
         "apt-unpack",
         "apt-unpack",
     ]
-    assert EVERY_PATH.describe() == "M 1-4: apt-gemv; M 5-39: apt-mma; M 40-89: dense; M 90+: apt-unpack"
+    assert EVERY_PATH.describe() == (
+        "M 1-4: apt-gemv; M 5-39: apt-mma; M 40-49: dense; M 50-89: apt-decode; M 90+: apt-unpack"
+    )
 
 
 def test_dispatch_round_trips_through_the_plan_and_json():
@@ -70,7 +78,8 @@ def test_bad_dispatches_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_path_gives_the_layers_product(dtype, interpreter_fixes):  # noqa: F811
     weight, bias, layer = _layer(SPEED_FIRST, EVERY_PATH, dtype)
-    for tokens, path in ((1, "apt-gemv"), (3, "apt-gemv"), (17, "apt-mma"), (45, "dense"), (96, "apt-unpack")):
+    for tokens, path in ((1, "apt-gemv"), (3, "apt-gemv"), (17, "apt-mma"), (45, "dense"), (61, "apt-decode"),
+                         (96, "apt-unpack")):  # fmt: skip
         assert layer.path_for(tokens) == path
         x = torch.randn(1, tokens, weight.shape[1]).to(dtype).to(DEVICE)
         out = layer(x)
@@ -89,6 +98,17 @@ def test_memory_first_keeps_only_our_layout_and_still_computes_the_product():
         assert relative_error(layer(x), F.linear(x.double(), weight.double(), bias.double())) < 2e-3
 
 
+def test_memory_first_default_sizes_the_gemv_by_tokens_and_never_names_the_unchecked_decode_kernel():
+    """A one-token call gets the one-token launch (not the eight-token one's select work); ``apt-decode`` is for
+    dispatches the GPU suite measured, after checking it against the reference on the device."""
+    default = memory_first_default(4096, 4096)
+    assert [(b.start, b.path, b.config.block_m if b.config else None) for b in default.bands] == [
+        (1, "apt-gemv", 1), (2, "apt-gemv", 2), (3, "apt-gemv", 4), (5, "apt-gemv", 8), (9, "apt-mma", 64),
+        (256, "apt-unpack", None),
+    ]  # fmt: skip
+    assert "apt-decode" not in default.paths
+
+
 def test_speed_first_without_a_measurement_is_dense_everywhere_and_keeps_both_copies():
     weight, bias, layer = _layer(SPEED_FIRST)
     assert [layer.path_for(m) for m in (1, 64, 4096)] == ["dense"] * 3
@@ -99,7 +119,7 @@ def test_speed_first_without_a_measurement_is_dense_everywhere_and_keeps_both_co
 
 def test_without_our_kernels_the_apt_paths_compute_through_the_unpacked_weight(monkeypatch):
     """vLLM's CPU build and plain CPUs: no Triton, the same product through PyTorch."""
-    monkeypatch.setattr(triton24, "available", lambda device: (False, "no triton in this test"))
+    monkeypatch.setattr(triton24, "available", lambda device, dtype=None: (False, "no triton in this test"))
     weight, bias, layer = _layer(MEMORY_FIRST, memory_first_default(48, 160))
     x = torch.randn(5, weight.shape[1]).half().to(DEVICE)
     assert torch.equal(layer(x), F.linear(x, weight, bias))
@@ -153,6 +173,30 @@ def test_fp8_every_path_gives_the_w8a8_product(mode, interpreter_fixes):  # noqa
         out = layer(x)
         assert out.dtype == torch.bfloat16 and out.shape == (tokens, 48)
         assert relative_error(out, reference + bias.double()) < 1e-2, layer.path_for(tokens)
+
+
+def test_an_fp8_layer_refuses_a_dispatch_whose_mma_tile_cannot_compile_for_fp8():
+    """A dispatch file naming an FP8 mma launch with block_g 16 (Triton's FP8 dot needs K >= 32) is refused when
+    the layer is built, not when serving crashes on its first call."""
+    bad = Dispatch((Band(1, "apt-mma", KernelConfig("mma", 16, 32, 16)),))
+    with pytest.raises(ValueError, match="band from 1 tokens cannot serve this torch.float8_e4m3fn layer"):
+        _fp8_layer(MEMORY_FIRST, bad)
+    _layer(MEMORY_FIRST, bad)  # a bf16/fp16 layer compiles it
+
+
+def test_fp8_on_a_gpu_before_sm89_is_served_w8a16(monkeypatch):
+    """No FP8 tensor cores, Triton float8 or ``torch._scaled_mm`` before sm89: every band of an FP8 layer then
+    multiplies the dequantised weight with the unquantised inputs (what vLLM does on Ampere), and says so."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "served W8A16" in sparse_op.fp8_fallback("cuda") and sparse_op.fp8_fallback("cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert sparse_op.fp8_fallback("cuda") is None
+    weight, scale, bias, layer = _fp8_layer(MEMORY_FIRST, None)
+    monkeypatch.setattr(sparse_op, "fp8_fallback", lambda device: "sm80 in this test")
+    x = torch.randn(3, 160).to(torch.bfloat16).to(DEVICE)
+    dequantised = (weight.float() * scale[:, None]).to(torch.bfloat16)
+    assert layer.path_for(1) == "fp8-w8a16"
+    assert torch.equal(layer(x), F.linear(x, dequantised.to(DEVICE), bias.to(DEVICE)))
 
 
 def test_fp8_layers_keep_what_they_promise_and_refuse_a_missing_scale():

@@ -57,6 +57,13 @@ def test_a_path_whose_output_was_not_finite_is_never_chosen():
         bands_from(broken, MEMORY_FIRST)
 
 
+def test_a_path_rejected_against_its_tolerance_is_never_chosen():
+    """A kernel that gives a wrong product fast (what an unchecked compiled kernel could do) loses to dense."""
+    wrong = {"rows": [_row(1, {"dense": 10.0, "apt-gemv": 1.0}, {"gemv": GEMV})]}
+    wrong["rows"][0]["rejected"] = {"apt-gemv": "relative error 0.9 over the tolerance 0.005"}
+    assert bands_from(wrong, SPEED_FIRST).describe() == "M 1+: dense"
+
+
 def test_speedups_are_dense_over_path():
     assert speedups(MEASURED["rows"][0]) == {"apt-gemv": 10 / 6, "apt-mma": 10 / 12, "cusparselt": 10 / 15}
 
@@ -67,14 +74,18 @@ def test_measure_shape_times_every_path_it_can_and_says_what_it_could_not():
     measured = measure_shape(weight, ms=(1, 3, 16, 80), repeats=1, rotate_bytes=0)
     assert [row["m"] for row in measured["rows"]] == [1, 3, 16, 80]
     first, last = measured["rows"][0], measured["rows"][-1]
-    assert set(first["eager"]) == {"dense", "apt-gemv", "apt-mma"}
-    assert set(last["eager"]) == {"dense", "apt-mma", "apt-unpack"}  # gemv only to 8 tokens, unpack from 64
+    assert set(first["eager"]) == {"dense", "apt-decode", "apt-gemv", "apt-mma"}
+    # decode to 64 tokens, gemv to 8, unpack from 64
+    assert set(last["eager"]) == {"dense", "apt-mma", "apt-unpack"}
     assert all(error < 2e-3 for row in measured["rows"] for error in row["error"].values())
-    assert set(measured["tuning"]) == {"gemv M=1", "mma M=16"}
+    assert not any(row["rejected"] for row in measured["rows"])
+    assert set(measured["tuning"]) == {"decode M=1", "decode M=16", "gemv M=1", "mma M=16"}
+    assert measured["rows"][2]["config"]["decode"]["block_m"] == 16  # the token tile follows M
     assert "graphed" in measured["not_measured"] and "cusparselt" in measured["not_measured"]
     memory_first = bands_from(measured, MEMORY_FIRST, timing="eager")  # which path wins is the timer's call
     memory_first.check_mode(MEMORY_FIRST)
-    assert memory_first.band_for(1).path in ("apt-gemv", "apt-mma") and memory_first.band_for(80).path != "dense"
+    assert memory_first.band_for(1).path in ("apt-decode", "apt-gemv", "apt-mma")
+    assert memory_first.band_for(80).path != "dense"
 
 
 @needs_kernels
@@ -84,5 +95,5 @@ def test_measure_shape_times_fp8_paths_against_the_w8a8_product(interpreter_fixe
     quantized = (weight / scale[:, None]).to(torch.float8_e4m3fn)
     measured = measure_shape(quantized, ms=(1, 16, 80), weight_scale=scale, repeats=1, rotate_bytes=0)
     assert measured["dtype"] == "float8_e4m3fn"
-    assert {"dense", "apt-gemv", "apt-mma"} == set(measured["rows"][0]["eager"])
+    assert {"dense", "apt-decode", "apt-gemv", "apt-mma"} == set(measured["rows"][0]["eager"])
     assert all(err < 1e-2 for row in measured["rows"] for err in row["error"].values())  # bf16 outputs
