@@ -40,6 +40,10 @@ $(STAMP): pyproject.toml Makefile
 	# compressed-tensors 0.14.0.1, the last release with the sparse compressors, is the real consumer the
 	# bitmask export is tested against; it lives in its own folder so transformers 5 never imports it.
 	$(PY) -m pip install -q --no-deps --target $(VENV)/ct014 compressed-tensors==0.14.0.1 loguru
+	# cuSPARSELt 0.8, the library PyTorch's CUDA builds load and bring (the CPU wheel has none): tests check that our
+	# ctypes binding of it (serving/cslt_plans.py) loads and that every function it calls resolves.
+	$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)" || exit 0; \
+		$(PY) -m pip install -q --no-deps nvidia-cusparselt-cu13==0.8.1
 	touch $(STAMP)
 
 $(COMPAT_STAMP): Makefile

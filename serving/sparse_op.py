@@ -10,9 +10,9 @@ in the layer's *dispatch* (bands of M, each with a path and its launch) and runs
                dispatch the GPU suite measured (it checked the kernel against the reference there)
 ``apt-gemv``   our CUDA-core decode kernel (``serving.triton24``), M ≤ 8
 ``apt-mma``    our tensor-core kernel over the same compressed layout, any M ≥ 1
-``cusparselt`` cuSPARSELt (``torch._cslt_sparse_mm``) on its own compressed copy, with the algorithm
-               chosen at load; eager calls rebuild its plan (~0.45 ms on PyTorch ≤ 2.11), graphed
-               replays do not
+``cusparselt`` cuSPARSELt on its own compressed copy, with the algorithm chosen at load, through our
+               plan cache (``serving.cslt_plans``: eager calls do not rebuild the plan, as
+               ``torch._cslt_sparse_mm`` does at ~0.45 ms a call on PyTorch ≤ 2.11)
 ``apt-unpack`` our layout decompressed on the device into a transient buffer, then cuBLAS
 =============  ==========================================================================================
 
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from apt.solver.fp8 import FP8, FP8_MAX, MIN_TOKEN_SCALE, dequantize_weight, quantize_activations
-from serving import triton24
+from serving import cslt_plans, triton24
 from serving.kernels import cusparselt
 from serving.layout import Packed24, check_24, pack_24, unpack_24
 from serving.triton24 import KernelConfig
@@ -214,18 +214,21 @@ def fp8_linear(x_q, scale_x, weight, weight_scale, bias, out_dtype) -> torch.Ten
     return out[:m] if pad else out
 
 
-def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor, bias, alg_id: int, scales=None, out_dtype=None):
+def _cslt_linear(x: torch.Tensor, compressed: torch.Tensor, n: int, bias, alg_id: int, scales=None, out_dtype=None):
+    """cuSPARSELt on ``x`` ``[M, K]``: through our plan cache (``serving.cslt_plans``: no per-call plan rebuild,
+    FP8's scales in the epilogue and one output pass) where its library loads, else PyTorch's
+    ``_cslt_sparse_mm`` (which rebuilds its plan every eager call and, for FP8, makes a float32 product)."""
+    if cslt_plans.available()[0]:
+        scale_x, scale_w = scales if scales is not None else (None, None)
+        return cslt_plans.sparse_mm(compressed, x, n, alg_id, None, bias, scale_w, scale_x, out_dtype)
     m = x.shape[0]
     pad = (-m) % CSLT_PAD
     padded = _pad_rows(x, pad)
     if scales is None:
         out = torch._cslt_sparse_mm(compressed, padded.t(), bias=bias, transpose_result=True, alg_id=alg_id)
         return out[:m] if pad else out
-    # FP8: cuSPARSELt scales by one alpha; the per-token and per-channel scales follow in float32
-    out = torch._cslt_sparse_mm(compressed, padded.t(), out_dtype=torch.float32, transpose_result=True, alg_id=alg_id)[
-        :m
-    ]
-    out = out * scales[0][:, None] * scales[1][None, :]
+    out = torch._cslt_sparse_mm(compressed, padded.t(), out_dtype=torch.float32, transpose_result=True, alg_id=alg_id)
+    out = out[:m] * scales[0][:, None] * scales[1][None, :]
     return (out + bias if bias is not None else out).to(out_dtype)
 
 
@@ -275,7 +278,7 @@ def _run(band, x, values, codes, dense, compressed, bias, weight_scale) -> torch
     if path == "cusparselt":
         if compressed is not None and x.is_cuda:
             scales = (scale_x, weight_scale) if weight_scale is not None else None
-            return _cslt_linear(x, compressed, bias, alg_id, scales, out_dtype)
+            return _cslt_linear(x, compressed, values.shape[1], bias, alg_id, scales, out_dtype)
         path = "dense" if dense is not None else "apt-unpack"
     if path == "dense":
         if dense is None:
