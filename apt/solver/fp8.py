@@ -57,9 +57,14 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_q, scale)``: ``x`` ``[..., K]`` in float8_e4m3fn and its per-token float32 scales ``[..., 1]``."""
+    """``(x_q, scale)``: ``x`` ``[..., K]`` in float8_e4m3fn and its per-token float32 scales ``[..., 1]``.
+
+    Both divisions are exact (IEEE) on every device: dividing by the Python number 448 would, on CUDA, multiply
+    by its rounded reciprocal (PyTorch's CPU-scalar shortcut), and the scale would differ in its last bit from
+    the CPU's and from our fused kernel's (``serving.triton24``)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_TOKEN_SCALE)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp_min(MIN_TOKEN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
