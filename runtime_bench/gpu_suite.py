@@ -60,7 +60,7 @@ from runtime_bench.static_llama import (
     sparsify,
 )
 from serving import aot
-from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, Dispatch
+from serving.sparse_op import MEMORY_FIRST, SPEED_FIRST, Dispatch, fp8_fallback
 from serving.triton24 import KernelConfig
 from serving.tuning import PROBE_MS, ROTATE_BYTES, bands_from, measure_shape, speedups
 
@@ -196,6 +196,9 @@ def gemm_job(job, config: SuiteConfig, budget: Budget, results: dict) -> None:
         return
     started = time.perf_counter()
     fp8 = dtype == "float8_e4m3fn"
+    if fp8 and fp8_fallback(config.device):  # an A100: no FP8 GEMM to measure, dense or sparse
+        results["not_measured"][f"gemm {key}"] = fp8_fallback(config.device)
+        return
     dense, pruned = _pruned_pair(n, k, torch.bfloat16 if fp8 else getattr(torch, dtype), config.device, seed=n + k)
     scale = None
     if fp8:  # the pruned weight keeps every row's largest |w|: both share the row scales
@@ -357,7 +360,7 @@ def e2e_model(name: str, shape: LlamaShape, config: SuiteConfig, results: dict) 
     max_batch = max([b for b, _ in config.prefill] + list(config.decode_batches))
     # + 4: the decode graph's warm-up and capture steps run past the prompt before each timed run refills it
     max_len = max([s for _, s in config.prefill] + [config.decode_prompt + config.decode_new + 4])
-    fp8 = name in config.fp8_e2e
+    fp8 = name in config.fp8_e2e and not fp8_fallback(config.device)
     started = time.perf_counter()
     entry = {"shape": shape.__dict__, "rows": [], "weight_bytes": {}, "logits_error": {}}
     results["e2e"][name] = entry

@@ -236,7 +236,7 @@ class DenseFp8Linear(torch.nn.Module):
         from serving.sparse_op import FP8_MAX, FP8_MIN_SCALE, fp8_linear, quantize_tokens
 
         flat = x.reshape(-1, x.shape[-1])
-        if triton24.available(x.device)[0]:
+        if triton24.available(x.device, torch.float8_e4m3fn)[0]:
             x_q, scale_x = triton24.quantize_tokens(flat, FP8_MAX, FP8_MIN_SCALE)
         else:
             x_q, scale_x = quantize_tokens(flat)

@@ -183,7 +183,7 @@ def measure_shape(
     device = weight.device
     graphs = weight.is_cuda
     with_cslt = weight.is_cuda and cusparselt().available and weight.dtype in (torch.float16, torch.bfloat16, FP8)
-    ours = triton24.available(device)[0]
+    ours = triton24.available(device, weight.dtype)[0]
     dense = weight if dense_weight is None else dense_weight
     copies = _Copies(weight, dense, with_cslt, rotate_bytes, weight_scale)
     x_dtype = torch.bfloat16 if weight.dtype == FP8 else weight.dtype
@@ -194,7 +194,7 @@ def measure_shape(
     if not with_cslt:
         not_measured["cusparselt"] = cusparselt().reason if not cusparselt().available else "not on this device/dtype"
     if not ours:
-        not_measured["apt kernels"] = triton24.available(device)[1]
+        not_measured["apt kernels"] = triton24.available(device, weight.dtype)[1]
     g = torch.Generator(device="cpu").manual_seed(n * 31 + k)
     tuned = {"decode": {}, "gemv": {}, "mma": {}}
     tolerance = TOLERANCE[torch.bfloat16 if weight.dtype == FP8 else weight.dtype]
