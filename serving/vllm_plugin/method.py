@@ -52,6 +52,7 @@ from serving.sparse_op import (
     SPEED_FIRST,
     Dispatch,
     Sparse24Linear,
+    fp8_fallback,
     from_threshold,
     load_dispatches,
     shape_key,
@@ -458,6 +459,8 @@ class Sparse24Fp8LinearMethod(CompressedTensorsLinearMethod):
         info["sparse_kernel"] = "not 2:4"
         if info["is_24"] and not weight.is_cuda:
             info["sparse_kernel"] = "none: the weight is not on a GPU (vLLM's FP8 GEMM serves it)"
+        elif info["is_24"] and fp8_fallback(weight.device):  # an A100: vLLM's own FP8 method (Marlin, W8A16)
+            info["sparse_kernel"] = f"none: {fp8_fallback(weight.device)}; vLLM's own FP8 method serves it"
         elif info["is_24"]:
             dispatch = self.config.dispatch_for(weight, SPEED_FIRST, scale)
             layer.apt_sparse_op = Sparse24Linear(weight, None, SPEED_FIRST, dispatch, weight_scale=scale)
