@@ -469,6 +469,13 @@ def _decode_warps(groups: int) -> tuple[int, ...]:
     return found or (1,)
 
 
+def _mma_variants(block_m: int, block_n: int) -> tuple[tuple[int, int], ...]:
+    """``(num_warps, num_stages)`` of the mma launches tried for one tile. Code words load wide: per-group word
+    loads cost registers and instructions everywhere (``serving.aot``); a 128 × 128 tile needs 8 warps (with 4
+    it spills on sm80 and sm90)."""
+    return ((8, 4),) if block_m * block_n >= 128 * 128 else ((4, 3), (8, 4))
+
+
 def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> KernelConfig:
     """The launch used where none was measured for this shape and token count."""
     groups = k // 4
@@ -479,18 +486,19 @@ def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> 
         block_m = _pow2_at_least(min(m, GEMV_MAX_M))
         block_n, block_g = GEMV_TILES[block_m][0]
         split = _split_for(-(-n // block_n), groups, block_g, sms)
-        return KernelConfig("gemv", block_m, block_n, block_g, split, num_warps=4, num_stages=3)
+        return KernelConfig("gemv", block_m, block_n, block_g, split, num_warps=4, num_stages=3, wide_codes=True)
     block_m = min(128, max(16, _pow2_at_least(m)))
     block_n = 64 if block_m <= 64 else 128
     programs = -(-m // block_m) * -(-n // block_n)
     split = _split_for(programs, groups, 32, sms, per_sm=2) if m <= 256 else 1
-    return KernelConfig("mma", block_m, block_n, 32, split, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+    warps, stages = _mma_variants(block_m, block_n)[0]
+    return KernelConfig("mma", block_m, block_n, 32, split, warps, stages, wide_codes=True)
 
 
 def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT, dtype=None) -> list[KernelConfig]:
     """The launches ``runtime_bench.gpu_suite`` times for one shape and token count (the default first): tiles,
-    split-K (the split that fills the GPU, and none), the code-word load, warps and pipeline depth. Only
-    launches that compile for ``dtype``'s weights (an FP8 mma tile needs block_g >= 32)."""
+    split-K (the split that fills the GPU, and none), warps and pipeline depth. Only launches that compile for
+    ``dtype``'s weights (an FP8 mma tile needs block_g >= 32) and that spill nowhere (``serving.aot``)."""
     groups = k // 4
     found = [default_config(kernel, m, n, k, sms)]
     if kernel == "decode":
@@ -499,16 +507,15 @@ def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT, dtype=N
         block_m = _pow2_at_least(min(m, GEMV_MAX_M))
         for block_n, block_g in GEMV_TILES[block_m]:
             for split in dict.fromkeys((_split_for(-(-n // block_n), groups, block_g, sms), 1)):
-                for wide in (False, True):
-                    found.append(KernelConfig("gemv", block_m, block_n, block_g, split, 4, 3, wide))
+                found.append(KernelConfig("gemv", block_m, block_n, block_g, split, 4, 3, True))
     else:
         block_ms = (16,) if m <= 16 else ((32,) if m <= 32 else ((64,) if m <= 64 else (64, 128)))
         for block_m in block_ms:
             for block_n, block_g in MMA_TILES:
                 programs = -(-m // block_m) * -(-n // block_n)
                 split = _split_for(programs, groups, block_g, sms, per_sm=2) if m <= 256 else 1
-                for warps, stages, wide in ((4, 3, False), (4, 3, True), (8, 4, True)):
-                    found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages, wide))
+                for warps, stages in _mma_variants(block_m, block_n):
+                    found.append(KernelConfig("mma", block_m, block_n, block_g, split, warps, stages, True))
     return [c for c in dict.fromkeys(found) if dtype is None or c.refuse_for(dtype) is None]
 
 

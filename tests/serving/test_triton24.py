@@ -165,6 +165,8 @@ def test_launch_choices_are_valid_for_the_shapes_that_matter():
         for m in (16, 64, 256, 4096, 16384):
             mma = candidates("mma", m, n, k)
             assert all(c.kernel == "mma" and k // 4 // c.split_k >= c.block_g for c in mma)
+            # what spilled in the sm80/sm90 compiles (serving.aot): per-group code loads, 128 × 128 on 4 warps
+            assert all(c.wide_codes and (c.block_m * c.block_n < 128 * 128 or c.num_warps == 8) for c in mma)
         for m in (1, 8, 9, 33, 64):
             decode = candidates("decode", m, n, k)
             assert decode[0] == default_config("decode", m, n, k) and all(c.block_m >= m for c in decode)
