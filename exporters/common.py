@@ -19,7 +19,8 @@ import torch
 
 from apt.atomic import check_free_space, file_listing, write_json_atomic
 from apt.errors import InvalidInputError
-from apt.folder.report import versions
+from apt.folder.fp8 import open_fp8_checked
+from apt.folder.report import read_report, versions
 from apt.folder.targets import PrunedTargets, targets_of_folder
 from apt.models.checkpoint import CheckpointReader
 from apt.solver.patterns import Pattern, as_rows, conforms, first_nm_violation
@@ -50,15 +51,29 @@ class PrunedSource:
 
 
 def open_pruned(
-    folder: str | Path, target: str, accepts: PatternCheck = any_pattern, experts: str | None = None
+    folder: str | Path,
+    target: str,
+    accepts: PatternCheck = any_pattern,
+    experts: str | None = None,
+    fp8: str | None = None,
 ) -> PrunedSource:
     """Open ``folder`` for the export ``target``; refuses (nothing written yet) a folder that is not a
-    model folder, has no pruned weights, whose pattern ``target`` cannot hold, or (``experts``: the
-    reason) whose pruned weights include MoE experts the format cannot hold."""
+    model folder, a damaged FP8 folder (naming the tensor), an FP8 folder where ``fp8`` says why ``target``
+    cannot carry FP8 (``None``: it carries it), a folder with no pruned weights, whose pattern ``target``
+    cannot hold, or (``experts``: the reason) whose pruned weights include MoE experts the format cannot
+    hold."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise InvalidInputError(f"{folder} is not a Hugging Face folder (no config.json): export a pruned model folder")
-    reader = CheckpointReader(folder)
+    reader = open_fp8_checked(folder)
+    if reader.fp8 and fp8:
+        report = read_report(folder) or {}
+        source = (report.get("quantization") or {}).get("source")
+        instead = f"export its unquantized source ({source})" if source else "export its unquantized source"
+        raise InvalidInputError(
+            f"{folder} is FP8 (W8A8, {len(reader.fp8)} float8 weights): the {target} export {fp8}; {instead}, or "
+            "serve the FP8 folder itself (vLLM reads it as it is), or export vllm, which keeps FP8"
+        )
     targets = targets_of_folder(folder)
     if not targets.tensors:
         raise InvalidInputError(

@@ -38,6 +38,10 @@ from serving.bitmask import FORMAT, PARTS, compress_24, decompress_24
 ISOLATED_ENV = "APT_SPARSE_CT014"  # a folder holding compressed-tensors 0.14 apart from transformers 5
 accepts = only_2_4("the sparse-24-bitmask format and vLLM's CUTLASS kernels hold 2:4 only")
 EXPERTS = "the format compresses Linear weights; vLLM 0.6.5–0.19.0, which read it, ran MoE experts dense"
+FP8_REFUSAL = (
+    "writes the bitmask with fp16/bf16 kept values; the FP8 variant vLLM 0.6.5–0.19.0 read (float8 kept values "
+    "beside the bitmask and the scales) is not written here, and no loader here could check it"
+)
 
 
 def _planned(name: str, tensor_dtype: torch.dtype, shape: tuple[int, ...], targets: set[str]) -> list[PlannedTensor]:
@@ -88,7 +92,7 @@ def export_compressed_tensors(
 ) -> dict:
     if dtype not in DTYPES:
         raise InvalidInputError(f"compressed-tensors export dtype must be float16 or bfloat16, got {dtype!r}")
-    source = open_pruned(src, "compressed-tensors", accepts, experts=EXPERTS)
+    source = open_pruned(src, "compressed-tensors", accepts, experts=EXPERTS, fp8=FP8_REFUSAL)
     transposed = [n for n in source.targets.tensors if n not in source.targets.experts and source.targets.axis(n) != -1]
     if transposed:  # a Conv1D (GPT-2) keeps [in, out]: compressed along its last axis it would lose kept weights
         raise InvalidInputError(

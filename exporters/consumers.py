@@ -8,12 +8,15 @@ runs there in a subprocess (``serving.vllm_run``). Where none exists the manifes
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from apt.errors import InvalidInputError
+from apt.measure.fp8 import fp8_activations, load_fp8_emulated
+from apt.models.checkpoint import CheckpointReader
 from apt.models.layered import auto_class
 from serving.vllm_run import run_vllm
 
@@ -23,13 +26,26 @@ MAX_TOKENS = 16
 
 def transformers_greedy(folder: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int) -> list:
     """Greedy tokens of transformers on ``folder``'s weights cast to ``dtype`` (what the export stores),
-    computed in float32 as vLLM is asked to; a vision-language model as its own class, on text alone."""
+    computed in float32 as vLLM is asked to; a vision-language model as its own class, on text alone. An FP8
+    folder is its exact FP8 emulation (``apt.measure.fp8``): its FP8 weights ``q · scale``, every other weight
+    cast to ``dtype``, each FP8 layer's inputs through float8 per token."""
     import transformers
 
-    cls = auto_class(transformers.AutoConfig.from_pretrained(folder))
-    model = cls.from_pretrained(folder, dtype=dtype).float().eval()
+    fp8 = CheckpointReader(folder).fp8
+    if fp8:
+        model, modules = load_fp8_emulated(folder)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                stem = name.removesuffix(".weight")  # the model's name; the checkpoint's may add or lack a prefix
+                if not any(stem == m or stem.endswith(f".{m}") or m.endswith(f".{stem}") for m in modules):
+                    param.copy_(param.to(dtype).float())  # what the export stores of an unquantized tensor
+        served_in_fp8 = fp8_activations(model, modules)
+    else:
+        cls = auto_class(transformers.AutoConfig.from_pretrained(folder))
+        model = cls.from_pretrained(folder, dtype=dtype).float().eval()
+        served_in_fp8 = contextlib.nullcontext()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), served_in_fp8:
         for ids in prompt_ids:
             generated = model.generate(
                 torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0

@@ -22,6 +22,10 @@ from exporters.common import check_pattern, only_2_4, open_pruned, write_manifes
 from exporters.onnx_export import export_onnx
 
 accepts = only_2_4("TensorRT's sparse tactics (SPARSE_WEIGHTS) take 2:4 weights only")
+FP8_REFUSAL = (
+    "builds from the fp16/bf16 ONNX graph, which has no FP8 Q/DQ nodes for TensorRT's FP8 kernels to run, so it "
+    "cannot carry the float8 weights"
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ def export_tensorrt(
     if dtype not in ("float16", "bfloat16"):
         raise InvalidInputError(f"TensorRT's strongly typed build needs a float16 or bfloat16 graph, got {dtype!r}")
     profile = profile or Profile()
-    source = open_pruned(src, "tensorrt", accepts)
+    source = open_pruned(src, "tensorrt", accepts, fp8=FP8_REFUSAL)
     layers = check_pattern(source)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         onnx_manifest = export_onnx(source.folder, tmp / "onnx", dtype=dtype, polygraphy=polygraphy)

@@ -5,7 +5,8 @@ source, the pattern and the accuracy come from its ``prune_report.json``) or one
 (``--dense`` names the source; the pruned layers are found by the family adapter). The GEMM sweep runs
 at the model's own shapes, prefill and decode on every backend that runs here (the decode-safe sparse
 path included), and on exported artifacts given with ``--onnx`` / ``--tensorrt``. It writes
-``results.json`` and ``report.md`` with plots; each backend that cannot run says why, once.
+``results.json`` and ``report.md`` with plots; each backend that cannot run says why, once. An FP8 folder is
+refused with the reason (no backend here runs FP8 GEMMs), a damaged one naming the tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from apt.atomic import check_free_space, write_json_atomic, writing
 from apt.errors import InvalidInputError
+from apt.folder.fp8 import open_fp8_checked
 from apt.folder.report import REPORT_NAME, read_report
 from apt.folder.targets import targets_of_folder
 from apt.models.loading import source_folder
@@ -59,7 +61,15 @@ def bench_folder(
     folder, out = Path(folder), Path(out)
     if not (folder / "config.json").is_file():
         raise InvalidInputError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    reader = open_fp8_checked(folder)  # a damaged FP8 folder is refused naming the tensor
     report = read_report(folder)
+    if reader.fp8:
+        source = (report or {}).get("quantization", {}).get("source") or "its unquantized source"
+        raise InvalidInputError(
+            f"{folder} is FP8 (W8A8, {len(reader.fp8)} float8 weights) and the benchmark has no FP8 GEMM backend: "
+            f"timing it would time its weights dequantised to fp16/bf16, not FP8. Bench {source} for what 2:4 "
+            f"buys, and measure the FP8 folder's accuracy with apt-sparse eval {folder}"
+        )
     dense_folder = _dense_source(folder, dense, report)
     targets = targets_of_folder(folder)
     if not targets.pattern.is_nm:
