@@ -1,26 +1,32 @@
 """What FP8 (W8A8 e4m3, per-channel weights, dynamic per-token activations) costs on top of 2:4, emulated exactly.
 
     python -m runtime_bench.fp8_accuracy [--model smollm2-135m] [--encoder minilm-l6] [--windows 64]
-        [--seq-len 256] [--eval-windows 16] [--rows NAME ...] [--out FILE]
+        [--seq-len 256] [--eval-windows 16] [--rows NAME ...] [--diagnostics] [--out FILE]
 
 The domains, the evaluation and the pruning rows are those of ``runtime_bench.method_comparison`` (validation
-chooses, test is in domain, four never-calibrated domains). Each FP8 folder is the real one
-(``apt.run.quantize``: compressed-tensors float-quantized), measured through ``apt.measure.fp8``: weights
-``q · scale``, the inputs of every quantized Linear through float8_e4m3fn and back per token (exact up to the
-float32 accumulation of an FP8 GEMM). Rows:
+chooses, test is in domain, four never-calibrated domains). Each FP8 folder is the real one, written by
+``apt.run.quantize`` (what ``apt-sparse quantize`` runs) or by the pruning run (``--quantize fp8``), and
+measured as every command reads it: through its reader (``apt.models.checkpoint``), weights ``q · scale`` and
+the inputs of every FP8 Linear through float8_e4m3fn and back per token (exact up to the float32 accumulation
+of an FP8 GEMM). Every rounding calibrates on the pruning's text (``--windows`` × ``--seq-len`` stdlib tokens).
+Rows:
 
-- ``dense`` / ``dense FP8``: the source, and the source quantized (``apt-sparse quantize``);
-- ``apt`` / ``apt FP8``: apt 2:4 at the prune defaults, then quantized (round to nearest);
-- ``apt FP8, compensated in the run``: ``--quantize fp8 --fp8-compensate`` (the error-compensating pass on each
-  layer's Hessian, later blocks calibrated on the quantized model);
+- ``dense FP8`` / ``dense FP8, nearest``: the source quantized by ``apt-sparse quantize`` (its default, the
+  error-compensating pass) and with ``--rounding nearest``;
+- ``apt`` / ``apt FP8`` / ``apt FP8, nearest``: apt 2:4 at the prune defaults, then quantized the same two ways;
+- ``apt FP8 in the run`` / ``apt FP8 in the run, nearest``: ``prune --quantize fp8`` (its default, the
+  error-compensating pass on each layer's Hessian in the run) and ``--no-fp8-compensate`` (later blocks
+  calibrate on the quantized model either way);
 - ``sparsegpt`` / ``sparsegpt FP8``;
-- diagnostics, asked for by ``--rows``: ``dense FP8 weights only`` and ``apt FP8 weights only`` (FP8 weights,
-  activations unquantized: what the weights alone cost).
+- diagnostics (``--diagnostics``, or named in ``--rows``): ``dense FP8 weights only`` and ``apt FP8 weights
+  only`` (FP8 weights rounded to nearest, activations unquantized: what the weights alone cost).
 
-Per domain: ``fp8_cost`` = an FP8 row's figure over its unquantized row's (the checkpoint's own dtype: float32
-for SmolLM2 and MiniLM as stored here) (the issue's bar: ≤ 1.02 for apt, on every
-domain), and ``vs_sparsegpt`` = the increase over dense as a fraction of SparseGPT's (FP8 rows against dense
-FP8 and SparseGPT FP8; < 1: apt keeps its lead).
+Per domain: ``fp8_cost`` = an FP8 row's figure over its unquantized row's (perplexity; for embeddings the loss
+of cosine to dense over the unquantized row's), ``vs_dense_fp8_cost`` = that cost over the dense model's FP8
+cost with the same rounding (the issue's bar: ≤ 1, FP8 costs the 2:4 model no more than the dense one; rows
+rounded in the run are held against ``apt-sparse quantize``'s default on the dense model), and
+``vs_sparsegpt`` = the increase over dense as a fraction of SparseGPT's (FP8 rows against dense FP8 and
+SparseGPT FP8; < 1: apt keeps its lead).
 """
 
 from __future__ import annotations
@@ -30,74 +36,125 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from apt.atomic import write_json_atomic
-from apt.folder.fp8 import DequantizingReader
 from apt.folder.report import versions
-from apt.measure.fp8 import fp8_activations
+from apt.models.checkpoint import CheckpointReader
 from apt.models.loading import source_folder
-from apt.run.quantize import quantize_folder
+from apt.run.quantize import QuantizeConfig, quantize_folder
 from runtime_bench import save_results
 from runtime_bench.method_comparison import DOMAINS, Domains, Row, increase_fraction, prune_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# name → (pruning row or None for the dense source, FP8: None, "rtn" (quantize the folder) or "run")
-ROWS: dict[str, tuple[Row | None, str | None]] = {
-    "dense FP8": (None, "rtn"),
-    "apt": (Row({"method": "apt"}), None),
-    "apt FP8": (Row({"method": "apt"}), "rtn"),
-    "apt FP8, compensated in the run": (Row({"method": "apt"}, run={"quantize": "fp8", "fp8_compensate": True}), "run"),
-    "sparsegpt": (Row({"method": "sparsegpt"}), None),
-    "sparsegpt FP8": (Row({"method": "sparsegpt"}), "rtn"),
+
+@dataclass(frozen=True)
+class FP8Row:
+    """One row: ``pruning`` (None: the dense source) and how it becomes FP8: ``None`` (it does not), ``compensate``
+    / ``nearest`` (``apt-sparse quantize --rounding``), ``run`` (the pruning run wrote it), ``weights`` (rounded
+    to nearest, measured with unquantized activations); ``unquantized`` names the row its cost is taken over."""
+
+    pruning: Row | None
+    fp8: str | None
+    unquantized: str | None = None
+
+
+APT, SPARSEGPT = Row({"method": "apt"}), Row({"method": "sparsegpt"})
+ROWS: dict[str, FP8Row] = {
+    "dense FP8, nearest": FP8Row(None, "nearest"),
+    "dense FP8": FP8Row(None, "compensate"),
+    "apt": FP8Row(APT, None),
+    "apt FP8 in the run": FP8Row(Row({"method": "apt"}, run={"quantize": "fp8"}), "run", "apt"),
+    "apt FP8": FP8Row(APT, "compensate", "apt"),
+    "apt FP8, nearest": FP8Row(APT, "nearest", "apt"),
+    "apt FP8 in the run, nearest": FP8Row(
+        Row({"method": "apt"}, run={"quantize": "fp8", "fp8_compensate": False}), "run", "apt"
+    ),
+    "sparsegpt": FP8Row(SPARSEGPT, None),
+    "sparsegpt FP8": FP8Row(SPARSEGPT, "compensate", "sparsegpt"),
     # diagnostics (not run by default): FP8 weights with the activations left unquantized (W8A16)
-    "dense FP8 weights only": (None, "weights"),
-    "apt FP8 weights only": (Row({"method": "apt"}), "weights"),
+    "dense FP8 weights only": FP8Row(None, "weights"),
+    "apt FP8 weights only": FP8Row(APT, "weights", "apt"),
 }
-DEFAULT_ROWS = [name for name, (_, fp8) in ROWS.items() if fp8 != "weights"]
-BF16_OF = {
-    "apt FP8": "apt",
-    "apt FP8, compensated in the run": "apt",
-    "sparsegpt FP8": "sparsegpt",
-    "apt FP8 weights only": "apt",
-}
+DEFAULT_ROWS = [name for name, row in ROWS.items() if row.fp8 != "weights"]
+ENCODER_ROWS = [name for name, row in ROWS.items() if row.fp8 != "run"]  # the study's encoder rows: no FP8 run
 
 
-def measure(domains: Domains, folder: Path | None, fp8: bool) -> dict:
-    """Each domain's figure of ``folder`` (None: the dense source), FP8 emulated where ``fp8``."""
-    reader = DequantizingReader(folder) if folder is not None else None
-    modules = sorted(n.removesuffix(".weight") for n in reader.fp8) if fp8 else []
-    figures = {}
-    with fp8_activations(domains.dense.model, modules):
-        for name, meter in domains.meters.items():
-            figures[name] = meter.measure(reader)[domains.metric]
-    return figures
+class WeightsOnly:
+    """An FP8 folder's reader whose layers keep their inputs unquantized (the W8A16 diagnostic)."""
+
+    fp8_inputs = frozenset()
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.reader.read(name, dtype)
+
+
+def measure(domains: Domains, folder: Path | None, weights_only: bool = False) -> dict:
+    """Each domain's figure of ``folder`` (None: the dense source), read as every command reads it (an FP8 folder
+    as W8A8, unless ``weights_only``)."""
+    reader = CheckpointReader(folder) if folder is not None else None
+    if weights_only:
+        reader = WeightsOnly(reader)
+    return {name: meter.measure(reader)[domains.metric] for name, meter in domains.meters.items()}
+
+
+# the dense model's FP8 row each rounding is held against (a run's rounding: apt-sparse quantize's default)
+DENSE_OF = {
+    "nearest": "dense FP8, nearest",
+    "compensate": "dense FP8",
+    "run": "dense FP8",
+    "weights": "dense FP8 weights only",
+}
 
 
 def derived(section: dict) -> None:
-    """``fp8_cost`` and ``vs_sparsegpt`` per row and domain (see the module docstring)."""
+    """``fp8_cost``, ``vs_dense_fp8_cost`` and ``vs_sparsegpt`` per row and domain (see the module docstring)."""
     rows, dense = section["rows"], section["dense"]
     causal = section["metric"] == "perplexity"
     for name, row in rows.items():
-        bf16 = {"figures": dense} if name.startswith("dense FP8") else rows.get(BF16_OF.get(name, ""))
-        if bf16:
-            mine, theirs = row["figures"], bf16["figures"]
-            # perplexity: FP8's over bf16's; embeddings: FP8's loss of cosine to dense over bf16's
+        if row["fp8"] is None:
+            unquantized = None
+        else:
+            unquantized = dense if row.get("unquantized") is None else rows.get(row["unquantized"], {}).get("figures")
+        if unquantized:
+            mine = row["figures"]
+            # perplexity: FP8's over the unquantized one's; embeddings: FP8's loss of cosine to dense over its
             row["fp8_cost"] = {
-                d: mine[d] / theirs[d] if causal else ((1 - mine[d]) / (1 - theirs[d]) if theirs[d] != 1 else None)
+                d: mine[d] / unquantized[d]
+                if causal
+                else ((1 - mine[d]) / (1 - unquantized[d]) if unquantized[d] != 1 else None)
                 for d in dense
             }
-        fp8 = "FP8" in name
-        base = rows.get("dense FP8", {}).get("figures") if fp8 else dense
+        reference = rows.get(DENSE_OF.get(row["fp8"], ""), {})
+        if name.startswith("dense") or not row.get("fp8_cost") or not reference.get("fp8_cost"):
+            row.pop("vs_dense_fp8_cost", None)
+        else:
+            row["vs_dense_fp8_cost"] = {
+                d: row["fp8_cost"][d] / reference["fp8_cost"][d]
+                if row["fp8_cost"][d] is not None and reference["fp8_cost"][d]
+                else None
+                for d in dense
+            }
+        fp8 = row["fp8"] is not None
+        base = reference.get("figures") if fp8 else dense
         ref = rows.get("sparsegpt FP8" if fp8 else "sparsegpt", {}).get("figures")
-        if name.startswith("apt") and "weights only" not in name and base and ref:
+        if name.startswith("apt") and row["fp8"] != "weights" and base and ref:
             row["vs_sparsegpt"] = increase_fraction(row["figures"], base, ref)
 
 
 def table(section: dict) -> str:
+    """Each row's figure per domain, with (FP8's cost; that cost over the dense model's; apt's increase as a
+    fraction of SparseGPT's) where they exist."""
     domains = list(section["dense"])
     lines = [
         "| row | " + " | ".join(domains) + " | pruning s |",
@@ -107,13 +164,14 @@ def table(section: dict) -> str:
     for name, row in section["rows"].items():
         cells = []
         for d in domains:
-            cell = f"{row['figures'][d]:.4g}"
             notes = []
-            if row.get("fp8_cost") and row["fp8_cost"][d] is not None:
-                notes.append(f"{row['fp8_cost'][d]:.3f}× unquantized")
-            if row.get("vs_sparsegpt") and row["vs_sparsegpt"][d] is not None:
-                notes.append(f"{row['vs_sparsegpt'][d]:.2f}× SparseGPT's increase")
-            cells.append(cell + (f" ({'; '.join(notes)})" if notes else ""))
+            if (row.get("fp8_cost") or {}).get(d) is not None:
+                notes.append(f"{row['fp8_cost'][d]:.3f}×")
+            if (row.get("vs_dense_fp8_cost") or {}).get(d) is not None:
+                notes.append(f"{row['vs_dense_fp8_cost'][d]:.3f} of dense's")
+            if (row.get("vs_sparsegpt") or {}).get(d) is not None:
+                notes.append(f"{row['vs_sparsegpt'][d]:.2f} of SparseGPT's increase")
+            cells.append(f"{row['figures'][d]:.4g}" + (f" ({'; '.join(notes)})" if notes else ""))
         seconds = row.get("seconds_pruning")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
@@ -124,27 +182,36 @@ def run_section(label: str, model: str, args, out_root: Path, results: dict, enc
     section = results.setdefault(label, {"model": model, "metric": domains.metric, "rows": {}})
     section["dense"] = domains.reference
     print(f"{model} dense: " + "  ".join(f"{d} {v:.4g}" for d, v in domains.reference.items()), flush=True)
-    pruned: dict[str, tuple[Path, dict]] = {}  # a pruning row's folder, reused by its FP8 row
+    pruned: dict[str, tuple[Path, dict]] = {}  # a pruning row's folder, reused by its FP8 rows
+    # every rounding calibrates on the pruning's text, the dense model's too
+    calibrated = {"calibration_data": "stdlib", "num_calibration_samples": args.windows, "max_seq_length": args.seq_len}
     for name in args.rows:
+        if encoder and name not in ENCODER_ROWS:
+            continue
         start = time.perf_counter()
-        row, fp8 = ROWS[name]
-        if encoder and row is not None and row.run.get("quantize"):
-            continue  # the study's encoder rows are apt and sparsegpt at their defaults
-        record: dict = {"fp8": fp8}
+        spec = ROWS[name]
+        record: dict = {"fp8": spec.fp8, "unquantized": spec.unquantized}
         folder = None
-        if row is not None:
-            key = repr(row)
+        if spec.pruning is not None:
+            key = repr(spec.pruning)
             if key not in pruned:
                 where = out_root / f"{label}-{len(pruned)}"
-                pruned[key] = (where, prune_row(model, row, args.windows, args.seq_len, where))
+                pruned[key] = (where, prune_row(model, spec.pruning, args.windows, args.seq_len, where))
             folder, record["pruning"] = pruned[key]
             record["seconds_pruning"] = record["pruning"]["seconds_pruning"]
-        if fp8 in ("rtn", "weights"):
-            quantized = out_root / f"{label}-{name.replace(' ', '_')}-fp8"
+        if spec.fp8 in ("nearest", "compensate", "weights"):
+            quantized = out_root / f"{label}-{name.replace(' ', '_').replace(',', '')}-fp8"
             source = folder if folder is not None else source_folder(model)[1]
-            record["quantization"] = quantize_folder(source, quantized, overwrite=True)
+            rounding = "compensate" if spec.fp8 == "compensate" else "nearest"
+            config = QuantizeConfig(rounding=rounding, evaluate=False, **calibrated)
+            clock = time.perf_counter()
+            record["quantization"] = quantize_folder(source, quantized, overwrite=True, config=config)
+            record["quantization"].pop("fp8_relative_loss", None)  # per layer: kept in the folder's report
+            record["seconds_quantizing"] = time.perf_counter() - clock
             folder = quantized
-        record["figures"] = measure(domains, folder, fp8 in ("rtn", "run"))
+        elif spec.fp8 == "run":
+            record["quantization"] = json.loads((folder / "prune_report.json").read_text())["quantization"]
+        record["figures"] = measure(domains, folder, weights_only=spec.fp8 == "weights")
         record["seconds"] = time.perf_counter() - start
         section["rows"][name] = record
         derived(section)
@@ -160,6 +227,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="the causal LM ('' to skip)")
     parser.add_argument("--encoder", default="minilm-l6", help="the encoder ('' to skip)")
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS), metavar="ROW")
+    parser.add_argument("--diagnostics", action="store_true", help="also the weights-only rows (W8A16)")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS))
     parser.add_argument("--windows", type=int, default=64, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -168,6 +236,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "fp8_accuracy.json")
     parser.add_argument("--render", action="store_true", help="only redo the ratios and tables of --out")
     args = parser.parse_args(argv)
+    if args.diagnostics:
+        args.rows = [
+            *args.rows,
+            *(name for name, row in ROWS.items() if row.fp8 == "weights" and name not in args.rows),
+        ]
     if args.render:
         results = json.loads(args.out.read_text())
         for label in ("causal", "encoder"):
@@ -181,7 +254,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     results = {
-        "schema": "apt-sparse/fp8-accuracy/1",
+        "schema": "apt-sparse/fp8-accuracy/2",
         "pattern": "2:4",
         "scheme": "FP8_DYNAMIC (e4m3 weights per output channel, dynamic per-token activations), emulated",
         "calibration": {"source": "stdlib", "windows": args.windows, "seq_len": args.seq_len},

@@ -202,10 +202,7 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
     done = progress["blocks_done"] = state["blocks_done"]
     written = BroadcastReader(coll, CheckpointReader(work) if coll.is_writer else None, layout)
     batches = _calibrate(job, src, work, writer, state, written, progress, coll)
-    if job.run.quantize:  # measured as the FP8 folder will compute: W8A8
-        quantized = {r["tensor"] for r in state["layers"] if "fp8_relative_loss" in r}
-        written = ServedInFp8(written, quantized)
-    accuracy = _evaluate(job, src, written, coll) if job.evaluate else None
+    accuracy = _evaluate(job, src, _as_computed(job, written, state), coll) if job.evaluate else None
     ranks = coll.gather_objects(
         {
             "rank": coll.rank,
@@ -317,7 +314,7 @@ def _calibrate(
             layered.run_blocks(dense, range(done))
         if done:
             log.info("resuming at block %d: recomputing its inputs from the %d blocks written", done, done)
-            layered.run_blocks(store, range(done), written)
+            layered.run_blocks(store, range(done), _as_computed(job, written, state))
         block_clock = [time.perf_counter()]
 
         def write_block(index: int, records: list[dict]) -> None:
@@ -340,6 +337,14 @@ def _calibrate(
     if not coll.is_writer:
         state["layers"] += layers
     return batches
+
+
+def _as_computed(job: PruneJob, written, state: dict):
+    """The written blocks as the run computes them: with ``--quantize fp8``, W8A8 (``ServedInFp8``), as the
+    blocks after them were calibrated and as the FP8 folder is served."""
+    if not job.run.quantize:
+        return written
+    return ServedInFp8(written, {r["tensor"] for r in state["layers"] if "fp8_relative_loss" in r})
 
 
 class ServedInFp8:

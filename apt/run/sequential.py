@@ -7,13 +7,16 @@ read, its prunable matrices found (``apt.models.discovery``) and grouped by the 
 Hessian at each group's input accumulated (``apt.run.calibration``), each layer pruned, the pruned
 weights rounded to the dtype the checkpoint stores (so later blocks calibrate on exactly the model
 that will be written), the calibration activations pushed through the pruned block, and the caller
-writes the block out before it is released.
+writes the block out before it is released. With ``--quantize fp8`` a block computes as its FP8 copy will
+(``served_in_fp8``): each quantized layer's weight goes on the FP8 grid as soon as it is pruned, and its
+inputs through FP8 per token, both for its Hessians and for the activations passed on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 import torch
@@ -23,7 +26,7 @@ from apt.collective import Collective
 from apt.errors import InvalidInputError, UnsupportedModelError
 from apt.models.activations import ActivationStore
 from apt.models.discovery import Group, Target, block_targets, find_groups, shared_between_blocks, unknown_weights
-from apt.models.layered import LayeredModel, give_back_memory, to_device
+from apt.models.layered import LayeredModel, give_back_memory, quantize_inputs, to_device
 from apt.models.permutation import free_partners, permute_rows
 from apt.run.calibration import Statistics, collect, collect_corrected
 from apt.run.config import RunConfig
@@ -149,17 +152,37 @@ def prune_blocks(
         for index in range(start, len(layered.blocks)):
             with layered.loaded(layered.parameter_names(layered.block_prefix(index))):
                 groups = finder.groups(layered, index, plans[index], store) if plans[index] else []
-                block_records = _prune_block(layered, index, groups, store, dense, config, bar, coll)
-                try:
-                    layered.run_block(index, store)
-                except FloatingPointError as err:
-                    raise InvalidInputError(f"{err} after pruning: check the model dtype (--dtype)") from err
+                with served_in_fp8(plans[index], config):
+                    block_records = _prune_block(layered, index, groups, store, dense, config, bar, coll)
+                    try:
+                        layered.run_block(index, store)
+                    except FloatingPointError as err:
+                        raise InvalidInputError(f"{err} after pruning: check the model dtype (--dtype)") from err
                 if on_block_done is not None:
                     on_block_done(index, block_records)
                 records += block_records
     finally:
         bar.close()
     return records
+
+
+def quantized_in_run(target: Target, config: RunConfig) -> bool:
+    """``--quantize fp8`` puts this matrix on the FP8 grid: a Linear's ``[out, in]`` weight (experts and
+    ``Conv1D`` stay as stored, as ``apt.run.quantize`` leaves them)."""
+    return config.quantize == "fp8" and not target.is_expert and target.in_axis == -1
+
+
+@contextlib.contextmanager
+def served_in_fp8(targets: list[Target], config: RunConfig) -> Iterator[None]:
+    """With ``--quantize fp8``: while open, the block's layers that will be FP8 take their inputs through FP8 per
+    token, as the FP8 folder is served (W8A8), so their Hessians are those of the inputs they will multiply and
+    the next blocks calibrate on the block as it will compute."""
+    hooks = [t.module.register_forward_pre_hook(quantize_inputs) for t in targets if quantized_in_run(t, config)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _prune_block(layered, index, groups: list[Group], store, dense, config: RunConfig, bar, coll) -> list[dict]:
@@ -241,7 +264,7 @@ def prune_group(
                 goal = corrected_target(weight, hessian, cross, config.correction, config.solver.damp_value)
             last = position == len(group.targets) - 1
             partners = free_partners(layered.model, target) if config.permute and pattern.is_nm else None
-            fp8 = config.quantize == "fp8" and not target.is_expert and record.get("in_axis", -1) == -1
+            fp8 = quantized_in_run(target, config)
             if partners is None:
                 consume = last and not (fp8 and config.fp8_compensate)  # the pass below reads the Hessian
                 pruned, summary = _solve_rows(target.name, goal, hessian, config, coll, consume=consume)
