@@ -231,7 +231,7 @@ def quantize_folder(
                 written["accuracy_unquantized"] = report["accuracy"]
                 written["accuracy"] = _fp8_accuracy(tmp, report, config) if config.evaluate else None
                 write_json_atomic(tmp / REPORT_NAME, written)
-            accuracy = written["accuracy"]
+            accuracy = written.get("accuracy")
         CheckpointReader(tmp)  # every FP8 weight has its scales: what every reader checks
         card = (src / "README.md").read_text() if (src / "README.md").is_file() else ""
         (tmp / "README.md").write_text(fp8_card(card, record, accuracy))
@@ -313,6 +313,7 @@ def _fp8_accuracy(folder: Path, report: dict, config: QuantizeConfig) -> dict:
         max_seq_length=run["max_seq_length"],
         device=config.device,
         seed=run["seed"],
+        trust_remote_code=run.get("trust_remote_code", False),
     )
     result["dense"].pop("model", None)
     return {k: result[k] for k in ("metric", "data", "dense", "pruned", "fp8")}
