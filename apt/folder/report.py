@@ -20,7 +20,11 @@ Schema ``apt-sparse/prune-report/2``:
 - ``checkpoint``: the source's files, the output's shards and ``max_shard_size``, ``resumed_at_block``
 - ``peak_memory``: ``bytes`` and ``kind`` (``run_peak_rss``: resident-set peak of the job on CPU,
   evaluation included; ``cuda_max_allocated`` on CUDA; ``process_max_rss`` where the peak cannot be reset)
-- ``accuracy``: ``metric``, ``data`` and ``dense`` / ``pruned`` entries; ``null`` when evaluation was off
+- ``accuracy``: ``metric``, ``data`` and ``dense`` / ``pruned`` entries; ``null`` when evaluation was off. In an
+  FP8 folder it is the folder's own, measured W8A8 (its ``fp8`` entry says how), and ``accuracy_unquantized``
+  keeps the pruned folder's where ``apt-sparse quantize`` measured it again
+- ``quantization`` (FP8 folders): the scheme, the weights quantized and left out, the rounding (``pass``) and,
+  for ``apt-sparse quantize``'s error-compensating pass, its calibration and each layer's ``fp8_relative_loss``
 - ``distributed``: world size, backend and each rank's time, batches and communication
 - ``left_dense``: block weights of more than two dimensions in a layout the run does not know (``name``,
   ``shape``, ``module``, ``why``), left dense
