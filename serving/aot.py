@@ -192,7 +192,7 @@ def specs_for(n: int, k: int, dtype: torch.dtype, m: int, kernels=("decode", "ge
         if which == "candidates":
             configs = triton24.candidates(kernel, m, n, k, dtype=dtype)
         else:
-            configs = [triton24.default_config(kernel, m, n, k)]
+            configs = [triton24.default_config(kernel, m, n, k, dtype=dtype)]
         found += [spec_of(n, k, dtype, m, config) for config in configs if not config.refuse_for(dtype)]
     return found
 

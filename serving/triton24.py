@@ -374,11 +374,14 @@ class KernelConfig:
         """Why this launch cannot compile for weights of ``dtype`` (None where it can)."""
         if dtype == FP8 and self.kernel == "mma" and self.block_g < FP8_MIN_BLOCK_G:
             return f"an FP8 mma tile needs block_g >= {FP8_MIN_BLOCK_G} (Triton's FP8 dot takes K >= 32 per tile)"
+        if dtype == FP8 and self.kernel == "mma" and self.block_n > FP8_MAX_BLOCK_N:
+            return f"an FP8 mma tile {self.block_n} rows wide spills registers on sm90 (serving.aot): at most 64"
         return None
 
 
 FP8 = torch.float8_e4m3fn
 FP8_MIN_BLOCK_G = 32
+FP8_MAX_BLOCK_N = 64  # 128-row FP8 mma tiles spill 8-48 bytes on sm90 and sm100, whatever the warps
 FP8_FROM = (8, 9)  # Triton compiles float8_e4m3fn (fp8e4nv) from sm89 on
 
 
@@ -476,8 +479,8 @@ def _mma_variants(block_m: int, block_n: int) -> tuple[tuple[int, int], ...]:
     return ((8, 4),) if block_m * block_n >= 128 * 128 else ((4, 3), (8, 4))
 
 
-def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> KernelConfig:
-    """The launch used where none was measured for this shape and token count."""
+def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT, dtype=None) -> KernelConfig:
+    """The launch used where none was measured for this shape, token count and weight dtype."""
     groups = k // 4
     if kernel == "decode":
         tile = next((t for t in TOKEN_TILES if t >= m), TOKEN_TILES[-1])
@@ -488,7 +491,7 @@ def default_config(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT) -> 
         split = _split_for(-(-n // block_n), groups, block_g, sms)
         return KernelConfig("gemv", block_m, block_n, block_g, split, num_warps=4, num_stages=3, wide_codes=True)
     block_m = min(128, max(16, _pow2_at_least(m)))
-    block_n = 64 if block_m <= 64 else 128
+    block_n = 64 if block_m <= 64 or dtype == FP8 else 128
     programs = -(-m // block_m) * -(-n // block_n)
     split = _split_for(programs, groups, 32, sms, per_sm=2) if m <= 256 else 1
     warps, stages = _mma_variants(block_m, block_n)[0]
@@ -500,7 +503,7 @@ def candidates(kernel: str, m: int, n: int, k: int, sms: int = SMS_HINT, dtype=N
     split-K (the split that fills the GPU, and none), warps and pipeline depth. Only launches that compile for
     ``dtype``'s weights (an FP8 mma tile needs block_g >= 32) and that spill nowhere (``serving.aot``)."""
     groups = k // 4
-    found = [default_config(kernel, m, n, k, sms)]
+    found = [default_config(kernel, m, n, k, sms, dtype)]
     if kernel == "decode":
         found += [KernelConfig("decode", found[0].block_m, ROWS, STEP_GROUPS, 1, w, 1) for w in _decode_warps(groups)]
     elif kernel == "gemv":

@@ -222,7 +222,7 @@ def measure_shape(
                     near = _nearest(tuned["decode"], m)
                     config = replace(near, block_m=default.block_m) if near else default
                 else:
-                    config = _nearest(tuned["mma"], m) or triton24.default_config("mma", m, n, k)
+                    config = _nearest(tuned["mma"], m) or triton24.default_config("mma", m, n, k, dtype=weight.dtype)
                 launches[kernel] = config
         if with_cslt and m in CSLT_SEARCH_MS:
             probe = quantize_tokens(x)[0] if weight_scale is not None else x  # FP8 searches on FP8 inputs
