@@ -3,18 +3,31 @@
 ``run_bench`` is given how to obtain the dense and the pruned model (a folder, or a function that
 builds one) and loads each itself, one at a time, so it never converts a model its caller holds.
 
-``results.json`` (schema ``apt-sparse/bench-results/3``):
+Every timed row is taken as ``serving.timing`` says: warm-up thrown away, at least ``MIN_SAMPLES`` samples, the
+median with its quartiles, extremes and count (``{median, q1, q3, min, max, n, spread}``, ``spread`` the
+interquartile range over the median), side-by-side runs interleaved and their ratio given with an interval; each
+row carries the machine's load while it ran (``serving.machine_load``) and ``noise``, the reasons not to trust it
+(a spread above ``max_spread``, cores shared with other processes); a comparison with a reason is not judged.
+
+``results.json`` (schema ``apt-sparse/bench-results/4``):
 
 - ``created``, ``machine`` (platform, CPU, threads, GPU name and driver/CUDA where present, library versions)
+- ``timing``: how rows were timed (``min_samples``, ``max_spread``, ``shared_margin``, warm-up) and ``seconds``,
+  the benchmark's own duration
+- ``load``: ``before`` (the machine's load in the second before timing began) and ``vllm_before`` (the same,
+  taken by vLLM's process once its engines were up)
 - ``backends``: ``{name: {available, reason}}`` for every registered backend
 - ``sparse_kernels``: whether a 2:4 kernel ran here at all (``ran``), and why not
 - ``gemm``: ``dtype``, ``device``, ``ceiling`` (2.0), ``sparse_backends`` (those measured), ``records`` —
-  per ``shape``/``in``/``out``/``m``: ``dense_ms`` {median, min, max, n} and per measured sparse
-  backend ``{ms, speedup, max_abs_diff}``
+  per ``shape``/``in``/``out``/``m``: ``dense_ms`` (a summary), per measured sparse backend ``{ms, speedup,
+  speedup_interval, max_abs_diff}``, ``load`` and ``noise``
 - ``thresholds``: per ``"{in}x{out}"`` the M from which the decode-safe linear takes the sparse path (null: never)
 - ``decode_safe``: how many layers got a sparse path and the largest output difference against dense
   kernels (present where a sparse kernel ran)
-- ``e2e``: measured ``prefill`` and ``decode`` rows ``{model, backend, batch, seq | prompt+new_tokens, result}``
+- ``e2e``: measured ``prefill`` and ``decode`` rows ``{model, backend, batch, seq | prompt+new_tokens, result,
+  load, noise}``, and ``comparisons`` of rows timed interleaved ``{kind, batch, seq | prompt+new_tokens,
+  baseline, candidate, speedup (a ratio with its interval, above 1 where the candidate is faster), noise,
+  verdict}``
 - ``accuracy``: ``metric``, ``dense`` and ``methods`` (per method the pruned value)
 - ``pruning``: per method ``seconds``, ``peak_memory_bytes``, ``sum_relative_loss`` and per-layer ``relative_loss``
 - ``not_measured``: ``{what: reason}``, one entry for each backend or artifact that could not be
@@ -28,6 +41,7 @@ import gc
 import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,7 +54,7 @@ from apt.models.layered import auto_class
 from apt.solver import select_mask
 from apt.solver.patterns import Pattern
 from runtime_bench.backends import BACKENDS, availability
-from runtime_bench.e2e import decode_throughput, onnxruntime_prefill, prefill_latency, vocabulary_size
+from runtime_bench.e2e import Sampling, decode_run, onnxruntime_prefill_run, prefill_run, time_rows, vocabulary_size
 from runtime_bench.gemm import (
     LLAMA3_8B_SHAPES,
     SPARSE_BACKENDS,
@@ -50,8 +64,10 @@ from runtime_bench.gemm import (
     sparse_thresholds,
 )
 from serving.decode_safe import make_decode_safe
+from serving.machine_load import SHARED_MARGIN, probe
+from serving.timing import MIN_SAMPLES, NOISY_SPREAD, noise, verdict
 
-SCHEMA = "apt-sparse/bench-results/3"
+SCHEMA = "apt-sparse/bench-results/4"
 ModelSpec = "str | Path | Callable[[], torch.nn.Module]"
 
 
@@ -59,17 +75,23 @@ ModelSpec = "str | Path | Callable[[], torch.nn.Module]"
 class BenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     gemm_ms: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-    gemm_repeats: int = 20
+    gemm_repeats: int = 20  # samples per GEMM record (never fewer than MIN_SAMPLES)
+    gemm_min_seconds: float = 0.25  # per GEMM record
     llama_shapes: bool = True
     prefill: tuple[tuple[int, int], ...] = ((1, 512), (8, 512))
     decode: tuple[int, int, int] = (1, 128, 64)  # batch, prompt, new tokens
-    e2e_repeats: int = 5
+    e2e_repeats: int = 5  # samples per end-to-end row (never fewer than MIN_SAMPLES)
+    e2e_min_seconds: float = 0.0
+    warmup: int = 1  # untimed runs (vLLM: requests per engine and batch size) before each end-to-end row
+    max_spread: float = NOISY_SPREAD  # a row whose interquartile range exceeds this share of its median is noisy
     sparse_backend: str = "torch-sparse-cusparselt"
     not_measured: dict = field(default_factory=dict)  # extra {what: reason} from the caller (exports)
     backends: tuple[str, ...] | None = None  # None: every registered backend; torch-dense always runs
     # where no 2:4 kernel runs, the sweep shrinks to this dense reference at the model's own shapes
     dense_reference_ms: tuple[int, ...] = (1, 128, 2048)
     vllm_batches: tuple[int, ...] = (1, 8, 64)
+    vllm_prompt: int = 128  # tokens of each vLLM request's prompt
+    vllm_new_tokens: int = 32  # tokens each vLLM request generates
 
     def runs(self, backend: str) -> bool:
         return backend == "torch-dense" or self.backends is None or backend in self.backends
@@ -77,6 +99,10 @@ class BenchConfig:
     @property
     def dtype(self) -> str:
         return "float16" if self.device.startswith("cuda") else "float32"
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.e2e_repeats, self.warmup, self.e2e_min_seconds, self.max_spread)
 
 
 def machine_info() -> dict:
@@ -137,8 +163,8 @@ def load_bench_model(spec, config: BenchConfig) -> torch.nn.Module:
     return model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
 
 
-def _release(model) -> None:
-    del model
+def _release() -> None:
+    """Give back the memory of models no longer referenced."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -182,17 +208,40 @@ def sparse_op_dispatches(model, targets, config: BenchConfig) -> tuple[dict, dic
     return measured, dispatches
 
 
-def _e2e_rows(model, label: str, backend: str, config: BenchConfig) -> dict:
-    rows = {"prefill": [], "decode": []}
+def e2e_rows(models: dict[str, tuple[torch.nn.Module, str, str]], config: BenchConfig) -> dict:
+    """Prefill and decode rows of each model (``{name: (model, label, backend)}``), the models timed interleaved,
+    and a comparison of each against the first. ``{"prefill": rows, "decode": rows, "comparisons": [...]}``."""
+    threads = torch.get_num_threads()
+    rows = {"prefill": [], "decode": [], "comparisons": []}
     for batch, seq in config.prefill:
-        result = prefill_latency(model, batch, seq, config.device, config.e2e_repeats)
-        rows["prefill"].append({"model": label, "backend": backend, "batch": batch, "seq": seq, "result": result})
+        runs = {name: prefill_run(model, batch, seq, config.device) for name, (model, _, _) in models.items()}
+        _add_timed(rows, "prefill", {"batch": batch, "seq": seq}, models, time_rows(runs, config.sampling, threads))
     batch, prompt, new = config.decode
-    result = decode_throughput(model, batch, prompt, new, config.device, config.e2e_repeats)
-    rows["decode"].append(
-        {"model": label, "backend": backend, "batch": batch, "prompt": prompt, "new_tokens": new, "result": result}
-    )
+    runs = {name: decode_run(model, batch, prompt, new, config.device) for name, (model, _, _) in models.items()}
+    timed = time_rows(runs, config.sampling, threads, throughput=True)
+    _add_timed(rows, "decode", {"batch": batch, "prompt": prompt, "new_tokens": new}, models, timed)
     return rows
+
+
+def _add_timed(rows: dict, kind: str, shape: dict, models: dict, timed: dict) -> None:
+    """``time_rows``' answer as e2e rows of ``kind`` and comparisons against the first model."""
+    for name, (_, label, backend) in models.items():
+        result, reasons = timed["results"][name], timed["noise"][name]
+        rows[kind].append({"model": label, "backend": backend, **shape, "result": result, "load": timed["load"]})
+        rows[kind][-1]["noise"] = reasons
+    baseline = next(iter(models))
+    for name, speedup in timed["speedups"].items():
+        reasons = list(dict.fromkeys(timed["noise"][baseline] + timed["noise"][name]))
+        rows["comparisons"].append(comparison(kind, shape, baseline, name, speedup, reasons))
+
+
+def comparison(kind: str, shape: dict, baseline: str, candidate: str, speedup: dict, reasons: list[str]) -> dict:
+    """One side-by-side comparison of two rows timed interleaved: ``speedup`` (a ``serving.timing.ratio``, above
+    1 where ``candidate`` is faster), the reasons not to trust it (either row's), and what it says."""
+    return {"kind": kind, **shape, "baseline": baseline, "candidate": candidate, "speedup": speedup} | {
+        "noise": reasons,
+        "verdict": verdict(speedup, reasons),
+    }
 
 
 def run_bench(
@@ -207,7 +256,10 @@ def run_bench(
     """Measure everything this machine can measure for the pruned model against the dense one. Where no
     2:4 kernel runs (a CPU, an older GPU) that is said once (``sparse_kernels``) and the GEMM sweep
     shrinks to a dense reference at the model's own shapes: timing dense kernels at Llama-3-8B's
-    shapes tells nothing about 2:4."""
+    shapes tells nothing about 2:4. Where the pruned model is served through a sparse path, it is timed end to
+    end interleaved with the dense model, both loaded at once."""
+    started = time.perf_counter()
+    load = {"before": probe(torch.get_num_threads())}
     not_measured = dict(config.not_measured)
     kernel = BACKENDS[config.sparse_backend]()
     if not (kernel.available and config.device.startswith("cuda")):
@@ -219,23 +271,27 @@ def run_bench(
         config = replace(config, gemm_ms=config.dense_reference_ms, gemm_repeats=min(config.gemm_repeats, 5))
         config = replace(config, llama_shapes=False)
         not_measured["2:4 kernels"] = f"{why}: every table below is dense kernels; the GEMM sweep is a dense reference"
-    e2e = {"prefill": [], "decode": []}
+    e2e = {"prefill": [], "decode": [], "comparisons": []}
     phases = tqdm(total=4, desc="bench", unit="phase", disable=None)
     try:
-        phases.set_description("bench · dense model end to end")
-        model = load_bench_model(dense, config)
-        for kind, rows in _e2e_rows(model, "dense", "torch-dense", config).items():
-            e2e[kind] += rows
-        _release(model)
+        phases.set_description("bench · pruned model: GEMM at its shapes, its sparse path")
+        gemm, thresholds, decode_safe, vocab, served = _pruned_section(pruned, config, targets, not_measured)
         phases.update()
-        phases.set_description("bench · pruned model: GEMM at its shapes, end to end")
-        gemm, thresholds, decode_safe, vocab = _pruned_section(pruned, config, targets, e2e, not_measured)
+        phases.set_description("bench · end to end in PyTorch" + (", dense and pruned interleaved" if served else ""))
+        models = {"dense · torch-dense": (load_bench_model(dense, config), "dense", "torch-dense")}
+        if served is not None:
+            models["pruned · sparse op"] = (served, "pruned", "sparse op, speed-first")
+        for kind, rows in e2e_rows(models, config).items():
+            e2e[kind] += rows
+        served = None
+        models.clear()
+        _release()
         phases.update()
         phases.set_description("bench · exported artifacts")
         _artifact_section(onnx_path, vocab, config, e2e, not_measured)
         phases.update()
-        phases.set_description("bench · vLLM, dense and through the plugin")
-        _vllm_section(dense, pruned, config, e2e, not_measured)
+        phases.set_description("bench · vLLM, dense and through the plugin, interleaved")
+        _vllm_section(dense, pruned, config, e2e, not_measured, load)
         phases.update()
     finally:
         phases.close()
@@ -243,6 +299,14 @@ def run_bench(
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "timing": {
+            "min_samples": MIN_SAMPLES,
+            "max_spread": config.max_spread,
+            "shared_margin_cores": SHARED_MARGIN,
+            "warmup": config.warmup,
+            "seconds": time.perf_counter() - started,
+        },
+        "load": load,
         "backends": availability(),
         "sparse_kernels": kernel.as_dict() | ({"ran": "2:4 kernels" not in not_measured}),
         "gemm": gemm,
@@ -255,8 +319,10 @@ def run_bench(
     }
 
 
-def _vllm_section(dense: ModelSpec, pruned: ModelSpec, config: BenchConfig, e2e: dict, not_measured: dict) -> None:
-    """The dense folder in vLLM, and the pruned folder served through the apt_sparse_24 plugin."""
+def _vllm_section(
+    dense: ModelSpec, pruned: ModelSpec, config: BenchConfig, e2e: dict, not_measured: dict, load: dict
+) -> None:
+    """The dense folder in vLLM, and the pruned folder served through the apt_sparse_24 plugin, interleaved."""
     status = BACKENDS["vllm"]()
     if not config.runs("vllm"):
         not_measured["vllm end to end"] = "not selected (--backends)"
@@ -270,41 +336,69 @@ def _vllm_section(dense: ModelSpec, pruned: ModelSpec, config: BenchConfig, e2e:
         except InvalidInputError as err:  # a model this vLLM cannot run (e.g. a head size its CPU build lacks)
             not_measured["vllm end to end"] = str(err)
             return
-        for kind in ("prefill", "decode"):
+        load["vllm_before"] = rows.pop("load_before")
+        for kind in ("prefill", "decode", "comparisons"):
             e2e[kind] += rows[kind]
 
 
+VLLM_BACKENDS = {"dense": "vllm", "pruned": "vllm + apt_sparse_24 plugin"}
+
+
 def vllm_rows(dense: Path, pruned: Path, config: BenchConfig, tokenizer: bool = True) -> dict:
-    """e2e rows of the dense folder in vLLM and of the pruned folder served through the apt_sparse_24
-    plugin: prefill latency (ms) and decode throughput (tokens/s) at ``config.vllm_batches``."""
+    """e2e rows of the dense folder in vLLM and of the pruned folder served through the apt_sparse_24 plugin,
+    both engines in one process and timed interleaved after warm-up requests (``serving.vllm_run bench``):
+    prefill latency (ms) and decode throughput (tokens/s) at ``config.vllm_batches``, a comparison per batch
+    size, and vLLM's process's load record before timing (``load_before``)."""
     from serving.vllm_run import run_vllm
 
-    batches = ",".join(str(b) for b in config.vllm_batches)
-    rows = {"prefill": [], "decode": []}
-    for label, folder, quantization in (("dense", dense, None), ("pruned", pruned, "apt_sparse_24")):
-        command = ["bench", str(folder), "--batches", batches, "--repeats", str(max(1, config.e2e_repeats // 2))]
-        command += (["--quantization", quantization] if quantization else []) + (
-            [] if tokenizer else ["--no-tokenizer"]
-        )
-        answer = run_vllm(command)
-        backend = "vllm" + (" + apt_sparse_24 plugin" if quantization else "")
-        for row in answer["rows"]:
-            common = {"model": label, "backend": backend, "batch": row["batch"]}
-            rows["prefill"].append(common | {"seq": row["prompt"], "result": row["prefill_ms"]})
-            decode = {"prompt": row["prompt"], "new_tokens": row["new_tokens"], "result": row["decode_tokens_per_s"]}
-            rows["decode"].append(common | decode)
+    command = ["bench", str(dense), "--label", "dense", "--versus", str(pruned), "--versus-label", "pruned"]
+    command += ["--versus-quantization", "apt_sparse_24", "--batches", ",".join(map(str, config.vllm_batches))]
+    command += ["--samples", str(max(config.e2e_repeats, MIN_SAMPLES)), "--warmup", str(config.warmup)]
+    command += ["--min-seconds", str(config.e2e_min_seconds)] + ([] if tokenizer else ["--no-tokenizer"])
+    command += ["--prompt", str(config.vllm_prompt), "--new", str(config.vllm_new_tokens)]
+    answer = run_vllm(command, timeout=4 * 3600)  # on shared cores it runs many times slower: let it finish
+    rows = {"prefill": [], "decode": [], "comparisons": [], "load_before": answer["load_before"]}
+    for row in answer["rows"]:
+        per_kind = {}
+        for kind, key, shape in (
+            ("prefill", "prefill_ms", {"batch": row["batch"], "seq": row["prompt"]}),
+            (
+                "decode",
+                "decode_tokens_per_s",
+                {"batch": row["batch"], "prompt": row["prompt"], "new_tokens": row["new_tokens"]},
+            ),
+        ):
+            per_kind[kind] = {}
+            for label, engine in row["engines"].items():
+                reasons = noise(engine[key], row["load"], config.max_spread)
+                if engine["preemptions"]:
+                    reasons.append(f"vLLM preempted {engine['preemptions']} requests: its KV cache did not hold them")
+                per_kind[kind][label] = reasons
+                result = {"model": label, "backend": VLLM_BACKENDS[label], **shape, "result": engine[key]}
+                rows[kind].append(result | {"load": row["load"], "noise": reasons})
+            reasons = list(dict.fromkeys(per_kind[kind]["dense"] + per_kind[kind]["pruned"]))
+            names = [f"{label} · {VLLM_BACKENDS[label]}" for label in ("dense", "pruned")]
+            compared = comparison(kind, shape, *names, row["ratios"][kind], reasons)
+            rows["comparisons"].append(compared | {"order": row["order"]})  # the engines' requests as they ran
     return rows
 
 
-def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, e2e: dict, not_measured: dict):
-    """The GEMM sweep at the pruned model's shapes, the thresholds it gives, and the pruned model end to
-    end through the decode-safe sparse path where a sparse kernel runs. Returns ``(gemm, thresholds,
-    decode_safe, vocabulary size)``; adds its rows to ``e2e`` and its reasons to ``not_measured``."""
+def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, not_measured: dict):
+    """The GEMM sweep at the pruned model's shapes, the thresholds it gives, and the pruned model served through
+    the decode-safe sparse path where a sparse kernel runs. Returns ``(gemm, thresholds, decode_safe, vocabulary
+    size, served)``: ``served`` is that model (for the end-to-end rows), ``None`` where no sparse path ran (the
+    model is released then); adds its reasons to ``not_measured``."""
     model = load_bench_model(pruned, config)
     shapes = model_shapes(model, targets) + (LLAMA3_8B_SHAPES if config.llama_shapes else ())
     gemm, unmeasured = measure_gemm(
         GemmConfig(
-            shapes=shapes, ms=config.gemm_ms, dtype=config.dtype, device=config.device, repeats=config.gemm_repeats
+            shapes=shapes,
+            ms=config.gemm_ms,
+            dtype=config.dtype,
+            device=config.device,
+            repeats=config.gemm_repeats,
+            min_seconds=config.gemm_min_seconds,
+            max_spread=config.max_spread,
         )
     )
     not_measured |= {f"{b} GEMM": reason for b, reason in unmeasured.items()}
@@ -318,24 +412,24 @@ def _pruned_section(pruned: ModelSpec, config: BenchConfig, targets, e2e: dict, 
         decode_safe, reason = decode_safe_section(model, dispatches or thresholds, config, targets)
     else:
         decode_safe, reason = None, "not selected (--backends)"
+    vocab = vocabulary_size(model)
     if decode_safe is None:
         not_measured[f"decode-safe {config.sparse_backend} end to end"] = reason
-    else:
-        for kind, rows in _e2e_rows(model, "pruned", "sparse op, speed-first", config).items():
-            e2e[kind] += rows
-    vocab = vocabulary_size(model)
-    _release(model)
-    return gemm, thresholds, decode_safe, vocab
+        model = None
+        _release()
+    return gemm, thresholds, decode_safe, vocab, model
 
 
 def _artifact_section(onnx_path: Path | None, vocab: int, config: BenchConfig, e2e: dict, not_measured: dict):
     """Exported artifacts end to end: the ONNX graph in ONNX Runtime; TensorRT says why it was not timed."""
     if onnx_path is not None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         for batch, seq in config.prefill:
-            result = onnxruntime_prefill(onnx_path, vocab, batch, seq, config.e2e_repeats)
-            e2e["prefill"].append(
-                {"model": "pruned", "backend": "onnxruntime", "batch": batch, "seq": seq, "result": result}
-            )
+            run, provider = onnxruntime_prefill_run(onnx_path, vocab, batch, seq)
+            timed = time_rows({"pruned · onnxruntime": run}, config.sampling, threads)  # its threads: every core
+            row = {"model": "pruned", "backend": "onnxruntime", "batch": batch, "seq": seq, "provider": provider}
+            row |= {"result": timed["results"]["pruned · onnxruntime"], "load": timed["load"]}
+            e2e["prefill"].append(row | {"noise": timed["noise"]["pruned · onnxruntime"]})
     else:
         not_measured["onnxruntime end to end"] = "no exported ONNX graph was given"
     trt = BACKENDS["tensorrt"]()
@@ -354,10 +448,17 @@ def validate_results(results: dict) -> None:
         if not cond:
             raise ValueError(f"results.json does not follow {SCHEMA}: {what}")
 
+    def timed(result, what):
+        need(isinstance(result, dict) and result.get("median", 0) > 0, f"{what}: a positive median")
+        need(result.get("n", 0) >= MIN_SAMPLES, f"{what}: at least {MIN_SAMPLES} samples")
+        need(result["min"] <= result["q1"] <= result["median"] <= result["q3"] <= result["max"], f"{what}: spread")
+
     need(results.get("schema") == SCHEMA, "schema")
     for key in (
         "created",
         "machine",
+        "timing",
+        "load",
         "backends",
         "sparse_kernels",
         "gemm",
@@ -379,21 +480,26 @@ def validate_results(results: dict) -> None:
             f"gemm {backend}: neither measured nor listed as not measured",
         )
     for record in results["gemm"]["records"]:
-        need({"shape", "in", "out", "m", "dense_ms"} <= set(record), "gemm record keys")
-        need(record["dense_ms"]["median"] > 0, "gemm dense_ms.median must be positive")
+        need({"shape", "in", "out", "m", "dense_ms", "load", "noise"} <= set(record), "gemm record keys")
+        timed(record["dense_ms"], f"gemm dense_ms at {record['shape']} M={record['m']}")
         for backend in measured:
             entry = record.get(backend)
             if entry is None:
                 need(backend in record.get("not_measured", {}), f"gemm {backend} at {record['shape']} M={record['m']}")
                 continue
             need(
-                isinstance(entry, dict) and entry["speedup"] > 0 and entry["ms"]["median"] > 0,
+                isinstance(entry, dict) and entry["speedup"] > 0 and "speedup_interval" in entry,
                 f"gemm {backend} entry at {record['shape']} M={record['m']}",
             )
+            timed(entry["ms"], f"gemm {backend} at {record['shape']} M={record['m']}")
     for kind in ("prefill", "decode"):
         for row in results["e2e"][kind]:
-            result = row["result"]
-            need(isinstance(result, dict) and result["median"] > 0, f"e2e {kind} row {row}")
+            timed(row["result"], f"e2e {kind} row {row['model']} {row['backend']} batch {row['batch']}")
+            need(isinstance(row.get("noise"), list) and isinstance(row.get("load"), dict), f"e2e {kind} noise, load")
+    for c in results["e2e"]["comparisons"]:
+        speedup = c["speedup"]
+        need(speedup["low"] <= speedup["median"] <= speedup["high"], f"comparison {c['candidate']}: interval")
+        need(c["verdict"] == verdict(speedup, c["noise"]), f"comparison {c['candidate']}: verdict")
     for what, reason in results["not_measured"].items():
         need(isinstance(reason, str) and reason, f"not_measured {what} needs a reason")
     for value in results["thresholds"].values():

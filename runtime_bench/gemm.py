@@ -1,13 +1,14 @@
 """GEMM microbenchmark: dense vs 2:4 ``linear`` at a model's own shapes and at Llama-3-8B's, over M.
 
 Method: random inputs (never zeros) and a random 2:4 weight; warm-up; dense and each sparse backend
-alternated inside every repeat so ratios survive drift; device-synchronised timing (CUDA events on a
-GPU); each sample times enough back-to-back calls to last about a millisecond; median, min and max.
+interleaved (dense, sparse, dense, sparse …: ``serving.timing``) so a burst of load hits both; device-synchronised
+timing (CUDA events on a GPU); each sample times enough back-to-back calls to last about a millisecond; at least
+``MIN_SAMPLES`` samples and ``min_seconds`` per record; the median with its spread, each speedup the median of
+the paired ratios with its interval, and the machine's load while the record ran (``serving.machine_load``).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from apt.solver.patterns import Pattern
 from runtime_bench.backends import BACKENDS
 from serving.decode_safe import MARGIN, threshold_from
 from serving.kernels import to_sparse
-from serving.timing import summary
+from serving.machine_load import load_between, snapshot
+from serving.timing import MIN_SAMPLES, NOISY_SPREAD, noise, ratio, sample_interleaved, summary
 
 # (label, in = K, out = N)
 LLAMA3_8B_SHAPES = (
@@ -40,9 +42,11 @@ class GemmConfig:
     ms: tuple[int, ...] = DEFAULT_MS
     dtype: str = "float16"
     device: str = "cuda"
-    repeats: int = 20
+    repeats: int = 20  # samples per record, never fewer than serving.timing.MIN_SAMPLES
     warmup: int = 3
     sample_seconds: float = 1e-3
+    min_seconds: float = 0.25  # per record: cheap records take more samples, and the load record a window
+    max_spread: float = NOISY_SPREAD
     sparse_backends: tuple[str, ...] = ("torch-sparse-cusparselt", "torch-sparse-cutlass")
 
 
@@ -116,7 +120,8 @@ def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
     gemm = {
         "dtype": config.dtype,
         "device": device,
-        "repeats": config.repeats,
+        "min_samples": max(config.repeats, MIN_SAMPLES),
+        "min_seconds": config.min_seconds,
         "ceiling": 2.0,
         "sparse_backends": runnable,
         "records": records,
@@ -125,8 +130,9 @@ def measure_gemm(config: GemmConfig) -> tuple[dict, dict[str, str]]:
 
 
 def _time_linear(x, weight, sparse_weights: dict, skipped: dict, config: GemmConfig, timed) -> dict:
-    """``x @ weightᵀ`` dense and through each sparse weight, alternated inside every repeat: the dense
-    time, and per sparse backend its time, speedup and max |Δ| against dense (or why it did not run)."""
+    """``x @ weightᵀ`` dense and through each sparse weight, interleaved: the dense time, per sparse backend its
+    time, speedup (with its interval) and max |Δ| against dense (or why it did not run), the machine's load
+    while they ran and the reasons the record is not to be trusted (``noise``, empty where it is)."""
     runs = {"dense": lambda: F.linear(x, weight)}
     for backend, w_sparse in sparse_weights.items():
         runs[backend] = lambda w=w_sparse: F.linear(x, w)
@@ -138,23 +144,31 @@ def _time_linear(x, weight, sparse_weights: dict, skipped: dict, config: GemmCon
         except (RuntimeError, NotImplementedError) as err:
             skipped[name] = str(err).splitlines()[0]
             del runs[name]
-    for fn in runs.values():  # warm-up, and the size of one sample
-        for _ in range(config.warmup):
-            fn()
+    for fn in runs.values():  # the size of one sample (the interleaved warm-up follows)
+        fn()
     single = max(timed(runs["dense"], 1), 1e-4)
     inner = max(1, min(1000, int(config.sample_seconds * 1e3 / single)))
-    samples = {name: [] for name in runs}
-    for _ in range(config.repeats):
-        for name, fn in runs.items():  # alternated in every repeat
-            samples[name].append(timed(fn, inner))
+    start = snapshot()
+    samples = sample_interleaved(
+        {name: (lambda fn=fn: timed(fn, inner)) for name, fn in runs.items()},
+        warmup=config.warmup,
+        min_samples=max(config.repeats, MIN_SAMPLES),
+        min_seconds=config.min_seconds,
+    )
+    load = load_between(start, snapshot(), torch.get_num_threads())
     record = {"dense_ms": summary(samples["dense"])}
+    reasons = noise(record["dense_ms"], load, config.max_spread)
     for name in runs:
         if name != "dense":
+            speedup = ratio(samples["dense"], samples[name])
             record[name] = {
                 "ms": summary(samples[name]),
                 "max_abs_diff": errors[name],
-                "speedup": record["dense_ms"]["median"] / statistics.median(samples[name]),
+                "speedup": speedup["median"],
+                "speedup_interval": speedup,
             }
+            reasons += [f"{name}: {r}" for r in noise(record[name]["ms"], None, config.max_spread)]
+    record["load"], record["noise"] = load, reasons
     if skipped:
         record["not_measured"] = skipped
     m, k, n = x.shape[0], x.shape[1], weight.shape[0]
@@ -163,10 +177,11 @@ def _time_linear(x, weight, sparse_weights: dict, skipped: dict, config: GemmCon
 
 
 def sparse_thresholds(gemm: dict, backend: str, margin: float = MARGIN) -> dict[str, int | None]:
-    """Per ``"{in}x{out}"`` shape, the decode-safe threshold of ``backend`` (``serving.decode_safe.threshold_from``)."""
+    """Per ``"{in}x{out}"`` shape, the decode-safe threshold of ``backend`` (``serving.decode_safe.threshold_from``).
+    A record marked noisy counts as not measured: a speedup timed on shared cores is not a win."""
     by_shape: dict[str, list[tuple[int, float | None]]] = {}
     for r in gemm["records"]:
         entry = r.get(backend)
-        speedup = entry["speedup"] if isinstance(entry, dict) else None
+        speedup = entry["speedup"] if isinstance(entry, dict) and not r.get("noise") else None
         by_shape.setdefault(f"{r['in']}x{r['out']}", []).append((r["m"], speedup))
     return {shape: threshold_from(points, margin) for shape, points in by_shape.items()}

@@ -1,4 +1,6 @@
-"""``report.md`` and its PNG plots from ``results.json``. Rows that were not measured say so and why."""
+"""``report.md`` and its PNG plots from ``results.json``. Rows that were not measured say so and why; every timed
+row shows its median with its spread and sample count, and a row marked noisy (its spread too wide, or the cores
+shared with other processes while it ran) says so, and its ratio is not presented as a speedup or a slowdown."""
 
 from __future__ import annotations
 
@@ -17,10 +19,35 @@ def _plt():
     return plt
 
 
-def _fmt(result) -> str:
-    if isinstance(result, str):
-        return result
-    return f"{result['median']:.2f} (min {result['min']:.2f}, max {result['max']:.2f})"
+def _fmt(result: dict, digits: int = 2) -> list[str]:
+    """The cells of one timed figure: median, interquartile range, min–max, sample count."""
+    d = digits
+    return [
+        f"{result['median']:.{d}f}",
+        f"{result['q1']:.{d}f}–{result['q3']:.{d}f} ({result['spread']:.0%})",
+        f"{result['min']:.{d}f}–{result['max']:.{d}f}",
+        str(result["n"]),
+    ]
+
+
+def _noise_cell(reasons: list[str]) -> str:
+    return "**noisy**: " + "; ".join(reasons) if reasons else "—"
+
+
+def _speedup_cell(speedup: dict, reasons: list[str]) -> str:
+    """A ratio with its interval, or, where its rows are noisy, that it is not presented."""
+    if reasons:
+        return "not presented (noisy rows)"
+    return (
+        f"{speedup['median']:.2f}× ({speedup['low']:.2f}–{speedup['high']:.2f}, "
+        f"{speedup['confidence']:.0%} interval, n {speedup['n']})"
+    )
+
+
+def _others(load: dict) -> str:
+    if not load.get("recorded", True) or "other_cores" not in load:
+        return "not recorded"
+    return f"{load['other_cores']:.2f}"
 
 
 def plot_gemm(results: dict, path: Path) -> None:
@@ -65,6 +92,7 @@ def plot_e2e(results: dict, path: Path) -> None:
     ax.bar(
         range(len(rows)),
         [r["result"]["median"] for r in rows],
+        color=["tab:grey" if r.get("noise") else "tab:blue" for r in rows],
         yerr=[
             [r["result"]["median"] - r["result"]["min"] for r in rows],
             [r["result"]["max"] - r["result"]["median"] for r in rows],
@@ -73,7 +101,7 @@ def plot_e2e(results: dict, path: Path) -> None:
     )
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("prefill latency (ms, median; bars min–max)")
-    ax.set_title("End-to-end prefill latency (measured rows only)")
+    ax.set_title("End-to-end prefill latency (measured rows only; grey: marked noisy)")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -133,6 +161,7 @@ def _header(results: dict) -> list[str]:
                 "own shapes; speedups need an NVIDIA GPU of compute capability 8.0 or newer (`gpu_suite`).",
             ]
         ),
+        *_noise_warning(results),
         "",
         "## Backends",
         "",
@@ -180,36 +209,41 @@ _LABELS = {"torch-sparse-cusparselt": "cuSPARSELt", "torch-sparse-cutlass": "CUT
 def _gemm_section(results: dict) -> list[str]:
     gemm = results["gemm"]
     backends = gemm["sparse_backends"]  # only measured backends get a column
-    header = "| " + " | ".join(["shape", "M", "dense ms", *(_LABELS.get(b, b) for b in backends)]) + " |"
+    columns = ["shape", "M", "dense ms", "IQR (spread)", "min–max", "n", *(_LABELS.get(b, b) for b in backends)]
+    columns += ["other processes (cores)", "noise"]
     lines = [
         "",
         f"## GEMM: dense vs 2:4 ({gemm['dtype']} on {gemm['device']})"
         if backends
         else f"## GEMM: dense reference at the model's shapes ({gemm['dtype']} on {gemm['device']})",
         "",
-        header,
-        "|---|---|---|" + "---|" * len(backends),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for r in gemm["records"]:
         cells = []
         for b in backends:
             entry = r.get(b)
-            cells.append(
-                f"{entry['speedup']:.2f}× ({entry['ms']['median']:.3f} ms)"
-                if entry
-                else f"not measured: {r['not_measured'][b]}"
-            )
-        lines.append("| " + " | ".join([r["shape"], str(r["m"]), f"{r['dense_ms']['median']:.3f}", *cells]) + " |")
+            if not entry:
+                cells.append(f"not measured: {r['not_measured'][b]}")
+            else:
+                cells.append(f"{_speedup_cell(entry['speedup_interval'], r['noise'])}; {entry['ms']['median']:.3f} ms")
+        row = [r["shape"], str(r["m"]), *_fmt(r["dense_ms"], 3), *cells, _others(r["load"]), _noise_cell(r["noise"])]
+        lines.append("| " + " | ".join(row) + " |")
     lines += ["", "![GEMM](gemm_speedup.png)"]
     if backends:
         lines += [
             "",
-            "Decode-safe thresholds (M from which the sparse path is used; none = always dense): "
-            + ", ".join(f"{k}: {v}" for k, v in results["thresholds"].items()),
+            "Decode-safe thresholds (M from which the sparse path is used; none = always dense; a noisy record "
+            "counts as not measured): " + ", ".join(f"{k}: {v}" for k, v in results["thresholds"].items()),
         ]
     if results["decode_safe"]:
         lines += ["", f"Decode-safe model: {results['decode_safe']}"]
     return lines
+
+
+def _shape(row: dict) -> str:
+    return f"{row['batch']}×{row['seq']}" if "seq" in row else f"{row['batch']}×({row['prompt']}+{row['new_tokens']})"
 
 
 def _e2e_section(results: dict) -> list[str]:
@@ -217,17 +251,92 @@ def _e2e_section(results: dict) -> list[str]:
         "",
         "## End to end",
         "",
-        "| kind | model | backend | shape | result (ms, or tokens/s for decode) |",
-        "|---|---|---|---|---|",
+        "| kind | model | backend | shape | median (ms, or tokens/s for decode) | IQR (spread) | min–max | n | "
+        "other processes (cores) | noise |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["e2e"]["prefill"]:
-        lines.append(f"| prefill | {r['model']} | {r['backend']} | {r['batch']}×{r['seq']} | {_fmt(r['result'])} |")
-    for r in results["e2e"]["decode"]:
-        lines.append(
-            f"| decode | {r['model']} | {r['backend']} | {r['batch']}×({r['prompt']}+{r['new_tokens']}) | "
-            f"{_fmt(r['result'])} |"
-        )
-    return lines + ["", "![prefill](e2e_prefill.png)"]
+    for kind in ("prefill", "decode"):
+        for r in results["e2e"][kind]:
+            cells = [kind, r["model"], r["backend"], _shape(r), *_fmt(r["result"]), _others(r["load"])]
+            lines.append("| " + " | ".join([*cells, _noise_cell(r["noise"])]) + " |")
+    lines += ["", "![prefill](e2e_prefill.png)"]
+    comparisons = results["e2e"].get("comparisons") or []
+    if comparisons:
+        lines += [
+            "",
+            "### Side by side (timed interleaved: a request of one, then of the other)",
+            "",
+            "Each ratio is the median of the per-round ratios (above 1: the candidate is faster) with the "
+            "distribution-free interval of that median; a comparison with a noisy row is not judged.",
+            "",
+            "| kind | shape | baseline | candidate | candidate's speedup | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            cells = [c["kind"], _shape(c), c["baseline"], c["candidate"], _speedup_cell(c["speedup"], c["noise"])]
+            lines.append("| " + " | ".join([*cells, c["verdict"]]) + " |")
+    return lines
+
+
+def _timed_rows(results: dict) -> list[tuple[str, dict, list[str]]]:
+    """Every timed row as ``(what, load, noise)``."""
+    rows = [(f"GEMM {r['shape']} M={r['m']}", r["load"], r["noise"]) for r in results["gemm"]["records"] if "load" in r]
+    for kind in ("prefill", "decode"):
+        rows += [
+            (f"{kind} {r['model']} · {r['backend']} {_shape(r)}", r["load"], r["noise"]) for r in results["e2e"][kind]
+        ]
+    return rows
+
+
+def _noise_warning(results: dict) -> list[str]:
+    noisy = [what for what, _, reasons in _timed_rows(results) if reasons]
+    if not noisy:
+        return []
+    shared = sum(1 for _, load, _ in _timed_rows(results) if load.get("shared"))
+    return [
+        "",
+        f"**{len(noisy)} of {len(_timed_rows(results))} timed rows are marked noisy** ({shared} measured while other "
+        f"processes shared the cores): their figures are shown as measured, and no speedup or slowdown is claimed "
+        "from them. See Machine load.",
+    ]
+
+
+def _load_line(name: str, load: dict) -> str:
+    if not load.get("recorded", True):
+        return f"- {name}: not recorded on this platform"
+    busiest = ", ".join(f"{p['name']} (pid {p['pid']}) {p['cores']:.2f}" for p in load.get("busiest", []))
+    return (
+        f"- {name}: other processes took {load['other_cores']:.2f} of {load['cores']} cores "
+        f"(the hypervisor {load['steal_cores']:.2f}) over {load['seconds']:.1f} s; load average (1 min) "
+        + (f"{load['load_1m']:.2f}" if load.get("load_1m") is not None else "not recorded")
+        + f"; PyTorch threads {load['threads']}"
+        + (f"; busiest: {busiest}" if busiest else "")
+    )
+
+
+def _load_section(results: dict) -> list[str]:
+    timing, load = results["timing"], results["load"]
+    rows = _timed_rows(results)
+    recorded = [(what, lr) for what, lr, _ in rows if lr.get("recorded", True) and "other_cores" in lr]
+    lines = [
+        "",
+        "## Machine load",
+        "",
+        f"Every timed row: warm-up excluded, at least {timing['min_samples']} samples, marked noisy where its "
+        f"interquartile range exceeds {timing['max_spread']:.0%} of its median or other processes took more than "
+        f"the cores PyTorch left free plus {timing['shared_margin_cores']} while it ran. The benchmark took "
+        f"{timing['seconds'] / 60:.1f} min.",
+        "",
+        _load_line("before timing", load["before"]),
+    ]
+    if load.get("vllm_before"):
+        lines.append(_load_line("before vLLM's timing (its process)", load["vllm_before"]))
+    if recorded:
+        what, worst = max(recorded, key=lambda item: item[1]["other_cores"])
+        lines.append(_load_line(f"while timing, at its most ({what})", worst))
+    noisy = [(what, reasons) for what, _, reasons in rows if reasons]
+    lines.append(f"- rows marked noisy: {len(noisy)} of {len(rows)}")
+    return lines
 
 
 def _exports_section(results: dict) -> list[str]:
@@ -250,12 +359,14 @@ def _run_section(results: dict) -> list[str]:
     if not results.get("demo"):
         return []
     d = results["demo"]
+    before, bench = d["seconds_before_bench"], results["timing"]["seconds"]
     return [
         "",
         "## Demo run",
         "",
-        f"Model {d['model']}; calibration {d['calibration']}; eval {d['eval']}; "
-        f"whole run {d['seconds'] / 60:.1f} min. Made by `{d['command']}`.",
+        f"Model {d['model']}; calibration {d['calibration']}; eval {d['eval']}; pruning and export "
+        f"{before / 60:.1f} min, benchmark {bench / 60:.1f} min, whole run {(before + bench) / 60:.1f} min. "
+        f"Made by `{d['command']}`.",
     ]
 
 
@@ -282,6 +393,7 @@ def render_report(results: dict, folder: Path) -> Path:
         + _accuracy_section(results)
         + _gemm_section(results)
         + _e2e_section(results)
+        + _load_section(results)
         + _exports_section(results)
         + _run_section(results)
         + ["", "## Not measured", "", *(missing or ["- (everything was measured)"])]

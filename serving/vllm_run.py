@@ -4,11 +4,16 @@ exporter's check, the tests and ``apt-sparse bench --backends vllm`` ask of the 
 if it imports vllm, else the checkout's ``.venv-vllm`` (``make install`` builds it).
 
     python -m serving.vllm_run generate FOLDER --prompts '["def f(", ...]' [--max-tokens 16] [--quantization Q]
-    python -m serving.vllm_run bench FOLDER [--quantization apt_sparse_24] [--batches 1,8,64] [--prompt 128] [--new 32]
+    python -m serving.vllm_run bench FOLDER [--quantization Q] [--versus FOLDER2 --versus-quantization apt_sparse_24]
+                                     [--batches 1,8,64] [--prompt 128] [--new 32] [--samples 5] [--warmup 1]
 
 ``generate``: greedy tokens for each prompt, and which Linear layers the plugin served (every worker's
-answer to ``serving.vllm_plugin.served_layers``). ``bench``: prefill latency (ms, one forward of batch ×
-prompt tokens) and decode throughput (generated tokens/s at each batch size), median of three runs.
+answer to ``serving.vllm_plugin.served_layers``). ``bench``: both folders' engines live in this process
+and are timed interleaved (a request of one, then of the other, ``--samples`` times per batch size, after
+``--warmup`` untimed requests of each: a fresh engine's first requests are not timed); prefill ms and decode
+tokens/s come from vLLM's own per-request timestamps, each as a median with its spread and count
+(``serving.timing``), with the ratio between the engines and the machine's load while they ran
+(``serving.machine_load``). Prefix caching is off there, so every timed request computes its prefill.
 Both are text: a vision-language model runs as its language model alone (vLLM's ``language_model_only``:
 its vision tower is neither built nor loaded). Where vLLM's code for the architecture cannot be imported
 here (a module it needs is not installed), the answer is ``{"cannot_serve": why}``.
@@ -19,12 +24,12 @@ half a minute), eager, with a small KV cache, so it fits beside other work on a 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -91,7 +96,17 @@ def _last_error(stderr: str, returncode: int) -> str:
     return " ".join(line.strip() for line in message)
 
 
-def _engine(folder: str, quantization: str | None, dtype: str, max_model_len: int, skip_tokenizer: bool = False):
+def _engine(
+    folder: str,
+    quantization: str | None,
+    dtype: str,
+    max_model_len: int,
+    skip_tokenizer: bool = False,
+    kv_cache_bytes: int = KV_CACHE_BYTES,
+    for_timing: bool = False,
+):
+    """An engine in this process. ``for_timing``: prefix caching off (a repeated prompt would otherwise skip its
+    prefill from the second request on) and per-request statistics on (the timestamps ``bench`` reads)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import transformers
     from vllm import LLM
@@ -103,7 +118,9 @@ def _engine(folder: str, quantization: str | None, dtype: str, max_model_len: in
     options = dict(enforce_eager=True, dtype=dtype, max_model_len=max_model_len, seed=0)
     options["language_model_only"] = True  # every prompt here is text; a text-only model ignores it
     options["skip_tokenizer_init"] = skip_tokenizer  # a model built for timing has no tokenizer
-    options["kv_cache_memory_bytes"] = KV_CACHE_BYTES
+    options["kv_cache_memory_bytes"] = kv_cache_bytes
+    if for_timing:
+        options |= {"enable_prefix_caching": False, "disable_log_stats": False}
     if quantization:
         options["quantization"] = quantization
     start = time.perf_counter()
@@ -154,40 +171,118 @@ def generate(args) -> dict:
     }
 
 
-def bench(args) -> dict:
-    from vllm import SamplingParams, TokensPrompt
+def _kv_cache_bytes(folder: str, requests: int, tokens: int, dtype: str) -> int:
+    """KV cache for ``requests`` requests of ``tokens`` tokens of the folder's text model (keys and values of
+    every layer, a 128-token block of slack per request, a quarter more), never below ``KV_CACHE_BYTES``: a
+    batch the cache cannot hold at once would be queued or preempted by vLLM, and timed as something else."""
+    import transformers
 
-    llm, seconds = _engine(args.folder, args.quantization, args.dtype, args.prompt + args.new + 8, args.no_tokenizer)
-    vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
+    text = transformers.AutoConfig.from_pretrained(folder).get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    return max(KV_CACHE_BYTES, int(1.25 * per_token * requests * (tokens + 128)))
+
+
+def _batch_request(llm, prompts: list, new_tokens: int) -> tuple[float, float, int]:
+    """One batch of requests through the engine, timed by the engine's own per-request timestamps:
+    ``(prefill ms, decode tokens/s, preemptions)``. Prefill: from the batch being scheduled to its last first
+    token (vLLM's prefill interval, over the batch). Decode: the tokens generated after each request's first,
+    over the time from the batch's first first-token to its last token (where vLLM's chunked prefill splits a
+    large batch, the later requests' prefill falls inside it, as it does when serving)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    stats = [o.metrics for o in llm.generate(prompts, params, use_tqdm=False)]
+    scheduled = min(s.scheduled_ts for s in stats)
+    first, last = [s.first_token_ts for s in stats], max(s.last_token_ts for s in stats)
+    generated = sum(s.num_generation_tokens - 1 for s in stats)
+    decode = generated / (last - min(first)) if generated else float("nan")
+    return (max(first) - scheduled) * 1e3, decode, sum(s.num_preemptions for s in stats)
+
+
+def _time_batch(llms: dict, prompts: list, args, threads: int) -> dict:
+    """One batch size: ``args.warmup`` untimed requests of each engine, then timed requests interleaved."""
+    from serving.machine_load import load_between, snapshot
+    from serving.timing import ratio, sample_interleaved, summary
+
+    for _ in range(args.warmup):  # a fresh engine's first requests, and each batch size's first
+        for llm in llms.values():
+            _batch_request(llm, prompts, min(args.new, 4))
+    order: list[str] = []
+
+    def run(label: str) -> tuple[float, float, int]:
+        order.append(label)
+        return _batch_request(llms[label], prompts, args.new)
+
+    start = snapshot()
+    samples = sample_interleaved(
+        {label: functools.partial(run, label) for label in llms},
+        warmup=0,
+        min_samples=args.samples,
+        min_seconds=args.min_seconds,
+    )
+    row = {"batch": len(prompts), "prompt": args.prompt, "new_tokens": args.new}
+    row["load"] = load_between(start, snapshot(), threads)
+    row["engines"] = {
+        label: {
+            "prefill_ms": summary([s[0] for s in taken]),
+            "decode_tokens_per_s": summary([s[1] for s in taken]),
+            "preemptions": sum(s[2] for s in taken),
+        }
+        for label, taken in samples.items()
+    }
+    if args.versus:
+        first, second = samples[args.label], samples[args.versus_label]
+        row["ratios"] = {  # above 1: the second engine is faster
+            "prefill": ratio([s[0] for s in first], [s[0] for s in second]),
+            "decode": ratio([s[1] for s in second], [s[1] for s in first]),
+        }
+    row["order"] = order  # the engine of each timed request, in the order they ran
+    return row
+
+
+def bench(args) -> dict:
+    """The folder (and ``--versus`` another, each with its quantization) served by engines in this process,
+    timed interleaved per batch size after warm-up requests: rows of prefill ms and decode tokens/s with their
+    spread, the ratio of the second engine to the first, and the machine's load while each batch size ran."""
+    import torch
+    from vllm import TokensPrompt
+
+    from serving.machine_load import probe
+
+    batches = [int(b) for b in args.batches.split(",")]
+    engines = {args.label: (args.folder, args.quantization)}
+    if args.versus:
+        engines[args.versus_label] = (args.versus, args.versus_quantization)
+    llms, seconds = {}, {}
+    for label, (folder, quantization) in engines.items():
+        kv_bytes = _kv_cache_bytes(folder, max(batches), args.prompt + args.new, args.dtype)
+        llms[label], seconds[label] = _engine(
+            folder,
+            quantization,
+            args.dtype,
+            args.prompt + args.new + 8,
+            args.no_tokenizer,
+            kv_cache_bytes=kv_bytes,
+            for_timing=True,
+        )
+    threads = torch.get_num_threads()
+    vocab = min(llm.llm_engine.vllm_config.model_config.get_vocab_size() for llm in llms.values())
+    before = probe(threads)
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         prompts = [
             TokensPrompt(prompt_token_ids=[(7 + 31 * (b + i)) % vocab for i in range(args.prompt)])
             for b in range(batch)
         ]
-        prefill, decode = [], []
-        for _ in range(args.repeats + 1):  # the first run warms up
-            start = time.perf_counter()
-            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True), use_tqdm=False)
-            total = time.perf_counter() - start
-            prefill.append(first * 1e3)
-            decode.append(batch * (args.new - 1) / max(total - first, 1e-9))
-        prefill, decode = prefill[1:], decode[1:]
-        rows.append(
-            {
-                "batch": batch,
-                "prompt": args.prompt,
-                "new_tokens": args.new,
-                "prefill_ms": {"median": statistics.median(prefill), "min": min(prefill), "max": max(prefill)},
-                "decode_tokens_per_s": {"median": statistics.median(decode), "min": min(decode), "max": max(decode)},
-            }
-        )
+        rows.append(_time_batch(llms, prompts, args, threads))
     return {
-        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "quantization": {label: llm.llm_engine.vllm_config.model_config.quantization for label, llm in llms.items()},
         "engine_seconds": seconds,
+        "warmup_requests": args.warmup,
+        "load_before": before,
         "rows": rows,
     }
 
@@ -204,12 +299,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--label", default="dense", help="bench: the name of FOLDER's engine in the answer")
+    parser.add_argument("--versus", default=None, help="bench: a second folder, timed interleaved with FOLDER")
+    parser.add_argument("--versus-quantization", default=None, help="bench: the second folder's quantization")
+    parser.add_argument("--versus-label", default="pruned", help="bench: the name of the second engine")
+    parser.add_argument("--samples", type=int, default=5, help="bench: timed requests per engine and batch (least)")
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="bench: least time per batch size")
+    parser.add_argument("--warmup", type=int, default=1, help="bench: untimed requests per engine and batch size")
     parser.add_argument("--no-tokenizer", action="store_true", help="bench: the folder has no tokenizer")
     args = parser.parse_args(argv)
     import vllm
 
-    missing = missing_model_code(args.folder)
+    missing = next(filter(None, (missing_model_code(f) for f in (args.folder, args.versus) if f)), None)
     result = {"cannot_serve": missing} if missing else (generate if args.command == "generate" else bench)(args)
     print(json.dumps({"vllm": vllm.__version__} | result))
     return 0

