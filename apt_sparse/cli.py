@@ -76,8 +76,8 @@ def _add_prune(sub) -> None:
         "--quantize",
         default=None,
         choices=["fp8"],
-        help="also quantize the pruned Linears: fp8 = e4m3 weights with per-channel scales, dynamic per-token "
-        "activations (compressed-tensors FP8_DYNAMIC); later blocks calibrate on the quantized model",
+        help="also write the pruned Linears in FP8: e4m3 weights with per-channel scales, dynamic per-token "
+        "activations (compressed-tensors FP8_DYNAMIC), rounded once pruning is done as apt-sparse quantize does",
     )
     p.add_argument(
         "--fp8-compensate",
@@ -85,6 +85,13 @@ def _add_prune(sub) -> None:
         default=None,
         help="--quantize fp8: round with the error-compensating pass (GPTQ-style, through each layer's Hessian; "
         "the default), or to nearest (--no-fp8-compensate)",
+    )
+    p.add_argument(
+        "--fp8-in-run",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="--quantize fp8: put each pruned Linear on the FP8 grid as soon as it is pruned, and prune later blocks "
+        "on the W8A8 model (default: round once pruning is done)",
     )
     p.add_argument("--targets", default=None, help="regex over module names: prune only matching layers")
     p.add_argument("--ignore", default=None, help="regex over module names: leave matching layers dense")
@@ -176,6 +183,7 @@ def job_from_args(args, device: str):
             permute=args.permute,
             quantize=args.quantize,
             fp8_compensate=args.fp8_compensate,
+            fp8_in_run=args.fp8_in_run,
             device=device,
             batch_size=args.batch_size,
             vision=args.prune_vision,
@@ -220,7 +228,8 @@ def _print_prune_summary(args, report: dict, coll) -> None:
         acc = report["accuracy"]
         metric = acc["metric"]
         dense = acc["dense"].get(metric)
-        line = f"{metric}: dense {dense:.4f} → pruned " if dense is not None else f"{metric} to dense: "
+        pruned = "pruned in FP8 (W8A8)" if acc.get("fp8") else "pruned"
+        line = f"{metric}: dense {dense:.4f} → {pruned} " if dense is not None else f"{metric} to dense: "
         print(line + f"{acc['pruned'][metric]:.4f}")
     print(f"peak memory {report['peak_memory']['bytes'] / 2**30:.2f} GiB ({report['peak_memory']['kind']})")
     if coll.world > 1:

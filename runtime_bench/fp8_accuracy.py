@@ -14,9 +14,10 @@ Rows:
 - ``dense FP8`` / ``dense FP8, nearest``: the source quantized by ``apt-sparse quantize`` (its default, the
   error-compensating pass) and with ``--rounding nearest``;
 - ``apt`` / ``apt FP8`` / ``apt FP8, nearest``: apt 2:4 at the prune defaults, then quantized the same two ways;
-- ``apt FP8 in the run`` / ``apt FP8 in the run, nearest``: ``prune --quantize fp8`` (its default, the
-  error-compensating pass on each layer's Hessian in the run) and ``--no-fp8-compensate`` (later blocks
-  calibrate on the quantized model either way);
+- ``apt FP8, prune --quantize fp8``: the pruning run writing FP8 itself, at its defaults (the same pruning,
+  then ``apt-sparse quantize``'s default on the run's calibration windows: it must equal ``apt FP8``);
+- ``apt FP8, --fp8-in-run``: each layer put on the FP8 grid (error-compensating) as soon as it is pruned,
+  later blocks pruned on the W8A8 model (``... --no-fp8-compensate``, to nearest, is not run by default);
 - ``sparsegpt`` / ``sparsegpt FP8``;
 - diagnostics (``--diagnostics``, or named in ``--rows``): ``dense FP8 weights only`` and ``apt FP8 weights
   only`` (FP8 weights rounded to nearest, activations unquantized: what the weights alone cost).
@@ -68,19 +69,21 @@ ROWS: dict[str, FP8Row] = {
     "dense FP8, nearest": FP8Row(None, "nearest"),
     "dense FP8": FP8Row(None, "compensate"),
     "apt": FP8Row(APT, None),
-    "apt FP8 in the run": FP8Row(Row({"method": "apt"}, run={"quantize": "fp8"}), "run", "apt"),
     "apt FP8": FP8Row(APT, "compensate", "apt"),
     "apt FP8, nearest": FP8Row(APT, "nearest", "apt"),
-    "apt FP8 in the run, nearest": FP8Row(
-        Row({"method": "apt"}, run={"quantize": "fp8", "fp8_compensate": False}), "run", "apt"
-    ),
+    "apt FP8, prune --quantize fp8": FP8Row(Row({"method": "apt"}, run={"quantize": "fp8"}), "run", "apt"),
+    "apt FP8, --fp8-in-run": FP8Row(Row({"method": "apt"}, run={"quantize": "fp8", "fp8_in_run": True}), "run", "apt"),
     "sparsegpt": FP8Row(SPARSEGPT, None),
     "sparsegpt FP8": FP8Row(SPARSEGPT, "compensate", "sparsegpt"),
+    # not run by default: the in-run pass rounding to nearest
+    "apt FP8, --fp8-in-run --no-fp8-compensate": FP8Row(
+        Row({"method": "apt"}, run={"quantize": "fp8", "fp8_in_run": True, "fp8_compensate": False}), "run", "apt"
+    ),
     # diagnostics (not run by default): FP8 weights with the activations left unquantized (W8A16)
     "dense FP8 weights only": FP8Row(None, "weights"),
     "apt FP8 weights only": FP8Row(APT, "weights", "apt"),
 }
-DEFAULT_ROWS = [name for name, row in ROWS.items() if row.fp8 != "weights"]
+DEFAULT_ROWS = [name for name, row in ROWS.items() if row.fp8 != "weights" and "--no-fp8-compensate" not in name]
 ENCODER_ROWS = [name for name, row in ROWS.items() if row.fp8 != "run"]  # the study's encoder rows: no FP8 run
 
 
@@ -211,6 +214,7 @@ def run_section(label: str, model: str, args, out_root: Path, results: dict, enc
             folder = quantized
         elif spec.fp8 == "run":
             record["quantization"] = json.loads((folder / "prune_report.json").read_text())["quantization"]
+            record["quantization"].pop("fp8_relative_loss", None)
         record["figures"] = measure(domains, folder, weights_only=spec.fp8 == "weights")
         record["seconds"] = time.perf_counter() - start
         section["rows"][name] = record

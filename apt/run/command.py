@@ -42,6 +42,7 @@ def command_of(config: dict) -> str:
         "permute",
         "quantize",
         "fp8_compensate",
+        "fp8_in_run",
         "vision",
     ):
         value = config["run"].get(key)

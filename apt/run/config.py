@@ -23,10 +23,12 @@ class RunConfig:
     ``expert_min_tokens``: a MoE expert routed fewer tokens is also calibrated on the tokens every
     expert received (``apt.run.calibration``; default: the expert matrix's input width, 0: never);
     ``permute``: reorder each gated MLP's down-projection inputs (with its gate and up rows) where that
-    lowers the loss after the refit (``apt.models.permutation``); ``quantize="fp8"``: every pruned Linear is put
-    on the FP8 grid as soon as it is pruned (``fp8_compensate``, the default: the error-compensating pass on
-    its Hessian, ``apt.solver.fp8``; ``False``: round to nearest), so later blocks calibrate on the quantized
-    model, and the folder is written in FP8 (``apt.run.quantize``); ``vision``: a vision-language model's vision
+    lowers the loss after the refit (``apt.models.permutation``); ``quantize="fp8"``: the folder is written in FP8
+    (``apt.run.quantize``), by default once pruning is done, with ``apt-sparse quantize``'s rounding on the run's
+    calibration windows (``fp8_compensate``, the default: the error-compensating pass, ``apt.solver.fp8``;
+    ``False``: round to nearest); ``fp8_in_run``: instead every pruned Linear is put on the FP8 grid as soon as it
+    is pruned (compensated on its own Hessian, or to nearest), and later blocks are pruned on the W8A8 model;
+    ``vision``: a vision-language model's vision
     tower and projector are pruned too, before its language model, on the calibration images
     (``apt.run.vision``)."""
 
@@ -41,6 +43,7 @@ class RunConfig:
     permute: bool = False
     quantize: str | None = None
     fp8_compensate: bool | None = None
+    fp8_in_run: bool = False
     vision: bool = False
 
     def __post_init__(self) -> None:
@@ -48,12 +51,14 @@ class RunConfig:
             raise InvalidInputError(f"--quantize takes fp8, got {self.quantize!r}")
         if self.fp8_compensate is not None and self.quantize != "fp8":
             raise InvalidInputError("--fp8-compensate applies to --quantize fp8 only")
+        if self.fp8_in_run and self.quantize != "fp8":
+            raise InvalidInputError("--fp8-in-run applies to --quantize fp8 only")
         if self.fp8_compensate is None:  # the default of --quantize fp8: the error-compensating pass
             object.__setattr__(self, "fp8_compensate", self.quantize == "fp8")
-        if self.fp8_compensate and self.permute:
+        if self.fp8_in_run and self.fp8_compensate and self.permute:
             raise InvalidInputError(
-                "--permute cannot be combined with the error-compensating FP8 pass (the default of --quantize "
-                "fp8): add --no-fp8-compensate to round to nearest"
+                "--permute cannot be combined with --fp8-in-run's error-compensating pass: drop --fp8-in-run (the "
+                "folder is then compensated once pruned) or add --no-fp8-compensate"
             )
         if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
             raise InvalidInputError(f"--expert-min-tokens must be at least 0, got {self.expert_min_tokens}")

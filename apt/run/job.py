@@ -14,6 +14,7 @@ says where it resumed). The report's schema is in ``apt.folder.report``.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -27,8 +28,8 @@ from apt.atomic import check_free_space, is_write_failure, write_failure, write_
 from apt.collective import Collective
 from apt.errors import AptError, InvalidInputError, OutputError
 from apt.folder.fp8 import open_fp8_checked
-from apt.folder.report import DamagedFileError
-from apt.measure.accuracy import Accuracy
+from apt.folder.report import REPORT_NAME, DamagedFileError
+from apt.measure.accuracy import Accuracy, fp8_emulation
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader, PlannedTensor, ShardedWriter, parse_size
 from apt.models.discovery import vision_block_path
@@ -243,22 +244,31 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
         report["left_dense"] = unknown_layouts(layered)
         report["vision"] = state.get("vision") or ({"pruned": False} if is_vision_language(layered.config) else None)
         if job.run.quantize:
-            _finish_quantized(work, out, src.folder, writer, report, job.overwrite)
+            _finish_quantized(work, out, src.folder, writer, report, job)
         else:
             finish_folder(work, out, src.folder, writer, report, job.overwrite)
     return coll.broadcast_object(report)
 
 
-def _finish_quantized(work: Path, out: Path, source: Path, writer, report: dict, overwrite: bool) -> None:
-    """``--quantize fp8``: the pruned folder (its weights already on the FP8 grid) is completed beside ``out``,
-    then written in FP8 to ``out`` (``apt.run.quantize``) and removed (kept where quantizing fails)."""
-    from apt.run.quantize import quantize_folder
+def _finish_quantized(work: Path, out: Path, source: Path, writer, report: dict, job: PruneJob) -> None:
+    """``--quantize fp8``: the pruned folder is completed beside ``out``, then written in FP8 to ``out``
+    (``apt.run.quantize``, as ``apt-sparse quantize`` does: with ``--fp8-in-run`` its weights are already on the
+    FP8 grid, which rounding to nearest keeps; otherwise rounded now, on the run's calibration windows, and its
+    accuracy measured again in FP8) and removed (kept where quantizing fails)."""
+    from apt.run.quantize import QuantizeConfig, quantize_folder
 
     staged = out.with_name(f".{out.name}.unquantized")
     shutil.rmtree(staged, ignore_errors=True)
     finish_folder(work, staged, source, writer, report, overwrite=True)
+    config = QuantizeConfig(
+        rounding="compensate" if job.run.fp8_compensate else "nearest",
+        device=job.run.device,
+        batch_size=job.run.batch_size,
+    )
     try:
-        report["quantization"] = quantize_folder(staged, out, overwrite=overwrite)
+        quantize_folder(staged, out, overwrite=job.overwrite, config=config)
+        report.clear()
+        report.update(json.loads((out / REPORT_NAME).read_text()))  # what the folder says, accuracy included
     except AptError as err:  # the pruned folder stays: quantizing it again is all that is left to do
         raise type(err)(
             f"{err} (the pruned folder is complete in {staged}: apt-sparse quantize {staged} {out})"
@@ -340,21 +350,22 @@ def _calibrate(
 
 
 def _as_computed(job: PruneJob, written, state: dict):
-    """The written blocks as the run computes them: with ``--quantize fp8``, W8A8 (``ServedInFp8``), as the
+    """The written blocks as the run computes them: with ``--fp8-in-run``, W8A8 (``ServedInFp8``), as the
     blocks after them were calibrated and as the FP8 folder is served."""
-    if not job.run.quantize:
+    if not (job.run.quantize and job.run.fp8_in_run):
         return written
     return ServedInFp8(written, {r["tensor"] for r in state["layers"] if "fp8_relative_loss" in r})
 
 
 class ServedInFp8:
-    """The run's written folder as its FP8 copy computes (``--quantize fp8``): the quantized weights are already on
+    """The run's written folder as its FP8 copy computes (``--fp8-in-run``): the quantized weights are already on
     the FP8 grid (``q · scale``, stored unquantized until the run ends), and their layers take their inputs
     through FP8 per token (``fp8_inputs``, which ``apt.models.layered`` applies), as the FP8 folder's reader
     makes them do."""
 
     def __init__(self, reader, tensors: set[str]):
         self.reader, self.fp8_inputs = reader, frozenset(tensors)
+        self.fp8 = self.fp8_inputs  # the weights its FP8 folder will store in float8
 
     def __contains__(self, name: str) -> bool:
         return name in self.reader
@@ -369,4 +380,6 @@ def _evaluate(job: PruneJob, src: _Source, written, coll: Collective) -> dict:
     meter = Accuracy(src.layered, src.tokenizer, documents, job.num_eval_windows, job.max_seq_length, job.seed, coll)
     accuracy = {"metric": meter.metric, "data": chosen, "dense": meter.measure(reference=True)}
     accuracy["pruned"] = meter.measure(written)
+    if getattr(written, "fp8_inputs", None):  # --fp8-in-run: measured as the FP8 folder computes
+        accuracy["fp8"] = fp8_emulation(written)
     return accuracy

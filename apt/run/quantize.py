@@ -15,8 +15,9 @@ Rounding (``QuantizeConfig.rounding``):
   column's rounding error pushed onto the columns not yet rounded, through the Cholesky factor of ``H⁻¹``).
 - ``nearest``: each weight rounded to nearest on its own, no data needed.
 
-A folder whose run already put its weights on the FP8 grid (``--quantize fp8``) is rounded to nearest, which
-keeps that grid exactly, and its report's accuracy (measured W8A8 by the run) stays. Any other pruned folder
+A folder whose run already put its weights on the FP8 grid (``--quantize fp8 --fp8-in-run``) is rounded to
+nearest, which keeps that grid exactly, and its report's accuracy (measured W8A8 by the run) stays. (Plain
+``--quantize fp8`` runs this module on the pruned folder, with the rounding it asks for.) Any other pruned folder
 gets its report's accuracy measured again, as FP8 (W8A8, on the same text as the run's), the unquantized
 figures kept as ``accuracy_unquantized``.
 """
@@ -162,7 +163,9 @@ def quantize_folder(
     if hf_config.get("quantization_config"):
         raise InvalidInputError(f"{src} is already quantized ({hf_config['quantization_config'].get('quant_method')})")
     report = read_report(src)
-    on_grid = report is not None and report["config"]["run"].get("quantize") == "fp8"
+    run = report["config"]["run"] if report is not None else {}
+    # --fp8-in-run put the weights on the FP8 grid already (runs before the option existed all did)
+    on_grid = run.get("quantize") == "fp8" and run.get("fp8_in_run", True)
     modules = {t.removesuffix(".weight") for t in chosen}
     ignore = ["lm_head"] + [m for m in _linear_modules(src) if not _quantized(m, modules)]
     plan = []
@@ -198,7 +201,6 @@ def quantize_folder(
             writer.write(name.removesuffix(".weight") + SCALE_SUFFIX, scale.reshape(-1, 1))
 
         if on_grid:
-            run = report["config"]["run"]
             where = "error-compensating" if run.get("fp8_compensate") else "round to nearest"
             record["pass"] = f"{where} (in the run, on its Hessians; rounding to nearest here keeps that grid)"
         elif config.rounding == "compensate":

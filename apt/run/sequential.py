@@ -7,9 +7,10 @@ read, its prunable matrices found (``apt.models.discovery``) and grouped by the 
 Hessian at each group's input accumulated (``apt.run.calibration``), each layer pruned, the pruned
 weights rounded to the dtype the checkpoint stores (so later blocks calibrate on exactly the model
 that will be written), the calibration activations pushed through the pruned block, and the caller
-writes the block out before it is released. With ``--quantize fp8`` a block computes as its FP8 copy will
-(``served_in_fp8``): each quantized layer's weight goes on the FP8 grid as soon as it is pruned, and its
-inputs through FP8 per token, both for its Hessians and for the activations passed on.
+writes the block out before it is released. With ``--quantize fp8 --fp8-in-run`` a block computes as its FP8
+copy will (``served_in_fp8``): each quantized layer's weight goes on the FP8 grid as soon as it is pruned, and
+its inputs through FP8 per token, both for its Hessians and for the activations passed on. (Without
+``--fp8-in-run`` the run prunes as without ``--quantize`` and ``apt.run.quantize`` writes the folder in FP8.)
 """
 
 from __future__ import annotations
@@ -167,14 +168,15 @@ def prune_blocks(
 
 
 def quantized_in_run(target: Target, config: RunConfig) -> bool:
-    """``--quantize fp8`` puts this matrix on the FP8 grid: a Linear's ``[out, in]`` weight (experts and
-    ``Conv1D`` stay as stored, as ``apt.run.quantize`` leaves them)."""
-    return config.quantize == "fp8" and not target.is_expert and target.in_axis == -1
+    """``--quantize fp8 --fp8-in-run`` puts this matrix on the FP8 grid as it is pruned: a Linear's ``[out, in]``
+    weight (experts and ``Conv1D`` stay as stored, as ``apt.run.quantize`` leaves them)."""
+    in_run = config.quantize == "fp8" and config.fp8_in_run
+    return in_run and not target.is_expert and target.in_axis == -1
 
 
 @contextlib.contextmanager
 def served_in_fp8(targets: list[Target], config: RunConfig) -> Iterator[None]:
-    """With ``--quantize fp8``: while open, the block's layers that will be FP8 take their inputs through FP8 per
+    """With ``--fp8-in-run``: while open, the block's layers that will be FP8 take their inputs through FP8 per
     token, as the FP8 folder is served (W8A8), so their Hessians are those of the inputs they will multiply and
     the next blocks calibrate on the block as it will compute."""
     hooks = [t.module.register_forward_pre_hook(quantize_inputs) for t in targets if quantized_in_run(t, config)]

@@ -165,20 +165,46 @@ def test_dense_fp8_quantizes_every_linear_of_the_blocks_without_a_side_file(prun
     assert len(CheckpointReader(tmp_path / "dense").fp8) == 14
 
 
-def test_prune_quantize_fp8_compensates_by_default_and_measures_w8a8(pruned, tmp_path, capsys):
+def test_prune_quantize_fp8_is_prune_then_apt_sparse_quantize(pruned, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["prune", "--model", str(pruned / "src"), "--out", str(out), *PRUNE, "--quantize", "fp8"]
     assert main(args) == 0
-    assert "FP8: 14 weights" in capsys.readouterr().out
+    assert "pruned in FP8 (W8A8)" in capsys.readouterr().out
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["quantization"]["pass"].startswith("error-compensating (in the run")
-    assert report["config"]["run"]["fp8_compensate"] is True
+    assert report["quantization"]["pass"].startswith("error-compensating (apt-sparse quantize")
+    assert report["quantization"]["calibration"] == {"source": "stdlib", "windows": 4, "seq_len": 32, "seed": 0}
     command = command_of(report["config"])
     assert "--quantize fp8" in command and "fp8-compensate" not in command  # the default needs no flag
+    # bit for bit the folder that pruning without --quantize, then apt-sparse quantize, writes
+    plain = tmp_path / "plain"
+    assert main([*args[:4], str(plain), *PRUNE]) == 0
+    assert main(["quantize", str(plain), str(tmp_path / "then"), "--no-evaluate"]) == 0
+    ours, theirs = CheckpointReader(out), CheckpointReader(tmp_path / "then")
+    assert ours.names() == theirs.names() and len(ours.fp8) == 14
+    for name in ours.names():
+        assert torch.equal(ours.read_stored(name).view(torch.uint8), theirs.read_stored(name).view(torch.uint8))
+    # its accuracy is the FP8 folder's (W8A8), the unquantized one kept beside it
+    plain_report = json.loads((plain / "prune_report.json").read_text())
+    assert report["accuracy_unquantized"]["pruned"] == plain_report["accuracy"]["pruned"]
+    assert report["accuracy"]["fp8"]["weights_in_fp8"] == 14
+    capsys.readouterr()
+    assert main(["eval", str(out), "--num-eval-windows", "1", "--max-seq-length", "32", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["pruned"]["perplexity"] == report["accuracy"]["pruned"]["perplexity"]
+    assert not list(tmp_path.glob(".out.unquantized"))
+
+
+def test_prune_quantize_fp8_in_the_run_measures_w8a8_as_eval_does(pruned, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(pruned / "src"), "--out", str(out), *PRUNE, "--quantize", "fp8", "--fp8-in-run"]
+    assert main(args) == 0
+    assert "pruned in FP8 (W8A8)" in capsys.readouterr().out  # the run's own figure, W8A8
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["quantization"]["pass"].startswith("error-compensating (in the run")
+    assert "--quantize fp8 --fp8-in-run" in command_of(report["config"])
     assert all(r["fp8_relative_loss"] >= 0 for r in report["layers"] if not r["skipped"])
-    assert len(CheckpointReader(out).fp8) == 14 and not list(tmp_path.glob(".out.unquantized"))
+    assert len(CheckpointReader(out).fp8) == 14 and "accuracy_unquantized" not in report
     # the run measured its model as the FP8 folder computes (W8A8), which apt-sparse eval of the folder gives
-    assert "accuracy_unquantized" not in report
     assert main(["eval", str(out), "--num-eval-windows", "1", "--max-seq-length", "32", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["fp8"]["weights_in_fp8"] == 14
@@ -191,11 +217,11 @@ def test_prune_quantize_fp8_rounds_to_nearest_when_asked(pruned, tmp_path, capsy
     args = ["prune", "--model", str(pruned / "src"), "--out", str(out), *PRUNE, "--quantize", "fp8"]
     assert main([*args, "--no-fp8-compensate", "--no-evaluate"]) == 0
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["quantization"]["pass"].startswith("round to nearest (in the run")
+    assert report["quantization"]["pass"] == "round to nearest"
     assert "--quantize fp8 --no-fp8-compensate" in command_of(report["config"])
     assert main(["prune", "--model", str(pruned / "src"), "--out", str(tmp_path / "x"), "--fp8-compensate"]) == 2
     assert "applies to --quantize fp8 only" in capsys.readouterr().err
-    assert main([*args[:4], str(tmp_path / "y"), *PRUNE, "--quantize", "fp8", "--permute"]) == 2
+    assert main([*args[:4], str(tmp_path / "y"), *PRUNE, "--quantize", "fp8", "--fp8-in-run", "--permute"]) == 2
     assert "add --no-fp8-compensate" in capsys.readouterr().err
 
 
