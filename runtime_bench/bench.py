@@ -226,9 +226,8 @@ def e2e_rows(models: dict[str, tuple[torch.nn.Module, str, str]], config: BenchC
 def _add_timed(rows: dict, kind: str, shape: dict, models: dict, timed: dict) -> None:
     """``time_rows``' answer as e2e rows of ``kind`` and comparisons against the first model."""
     for name, (_, label, backend) in models.items():
-        result, reasons = timed["results"][name], timed["noise"][name]
-        rows[kind].append({"model": label, "backend": backend, **shape, "result": result, "load": timed["load"]})
-        rows[kind][-1]["noise"] = reasons
+        row = {"model": label, "backend": backend, **shape, "result": timed["results"][name]}
+        rows[kind].append(row | {"load": timed["load"], "noise": timed["noise"][name]})
     baseline = next(iter(models))
     for name, speedup in timed["speedups"].items():
         reasons = list(dict.fromkeys(timed["noise"][baseline] + timed["noise"][name]))
