@@ -15,15 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_apt_beats_sparsegpt_on_smollm2_layers():
-    # the same Hessians for both methods: the dense model's, on real text, blocks 0-3 (28 layers)
+    # the same Hessians for both methods: the dense model's, on real text, blocks 0-1 (14 layers)
     model, tokenizer, _ = load_model("smollm2-135m")
     windows = token_windows(load_text("stdlib").calibration, tokenizer, 8, 256)
-    layers = [
-        entry
-        for entry in layer_hessians(model, windows)
-        if ".layers.0." in entry[0] or any(f".layers.{i}." in entry[0] for i in (1, 2, 3))
-    ]
-    assert len(layers) == 28
+    layers = [entry for entry in layer_hessians(model, windows) if any(f".layers.{i}." in entry[0] for i in (0, 1))]
+    assert len(layers) == 14
     losses = {m: sum(prune_layer(w, h, method=m).relative_loss for _, w, h in layers) for m in ("sparsegpt", "apt")}
     # on the calibration tokens themselves; the default refit ridge gives up a little of this loss
     # for text of other kinds (runtime_bench.method_comparison measures both)
