@@ -45,8 +45,11 @@ def test_eval_measures_the_folder_as_served_w8a8(folders, capsys):
     with fp8_activations(model, modules):
         emulated = perplexity(model, windows)["perplexity"]
     unquantized_inputs = perplexity(model, windows)["perplexity"]
-    assert result["pruned"]["perplexity"] == pytest.approx(emulated, rel=1e-5)
-    assert abs(result["pruned"]["perplexity"] / unquantized_inputs - 1) > 1e-4  # it really quantizes the inputs
+    measured = result["pruned"]["perplexity"]
+    assert measured == pytest.approx(emulated, rel=1e-5)
+    # it really quantizes the inputs: the figure is W8A8's, ten times closer to it than to W8A16's (on a tiny random
+    # model FP8 inputs move the perplexity by only ~5e-5 relative, so a fixed threshold depends on the machine)
+    assert abs(measured - emulated) * 10 < abs(measured - unquantized_inputs)
     # and the text output says what it measured
     assert main(["eval", str(fp8), "--num-eval-windows", "1", "--max-seq-length", "32"]) == 0
     assert "is FP8 (W8A8 FP8_DYNAMIC" in capsys.readouterr().out
