@@ -95,7 +95,12 @@ def _add_prune(sub) -> None:
     )
     p.add_argument("--targets", default=None, help="regex over module names: prune only matching layers")
     p.add_argument("--ignore", default=None, help="regex over module names: leave matching layers dense")
-    p.add_argument("--calibration-data", default="stdlib", help="stdlib, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    p.add_argument(
+        "--calibration-data",
+        default="stdlib",
+        help="stdlib, a .txt/.jsonl file, hf:NAME[:CONFIG], or self[:SOURCE]: the model's own continuations of "
+        "SOURCE's prefixes (default stdlib), its highest-perplexity fifth dropped; needs the model in memory once",
+    )
     p.add_argument("--eval-data", default="stdlib", help="stdlib, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
     p.add_argument(
         "--calibration-images",

@@ -74,6 +74,8 @@ ROWS: dict[str, Row] = {
     "sparsegpt, 4× calibration tokens": Row({"method": "sparsegpt"}, windows=128),
     "apt, permuted down_proj inputs": Row({"method": "apt"}, run={"permute": True}),
     "apt, bfloat16 compute": Row({"method": "apt"}, job={"dtype": "bfloat16"}),
+    "apt, self-generated calibration": Row({"method": "apt"}, calibration="self"),
+    "sparsegpt, self-generated calibration": Row({"method": "sparsegpt"}, calibration="self"),
 }
 
 

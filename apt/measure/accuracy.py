@@ -26,6 +26,7 @@ from apt.measure.evaluate import (
 from apt.models.checkpoint import CheckpointReader
 from apt.models.layered import LayeredModel
 from apt.models.loading import check_device, load_tokenizer, source_folder
+from apt.text.selfgen import prefix_source
 from apt.text.sources import evaluation_documents, token_windows
 
 
@@ -83,7 +84,8 @@ def evaluate_model(
     check_device(device)
     report_path = Path(name) / REPORT_NAME
     report = read_report(name) if Path(name).is_dir() else None
-    calibration_source = report["config"]["calibration_data"] if report else None
+    # a folder calibrated on its own continuations of a text (``self:SOURCE``) holds out that text's documents
+    calibration_source = prefix_source(report["config"]["calibration_data"]) if report else None
     documents, chosen = evaluation_documents(eval_data, calibration_source, seed)
     _, folder = source_folder(name, trust_remote_code)
     reader = open_fp8_checked(folder)  # a damaged FP8 folder is refused before any work

@@ -51,6 +51,7 @@ from apt.run.state import (
     start_or_resume,
 )
 from apt.run.vision import prune_vision
+from apt.text.selfgen import PREFIX_TOKENS, Generated, generate_windows, is_self, prefix_source, prompt_count
 from apt.text.sources import evaluation_documents, load_text, token_windows
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class _Source:
     dtype: str  # the compute dtype, ``auto`` resolved
     dtype_reason: str  # why (``apt.run.dtype``)
     batches: list[dict] | None = None  # with calibration images: one image+text sample per batch
+    generated: Generated | None = None  # ``--calibration-data self``: how the text was generated
 
     def calibration_batches(self, batch_size: int) -> list[dict]:
         """The model inputs calibration runs on: the image+text samples, or the text windows in batches."""
@@ -127,7 +129,7 @@ class _Source:
         return token_batches(self.windows, batch_size)
 
 
-def _open_source(job: PruneJob) -> _Source:
+def _open_source(job: PruneJob, coll: Collective) -> _Source:
     source, folder = source_folder(job.model, job.trust_remote_code)
     reader = CheckpointReader(folder)
     if reader.fp8:
@@ -141,11 +143,22 @@ def _open_source(job: PruneJob) -> _Source:
     layered = LayeredModel.from_folder(folder, DTYPES[dtype], job.run.device, job.trust_remote_code, reader)
     layer_plan(layered, job.run)  # a --targets/--ignore that matches nothing fails here
     tokenizer = load_tokenizer(folder, job.trust_remote_code)
-    calibration = load_text(job.calibration_data, seed=job.seed)
-    windows = token_windows(
-        calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
-    )
-    log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], calibration.source)
+    generated = None
+    if is_self(job.calibration_data):
+        if not layered.layout.causal:
+            raise InvalidInputError(
+                f"--calibration-data {job.calibration_data}: {job.model} is an encoder ({layered.layout.name}), it "
+                "does not write text; calibrate it on text (e.g. stdlib)"
+            )
+        generated = _self_generated(job, folder, tokenizer, DTYPES[dtype], coll)
+        windows, described = generated.windows, f"{job.calibration_data} (the model's own continuations)"
+    else:
+        calibration = load_text(job.calibration_data, seed=job.seed)
+        windows = token_windows(
+            calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
+        )
+        described = calibration.source
+    log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], described)
     batches = None
     if job.calibration_images:
         if not is_vision_language(layered.config):
@@ -155,7 +168,36 @@ def _open_source(job: PruneJob) -> _Source:
         if job.run.vision:
             vision_block_path(layered.model, layered.block_path)  # a tower it cannot find fails before any work
         batches = image_text_batches(folder, job.calibration_images, windows, tokenizer, job.trust_remote_code)
-    return _Source(source, folder, layered, tokenizer, calibration.source, windows, dtype, reason, batches)
+    return _Source(source, folder, layered, tokenizer, described, windows, dtype, reason, batches, generated)
+
+
+def _self_generated(job: PruneJob, folder: Path, tokenizer, dtype: torch.dtype, coll: Collective) -> Generated:
+    """``--calibration-data self[:SOURCE]``: the writer generates (``apt.text.selfgen``), every rank gets the
+    windows."""
+    if job.calibration_images:
+        raise InvalidInputError("--calibration-data self cannot be combined with --calibration-images")
+    generated = None
+    if coll.is_writer:
+        text = load_text(prefix_source(job.calibration_data), seed=job.seed)
+        count = prompt_count(job.num_calibration_samples)
+        prompts = token_windows(text.calibration, tokenizer, count, PREFIX_TOKENS, job.seed)
+        if len(prompts) < job.num_calibration_samples:
+            raise InvalidInputError(
+                f"--calibration-data {job.calibration_data}: its text gives {len(prompts)} prefixes, fewer than "
+                f"--num-calibration-samples {job.num_calibration_samples}"
+            )
+        log.info("generating calibration text: %d continuations of %d tokens", len(prompts), job.max_seq_length)
+        generated = generate_windows(
+            folder,
+            prompts,
+            min(job.num_calibration_samples, len(prompts)),
+            job.max_seq_length,
+            job.seed,
+            job.run.device,
+            dtype,
+            job.trust_remote_code,
+        )
+    return coll.broadcast_object(generated)
 
 
 def _check_space(job: PruneJob, work: Path, writer: ShardedWriter, src: _Source, coll: Collective) -> None:
@@ -182,7 +224,7 @@ def _output_layout(reader: CheckpointReader) -> dict[str, tuple[torch.dtype, tup
 
 def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict, coll: Collective) -> dict:
     peak = PeakMemory(job.run.device)
-    src = _open_source(job)
+    src = _open_source(job, coll)
     layered = src.layered
     progress["blocks"] = len(layered.blocks)
     layout = _output_layout(layered.reader)
@@ -199,6 +241,8 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
     if coll.is_writer:
         _check_space(job, work, writer, src, coll)
     state = start_or_resume(work, writer, layered, job, options, identity) if coll.is_writer else None
+    if coll.is_writer and src.generated is not None:  # generating the calibration text is part of pruning
+        state["seconds_pruning"] += src.generated.seconds
     state = coll.broadcast_object(state)
     done = progress["blocks_done"] = state["blocks_done"]
     written = BroadcastReader(coll, CheckpointReader(work) if coll.is_writer else None, layout)
@@ -238,6 +282,8 @@ def _prune(job: PruneJob, out: Path, work: Path, started: float, progress: dict,
             accuracy=accuracy,
         )
         report["distributed"] = {"world_size": coll.world, "backend": coll.backend, "ranks": ranks}
+        if src.generated is not None:
+            report["data"]["self_generated"] = src.generated.describe()
         if src.batches is not None:
             report["data"]["calibration_images"] = len(image_files(job.calibration_images))
             report["data"]["calibration_samples"] = "one image and one text window each"
@@ -376,7 +422,7 @@ class ServedInFp8:
 
 def _evaluate(job: PruneJob, src: _Source, written, coll: Collective) -> dict:
     """Dense and pruned accuracy on held-out text, both streamed block by block."""
-    documents, chosen = evaluation_documents(job.eval_data, job.calibration_data, job.seed)
+    documents, chosen = evaluation_documents(job.eval_data, prefix_source(job.calibration_data), job.seed)
     meter = Accuracy(src.layered, src.tokenizer, documents, job.num_eval_windows, job.max_seq_length, job.seed, coll)
     accuracy = {"metric": meter.metric, "data": chosen, "dense": meter.measure(reference=True)}
     accuracy["pruned"] = meter.measure(written)

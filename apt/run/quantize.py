@@ -50,6 +50,7 @@ from apt.run.sequential import GroupFinder
 from apt.solver import layer_loss
 from apt.solver.fp8 import FP8, compensated_fp8, dequantize_weight, quantize_weight
 from apt.solver.patterns import conforms, first_nm_violation, positive_zeros
+from apt.text.selfgen import prefix_source
 from apt.text.sources import load_text, token_windows
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,9 @@ def compensate_blocks(
     ``L(q·scale) / L(0)`` on its Hessian (``apt.solver.loss``)."""
     layered = LayeredModel.from_folder(folder, torch.float32, config.device)
     tokenizer = load_tokenizer(folder)
-    text = load_text(calibration["source"], seed=calibration["seed"])
+    # a run calibrated on its own continuations (``self:SOURCE``) is rounded on SOURCE's text: the pruned model's
+    # continuations are not the dense model's, and generating again would cost the whole pruning's share
+    text = load_text(prefix_source(calibration["source"]), seed=calibration["seed"])
     windows = token_windows(
         text.calibration, tokenizer, calibration["windows"], calibration["seq_len"], calibration["seed"]
     )
