@@ -23,7 +23,7 @@ EVAL_BATCH = 4
 FINAL_CHUNK = 64
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+def summed_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Summed next-token negative log-likelihood: positions 0..seq-2 predict tokens 1..seq-1."""
     logits = logits[:, :-1].float()
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
@@ -47,7 +47,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = EVAL_BATCH, devic
     nll = 0.0
     for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=None):
         ids = windows[start : start + batch_size].to(device)
-        nll += _nll(model(input_ids=ids, use_cache=False).logits, ids)
+        nll += summed_nll(model(input_ids=ids, use_cache=False).logits, ids)
     model.to("cpu")
     return _perplexity_record(nll, windows)
 

@@ -145,12 +145,7 @@ def _open_source(job: PruneJob, coll: Collective) -> _Source:
     tokenizer = load_tokenizer(folder, job.trust_remote_code)
     generated = None
     if is_self(job.calibration_data):
-        if not layered.layout.causal:
-            raise InvalidInputError(
-                f"--calibration-data {job.calibration_data}: {job.model} is an encoder ({layered.layout.name}), it "
-                "does not write text; calibrate it on text (e.g. stdlib)"
-            )
-        generated = _self_generated(job, folder, tokenizer, DTYPES[dtype], coll)
+        generated = _self_generated(job, layered, folder, tokenizer, coll)
         windows, described = generated.windows, f"{job.calibration_data} (the model's own continuations)"
     else:
         calibration = load_text(job.calibration_data, seed=job.seed)
@@ -171,9 +166,14 @@ def _open_source(job: PruneJob, coll: Collective) -> _Source:
     return _Source(source, folder, layered, tokenizer, described, windows, dtype, reason, batches, generated)
 
 
-def _self_generated(job: PruneJob, folder: Path, tokenizer, dtype: torch.dtype, coll: Collective) -> Generated:
+def _self_generated(job: PruneJob, layered: LayeredModel, folder: Path, tokenizer, coll: Collective) -> Generated:
     """``--calibration-data self[:SOURCE]``: the writer generates (``apt.text.selfgen``), every rank gets the
     windows."""
+    if not layered.layout.causal:
+        raise InvalidInputError(
+            f"--calibration-data {job.calibration_data}: {job.model} is an encoder ({layered.layout.name}), it "
+            "does not write text; calibrate it on text (e.g. stdlib)"
+        )
     if job.calibration_images:
         raise InvalidInputError("--calibration-data self cannot be combined with --calibration-images")
     generated = None
@@ -190,11 +190,11 @@ def _self_generated(job: PruneJob, folder: Path, tokenizer, dtype: torch.dtype, 
         generated = generate_windows(
             folder,
             prompts,
-            min(job.num_calibration_samples, len(prompts)),
+            job.num_calibration_samples,
             job.max_seq_length,
             job.seed,
             job.run.device,
-            dtype,
+            layered.dtype,
             job.trust_remote_code,
         )
     return coll.broadcast_object(generated)

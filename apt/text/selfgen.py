@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from apt.errors import InvalidInputError
+from apt.measure.evaluate import summed_nll
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,8 @@ def generate_windows(
             )
             out = out[:, :seq_len]
             for part in out.split(SCORE_BATCH):  # the logits of 4 × 512 tokens of a 49k vocabulary: 0.4 GB
-                logits = model(part).logits.float()
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), part[:, 1:], reduction="none")
-                losses.append(nll.mean(dim=1).cpu())
+                logits = model(part).logits
+                losses += [summed_nll(logits[i : i + 1], part[i : i + 1]) / (seq_len - 1) for i in range(len(part))]
             rows.append(out.cpu())
             log.info(
                 "calibration text generated: %d of %d continuations (%.0f s)",
@@ -135,7 +135,7 @@ def generate_windows(
                 time.perf_counter() - started,
             )
     del model
-    windows, nll = torch.cat(rows), torch.cat(losses)
+    windows, nll = torch.cat(rows), torch.tensor(losses, dtype=torch.float64)
     order = torch.argsort(nll, stable=True)
     kept = order[:count].sort().values
     dropped = order[count:]
