@@ -26,8 +26,7 @@ from apt.measure.evaluate import (
 from apt.models.checkpoint import CheckpointReader
 from apt.models.layered import LayeredModel
 from apt.models.loading import check_device, load_tokenizer, source_folder
-from apt.text.selfgen import prefix_source
-from apt.text.sources import evaluation_documents, token_windows
+from apt.text.sources import evaluation_documents, prefix_source, token_windows
 
 
 class Accuracy:

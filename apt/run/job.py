@@ -40,6 +40,7 @@ from apt.run.distributed import BroadcastReader, check_same_job
 from apt.run.dtype import compute_dtype
 from apt.run.multimodal import image_files, image_text_batches
 from apt.run.record import PeakMemory, build_report
+from apt.run.selfgen import PREFIX_TOKENS, Generated, generate_windows, prompt_count
 from apt.run.sequential import layer_plan, prune_blocks, unknown_layouts
 from apt.run.state import (
     RESUME_NAME,
@@ -51,8 +52,7 @@ from apt.run.state import (
     start_or_resume,
 )
 from apt.run.vision import prune_vision
-from apt.text.selfgen import PREFIX_TOKENS, Generated, generate_windows, is_self, prefix_source, prompt_count
-from apt.text.sources import evaluation_documents, load_text, token_windows
+from apt.text.sources import evaluation_documents, is_self, load_text, prefix_source, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _open_source(job: PruneJob, coll: Collective) -> _Source:
 
 
 def _self_generated(job: PruneJob, layered: LayeredModel, folder: Path, tokenizer, coll: Collective) -> Generated:
-    """``--calibration-data self[:SOURCE]``: the writer generates (``apt.text.selfgen``), every rank gets the
+    """``--calibration-data self[:SOURCE]``: the writer generates (``apt.run.selfgen``), every rank gets the
     windows."""
     if not layered.layout.causal:
         raise InvalidInputError(

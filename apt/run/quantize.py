@@ -50,8 +50,7 @@ from apt.run.sequential import GroupFinder
 from apt.solver import layer_loss
 from apt.solver.fp8 import FP8, compensated_fp8, dequantize_weight, quantize_weight
 from apt.solver.patterns import conforms, first_nm_violation, positive_zeros
-from apt.text.selfgen import prefix_source
-from apt.text.sources import load_text, token_windows
+from apt.text.sources import load_text, prefix_source, token_windows
 
 log = logging.getLogger(__name__)
 

@@ -164,6 +164,23 @@ def _read_hf(spec: str) -> TextSplit:
     return TextSplit(calibration, evaluation, source=f"hf:{spec}", whole=evaluation)
 
 
+SELF = "self"  # ``self[:SOURCE]``: text the model writes itself (``apt.run.selfgen``)
+
+
+def is_self(source: str | None) -> bool:
+    return source is not None and (source == SELF or source.startswith(SELF + ":"))
+
+
+def prefix_source(source: str) -> str:
+    """The text whose prefixes a ``self`` source continues (and whose held-out documents evaluate it)."""
+    if not is_self(source):
+        return source
+    rest = source[len(SELF) + 1 :]
+    if source != SELF and not rest:
+        raise InvalidInputError("--calibration-data self:SOURCE needs a source after the colon, e.g. self:stdlib")
+    return rest or "stdlib"
+
+
 def load_text(source: str = "stdlib", seed: int = 0) -> TextSplit:
     """Resolve a data source (see the module docstring) into calibration and evaluation documents.
     ``a+b`` mixes sources: their documents together, under the same seeded split."""

@@ -26,26 +26,11 @@ from apt.measure.evaluate import summed_nll
 
 log = logging.getLogger(__name__)
 
-SELF = "self"
 PREFIX_TOKENS = 8  # of the source text each continuation starts from
 KEEP = 0.8  # the share of continuations kept: the rest, of highest perplexity, are dropped
 TOP_P = 0.95
 GENERATE_BATCH = 80  # continuations generated at once (the KV cache of 80 × 512 tokens of SmolLM2: 1.9 GB)
 SCORE_BATCH = 4
-
-
-def is_self(source: str | None) -> bool:
-    return source is not None and (source == SELF or source.startswith(SELF + ":"))
-
-
-def prefix_source(source: str) -> str:
-    """The text whose prefixes a ``self`` source continues (and whose held-out documents evaluate it)."""
-    if not is_self(source):
-        return source
-    rest = source[len(SELF) + 1 :]
-    if source != SELF and not rest:
-        raise InvalidInputError("--calibration-data self:SOURCE needs a source after the colon, e.g. self:stdlib")
-    return rest or "stdlib"
 
 
 @dataclass

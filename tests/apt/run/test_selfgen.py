@@ -12,7 +12,8 @@ import transformers
 from apt.errors import InvalidInputError
 from apt.run import PruneJob, prune_model
 from apt.run.quantize import QuantizeConfig, quantize_folder
-from apt.text.selfgen import KEEP, PREFIX_TOKENS, generate_windows, prefix_source, prompt_count
+from apt.run.selfgen import KEEP, PREFIX_TOKENS, generate_windows, prompt_count
+from apt.text.sources import prefix_source
 
 from ..tiny_models import save_tiny_model
 
