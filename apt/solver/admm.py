@@ -27,12 +27,33 @@ from apt.solver.patterns import Pattern
 
 
 def project(W: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """The nearest N:M matrix in Frobenius norm: the N largest |w| of every group of M, the rest zero."""
+    """The nearest N:M matrix in Frobenius norm: the N largest |w| of every group of M, the rest zero (ties as
+    ``topk`` breaks them)."""
     rows, cols = W.shape
     groups = W.reshape(rows, cols // pattern.m, pattern.m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, groups.abs().topk(pattern.n, dim=2).indices, True)
+    magnitude = groups.abs()
+    if (pattern.n, pattern.m) == (2, 4):
+        # 2:4 keeps what exceeds each group's second smallest |w|, found by a min/max network: twice as fast
+        # as topk on CPU, where the projection was a third of the search's time; a group with a tie there
+        # keeps fewer than two and goes to topk
+        a0, a1, a2, a3 = magnitude.unbind(dim=2)
+        low, high = torch.minimum(a0, a1), torch.maximum(a0, a1)
+        low2, high2 = torch.minimum(a2, a3), torch.maximum(a2, a3)
+        second = torch.minimum(torch.maximum(low, low2), torch.minimum(high, high2))
+        keep = magnitude > second.unsqueeze(2)
+        tied = keep.sum(dim=2) != 2
+        if bool(tied.any()):
+            keep[tied] = _largest(magnitude[tied], 2)
+    else:
+        keep = _largest(magnitude, pattern.n)
     return (groups * keep).reshape(rows, cols)
+
+
+def _largest(magnitude: torch.Tensor, n: int) -> torch.Tensor:
+    """True at the ``n`` largest entries along the last dimension."""
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    keep.scatter_(-1, magnitude.topk(n, dim=-1).indices, True)
+    return keep
 
 
 def admm_support(
@@ -44,10 +65,11 @@ def admm_support(
     growth: float = 1.2,
     max_iter: int = 100,
     patience: int = 5,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The keep-mask ``[out, in]`` ADMM settles on for ``W`` ``[out, in]`` and positive definite ``H``
     ``[in, in]``, from ``start`` (an N:M weight: apt's joint-removal result). ``rho`` is the first penalty
-    relative to ``mean(diag H)``, multiplied by ``growth`` every step. Returns ``(mask, steps)``."""
+    relative to ``mean(diag H)``, multiplied by ``growth`` every step. Returns ``(mask, steps, weight)``: each
+    row's last N:M iterate ``d`` (on ``mask`` but for a group tied at zero), where the refit on ``mask`` starts."""
     evals, Q = torch.linalg.eigh(H)
     scale = float(H.diagonal().mean())
     WH_Q = (W @ H) @ Q  # the loss's own pull, in H's eigenbasis
@@ -57,7 +79,7 @@ def admm_support(
     mask = D != 0
     # each row settles on its own and leaves the iteration: rows are independent, so a row's support must
     # not depend on which other rows share the call (torchrun splits a layer's rows over the ranks)
-    settled = mask.clone()
+    settled, settled_d = mask.clone(), D.clone()
     rows = torch.arange(W.shape[0], device=W.device)  # the rows still moving
     still = torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
     steps = 0
@@ -71,16 +93,16 @@ def admm_support(
         mask = new_mask
         now = still >= patience
         if bool(now.any()):
-            settled[rows[now]] = mask[now]
+            settled[rows[now]], settled_d[rows[now]] = mask[now], D[now]
             going = ~now
             rows, WH_Q, D, V, mask, still = (t[going] for t in (rows, WH_Q, D, V, mask, still))
         V *= 1.0 / growth  # the scaled dual follows the penalty: v = λ / ρ
         penalty *= growth
-    settled[rows] = mask  # rows still moving after max_iter
+    settled[rows], settled_d[rows] = mask, D  # rows still moving after max_iter
     mask = settled
     # a group whose largest values tie at zero keeps fewer than N: give it the rest by |w|
     short = mask.reshape(mask.shape[0], -1, pattern.m).sum(-1) < pattern.n
     if bool(short.any()):
         fill = project(torch.where(mask, W.abs() + float("inf"), W.abs()), pattern) != 0
         mask = torch.where(short.repeat_interleave(pattern.m, dim=1), fill, mask)
-    return mask, steps
+    return mask, steps, settled_d

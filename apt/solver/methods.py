@@ -64,14 +64,13 @@ def _apt(W, H, config, may_overwrite_H):
     del U  # the refit needs only the damped Hessian
     searched = None
     if config.mask_search_mode == "admm":  # N:M only: PruneConfig refuses it on other patterns
-        searched, info["mask_search_steps"] = admm_support(W_target, H_damped, W_hat, pattern)
+        searched, info["mask_search_steps"], x0 = admm_support(W_target, H_damped, W_hat, pattern)
     info["lookahead"] = lookahead
     if config.use_reconstruct:
         info["loss_before_reconstruction"] = undamped.loss(W_hat, W)
         info["refit_damp"] = config.refit_damp_value
         if config.refit_damp_value:  # ridge toward the dense weights: H + μ·diag(H)
             H_damped.diagonal().add_(config.refit_damp_value * undamped.diagonal)
-        x0 = W_hat.clone() if searched is not None else W_hat
         W_hat, info["iterations"], info["residual"] = reconstruct(
             W_target, mask, H_damped, x0=W_hat, tol=config.tol, max_iter=config.max_iter
         )

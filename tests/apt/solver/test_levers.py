@@ -121,6 +121,26 @@ def test_corrected_target_fits_the_dense_outputs_from_the_pruned_inputs():
     torch.testing.assert_close(corrected_target(W, H, H, alpha=1.0, damp=0.0), W, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("pattern", [Pattern(2, 4), Pattern(1, 4), Pattern(4, 8)])
+def test_the_projection_keeps_the_n_largest_of_every_group_by_brute_force(pattern):
+    # against every N-subset of every group: the kept energy is the largest any subset keeps, at most N kept,
+    # untouched; ties (integers here) are where the 2:4 min/max network hands a group to topk
+    from apt.solver.admm import project
+
+    g = torch.Generator().manual_seed(0)
+    for W in (torch.randn(16, 64, generator=g), torch.randint(-3, 4, (16, 64), generator=g).float()):
+        P = project(W, pattern)
+        groups, kept = W.reshape(-1, pattern.m), P.reshape(-1, pattern.m)
+        assert bool((kept == groups).logical_or(kept == 0).all()) and int((kept != 0).sum(dim=1).max()) <= pattern.n
+        best = torch.stack(
+            [(groups[:, list(c)] ** 2).sum(dim=1) for c in itertools.combinations(range(pattern.m), pattern.n)]
+        ).amax(dim=0)
+        assert torch.equal((kept**2).sum(dim=1), best)
+        keep = torch.zeros_like(groups, dtype=torch.bool)  # the generic path's choice, ties included
+        keep.scatter_(1, groups.abs().topk(pattern.n, dim=1).indices, True)
+        assert torch.equal(P.reshape(-1, pattern.m), groups * keep)
+
+
 def test_admm_support_search_stays_at_the_optimum_once_the_penalty_holds_it(correlated_layer):
     # with H = I the optimum N:M weight is the magnitude projection of w; under a penalty larger than every
     # pruned/kept ratio it is a fixed point of the iteration, which then stops after its patience
@@ -128,7 +148,7 @@ def test_admm_support_search_stays_at_the_optimum_once_the_penalty_holds_it(corr
 
     W, _, _ = correlated_layer(8, 32)
     H = torch.eye(32, dtype=W.dtype)
-    mask, steps = admm_support(W, H, project(W, Pattern(2, 4)), Pattern(2, 4), rho=50.0, patience=4)
+    mask, steps, _ = admm_support(W, H, project(W, Pattern(2, 4)), Pattern(2, 4), rho=50.0, patience=4)
     assert torch.equal(mask, select_mask(W.abs(), Pattern(2, 4))) and steps == 4
 
 
@@ -152,10 +172,12 @@ def test_admm_support_of_a_row_does_not_depend_on_the_rows_beside_it(correlated_
 
     W, H, _ = correlated_layer(12, 32, tokens=64, seed=3)
     start = project(W, Pattern(2, 4))
-    whole, steps = admm_support(W, H, start, Pattern(2, 4))
+    whole, steps, weight = admm_support(W, H, start, Pattern(2, 4))
     alone = [admm_support(W[r : r + 1], H, start[r : r + 1], Pattern(2, 4)) for r in range(12)]
-    assert torch.equal(whole, torch.cat([mask for mask, _ in alone]))
-    assert steps == max(s for _, s in alone) and len({s for _, s in alone}) > 1  # rows settle at different steps
+    assert torch.equal(whole, torch.cat([mask for mask, _, _ in alone]))
+    assert steps == max(s for _, s, _ in alone) and len({s for _, s, _ in alone}) > 1  # rows settle at different steps
+    torch.testing.assert_close(weight, torch.cat([w for _, _, w in alone]))
+    assert torch.equal(weight != 0, whole)  # the refit on the searched support starts from the search's iterate
 
 
 def test_the_balanced_permutation_gives_each_group_one_channel_of_each_saliency_tier(correlated_layer):
