@@ -38,3 +38,41 @@ def test_fp8_cost_the_bar_and_the_lead_over_sparsegpt_compare_like_with_like():
     assert "| apt FP8 | 30.3 (1.010×; 0.990 of dense's; 0.48 of SparseGPT's increase) |" in text
     assert all(line.count("|") == text.splitlines()[0].count("|") for line in text.splitlines())
     assert "dense FP8 weights only" not in DEFAULT_ROWS and ROWS["apt FP8"].fp8 == "compensate"
+
+
+def test_several_seeds_give_the_geometric_mean_and_the_bar_seed_by_seed():
+    from runtime_bench.fp8_accuracy import geometric_mean
+
+    dense_by_seed = {"0": {"test": 20.2, "man": 10.4}, "1": {"test": 20.8, "man": 10.1}}
+    apt_by_seed = {"0": {"test": 30.6, "man": 20.2}, "1": {"test": 30.0, "man": 20.6}}
+    section = {
+        "metric": "perplexity",
+        "dense": {"test": 20.0, "man": 10.0},
+        "rows": {
+            "dense FP8": {
+                "fp8": "compensate",
+                "unquantized": None,
+                "figures_by_seed": dense_by_seed,
+                "figures": geometric_mean(dense_by_seed.values()),
+            },
+            "apt": {"fp8": None, "unquantized": None, "figures": {"test": 30.0, "man": 20.0}},
+            "apt FP8": {
+                "fp8": "compensate",
+                "unquantized": "apt",
+                "figures_by_seed": apt_by_seed,
+                "figures": geometric_mean(apt_by_seed.values()),
+            },
+        },
+    }
+    assert section["rows"]["apt FP8"]["figures"]["test"] == pytest.approx((30.6 * 30.0) ** 0.5)
+    derived(section)
+    row = section["rows"]["apt FP8"]
+    # seed 0: apt 1.02 against dense 1.01; seed 1: 1.00 against 1.04 — each seed against the same windows
+    assert row["vs_dense_fp8_cost_by_seed"]["0"] == pytest.approx({"test": 1.02 / 1.01, "man": 1.01 / 1.04})
+    assert row["vs_dense_fp8_cost_by_seed"]["1"] == pytest.approx({"test": 1.00 / 1.04, "man": 1.03 / 1.01})
+    mean_apt = (1.02 * 1.00) ** 0.5
+    mean_dense = (1.01 * 1.04) ** 0.5
+    assert row["vs_dense_fp8_cost"]["test"] == pytest.approx(mean_apt / mean_dense)
+    text = table(section)
+    low, high = sorted([1.00 / 1.04, 1.02 / 1.01])
+    assert f"of dense's, {low:.3f}–{high:.3f} by seed" in text
