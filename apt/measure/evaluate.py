@@ -18,6 +18,7 @@ from apt.collective import Collective
 from apt.models.activations import ActivationStore
 from apt.models.checkpoint import CheckpointReader
 from apt.models.layered import LayeredModel, token_batches
+from apt.text.sources import SENTENCE_TOKENS
 
 EVAL_BATCH = 4
 FINAL_CHUNK = 64
@@ -84,7 +85,9 @@ def streaming_perplexity(
     return _perplexity_record(nll, windows)
 
 
-def text_batches(tokenizer, texts, max_length: int = 128, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+def text_batches(
+    tokenizer, texts, max_length: int = SENTENCE_TOKENS, batch_size: int = 16
+) -> list[dict[str, torch.Tensor]]:
     """Padded, truncated tokenizer batches (``input_ids``, ``attention_mask``, ...) of ``texts``."""
     return [
         dict(

@@ -52,7 +52,7 @@ from apt.run.state import (
     start_or_resume,
 )
 from apt.run.vision import prune_vision
-from apt.text.sources import evaluation_documents, is_self, load_text, prefix_source, token_windows
+from apt.text.sources import evaluation_documents, is_self, load_text, prefix_source, sentence_windows, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,14 @@ def _open_source(job: PruneJob, coll: Collective) -> _Source:
         windows, described = generated.windows, f"{job.calibration_data} (the model's own continuations)"
     else:
         calibration = load_text(job.calibration_data, seed=job.seed)
-        windows = token_windows(
+        # an encoder calibrates on texts framed as it embeds them, in the same token budget
+        windowing = token_windows if layered.layout.causal else sentence_windows
+        windows = windowing(
             calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
         )
         described = calibration.source
+        if not layered.layout.causal:
+            described += " (framed as the encoder embeds a text: special tokens at both ends)"
     log.info("calibrating on %d windows × %d tokens from %s", len(windows), windows.shape[1], described)
     batches = None
     if job.calibration_images:

@@ -51,8 +51,9 @@ def _conjugate_gradients(
     the exact solution). The preconditioner is Jacobi: on SmolLM2's layers, exact per-row inverses of
     the kept 64×64 diagonal blocks saved 6 % of the iterations and cost more than they saved, as the
     correlations are not local. A row that stopped leaves the iteration's GEMM once a quarter of the rows
-    still in it have stopped (the rows are independent: gathering them changes no row's arithmetic). Returns ``(Ŵ, iterations, residual)`` with the true final max relative
-    residual ``‖H_KK ŵ_K − (H w)_K‖ / ‖(H w)_K‖``.
+    still in it have stopped (the rows are independent: gathering them changes no row's arithmetic).
+    Returns ``(Ŵ, iterations, residual)`` with the true final max relative residual
+    ``‖H_KK ŵ_K − (H w)_K‖ / ‖(H w)_K‖``.
     """
     tiny = torch.finfo(W.dtype).tiny
     maskf = mask.to(W.dtype)

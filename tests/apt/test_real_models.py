@@ -32,6 +32,9 @@ def test_minilm_encoder_keeps_its_embeddings_and_its_retrieval(tmp_path):
         PruneJob(model="minilm-l6", out=str(out), num_calibration_samples=16, max_seq_length=128, num_eval_windows=8)
     )
     assert report["model"]["family"] == "bert"
+    # calibrated on the texts' framing ([CLS] … [SEP]) at the length it embeds, 16 × 128 tokens
+    assert report["data"]["calibration_windows"] == 16 and report["data"]["max_seq_length"] == 128
+    assert report["data"]["calibration"].startswith("stdlib (framed as the encoder embeds a text")
     assert report["totals"]["layers_pruned"] == 6 * 6 and report["totals"]["all_nm_valid"]
     accuracy = report["accuracy"]
     # recomputed here with both models whole in memory, on the same texts: the same figures

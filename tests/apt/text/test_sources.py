@@ -3,7 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
+from apt.errors import InvalidInputError
 from apt.text.sources import C4_EVAL_DOCUMENTS, evaluation_documents, load_text, protocol_documents
 
 
@@ -65,3 +67,22 @@ def test_validation_and_test_halves_split_the_held_out_documents():
     assert set(validation).isdisjoint(test) and sorted(validation + test) == sorted(held_out)
     assert 0.3 < len(validation) / len(held_out) < 0.7
     assert validation_split(tuple(reversed(held_out)))[0] == tuple(reversed(validation))  # by content, not order
+
+
+def test_an_encoder_calibrates_on_texts_framed_as_it_embeds_them_in_the_same_token_budget():
+    from apt.models.loading import load_tokenizer, source_folder
+    from apt.text.sources import SENTENCE_TOKENS, sentence_windows, token_windows
+
+    tokenizer = load_tokenizer(source_folder("minilm-l6")[1])
+    docs = load_text("stdlib").calibration
+    windows = sentence_windows(docs, tokenizer, 4, 512, seed=3)
+    # 4 × 512 tokens as 16 texts of 128: [CLS], 126 running tokens, [SEP]
+    assert SENTENCE_TOKENS == 128 and windows.shape == (16, 128)
+    assert bool((windows[:, 0] == tokenizer.cls_token_id).all()) and bool(
+        (windows[:, -1] == tokenizer.sep_token_id).all()
+    )
+    assert torch.equal(windows[:, 1:-1], token_windows(docs, tokenizer, 16, 126, seed=3))
+    # a shorter --max-seq-length is kept as it is, and its budget too
+    assert sentence_windows(docs, tokenizer, 6, 64, seed=3).shape == (6, 64)
+    with pytest.raises(InvalidInputError, match="no room for text"):
+        sentence_windows(docs, tokenizer, 4, 2)
