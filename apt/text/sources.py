@@ -245,14 +245,8 @@ def sentence_windows(
         )
     count = None if n_windows is None else max(1, n_windows * seq_len // length)
     inner = token_windows(docs, tokenizer, count, room, seed)
-    return torch.cat(
-        [
-            torch.tensor([prefix] * len(inner), dtype=torch.long).view(len(inner), -1),
-            inner,
-            torch.tensor([suffix] * len(inner), dtype=torch.long).view(len(inner), -1),
-        ],
-        dim=1,
-    )
+    framed = [torch.tensor(part, dtype=torch.long).expand(len(inner), -1) for part in (prefix, suffix)]
+    return torch.cat([framed[0], inner, framed[1]], dim=1)
 
 
 def _framing(tokenizer) -> tuple[list[int], list[int]]:

@@ -84,5 +84,8 @@ def test_an_encoder_calibrates_on_texts_framed_as_it_embeds_them_in_the_same_tok
     assert torch.equal(windows[:, 1:-1], token_windows(docs, tokenizer, 16, 126, seed=3))
     # a shorter --max-seq-length is kept as it is, and its budget too
     assert sentence_windows(docs, tokenizer, 6, 64, seed=3).shape == (6, 64)
+    # a tokenizer that frames nothing gives running windows of the same length
+    plain = load_tokenizer(source_folder("smollm2-135m")[1])
+    assert torch.equal(sentence_windows(docs, plain, 2, 256, seed=1), token_windows(docs, plain, 4, 128, seed=1))
     with pytest.raises(InvalidInputError, match="no room for text"):
         sentence_windows(docs, tokenizer, 4, 2)
