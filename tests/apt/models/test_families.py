@@ -26,7 +26,7 @@ from apt.models.loading import load_tokenizer
 from apt.run import PruneJob, RunConfig, prune_model
 from apt.run.resident import calibrate_and_prune
 from apt.solver.patterns import as_rows, is_nm_sparse
-from apt.text.sources import load_text, token_windows
+from apt.text.sources import load_text, sentence_windows, token_windows
 from apt_sparse.cli import main
 
 from ..tiny_models import CONFIGS, MOE, REFUSED, save_tiny_model
@@ -122,7 +122,8 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
     assert all("layout apt-sparse does not know" in e["why"] for e in report["left_dense"])
     covered = {r["name"].partition("[")[0] for r in pruned if r.get("expert") is not None}
     model = load_whole(src, family)
-    blocks = LayeredModel.resident(model).block_path
+    resident = LayeredModel.resident(model)
+    blocks = resident.block_path
     kernels = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)}
     for name, param in model.named_parameters():
         matrix = param.dim() > 2 and sum(size > 1 for size in param.shape) > 1
@@ -139,7 +140,8 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
 
     # the same run on the model held whole in memory writes exactly these tensors
     tokenizer = load_tokenizer(src)
-    windows = token_windows(load_text("stdlib").calibration, tokenizer, 4, 32, 0)
+    windowing = token_windows if resident.layout.causal else sentence_windows  # an encoder's texts are framed
+    windows = windowing(load_text("stdlib").calibration, tokenizer, 4, 32, 0)
     calibrate_and_prune(model, windows, RUN)
     reloaded = load_whole(out, family)
     state, written, source = model.state_dict(), reloaded.state_dict(), CheckpointReader(src)
