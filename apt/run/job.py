@@ -52,7 +52,14 @@ from apt.run.state import (
     start_or_resume,
 )
 from apt.run.vision import prune_vision
-from apt.text.sources import evaluation_documents, is_self, load_text, prefix_source, sentence_windows, token_windows
+from apt.text.sources import (
+    calibration_windows,
+    evaluation_documents,
+    is_self,
+    load_text,
+    prefix_source,
+    token_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +156,13 @@ def _open_source(job: PruneJob, coll: Collective) -> _Source:
         windows, described = generated.windows, f"{job.calibration_data} (the model's own continuations)"
     else:
         calibration = load_text(job.calibration_data, seed=job.seed)
-        # an encoder calibrates on texts framed as it embeds them, in the same token budget
-        windowing = token_windows if layered.layout.causal else sentence_windows
-        windows = windowing(
-            calibration.calibration, tokenizer, job.num_calibration_samples, job.max_seq_length, job.seed
+        windows = calibration_windows(
+            calibration.calibration,
+            tokenizer,
+            job.num_calibration_samples,
+            job.max_seq_length,
+            job.seed,
+            layered.layout.causal,
         )
         described = calibration.source
         if not layered.layout.causal:

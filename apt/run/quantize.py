@@ -50,7 +50,7 @@ from apt.run.sequential import GroupFinder
 from apt.solver import layer_loss
 from apt.solver.fp8 import FP8, compensated_fp8, dequantize_weight, quantize_weight
 from apt.solver.patterns import conforms, first_nm_violation, positive_zeros
-from apt.text.sources import load_text, prefix_source, sentence_windows, token_windows
+from apt.text.sources import calibration_windows, load_text, prefix_source
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +257,13 @@ def compensate_blocks(
     # a run calibrated on its own continuations (``self:SOURCE``) is rounded on SOURCE's text: the pruned model's
     # continuations are not the dense model's, and generating again would cost the whole pruning's share
     text = load_text(prefix_source(calibration["source"]), seed=calibration["seed"])
-    windowing = token_windows if layered.layout.causal else sentence_windows  # as the pruning run calibrated
-    windows = windowing(
-        text.calibration, tokenizer, calibration["windows"], calibration["seq_len"], calibration["seed"]
+    windows = calibration_windows(  # as the pruning run calibrated
+        text.calibration,
+        tokenizer,
+        calibration["windows"],
+        calibration["seq_len"],
+        calibration["seed"],
+        layered.layout.causal,
     )
     store = layered.block_inputs(token_batches(windows, config.batch_size), ActivationStore(torch.float32))
     finder, losses, coll = GroupFinder(), {}, Collective()

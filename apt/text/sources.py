@@ -228,6 +228,14 @@ def evaluation_documents(
 SENTENCE_TOKENS = 128  # what an encoder embeds here: ``apt.measure.evaluate.text_batches`` truncates there
 
 
+def calibration_windows(
+    docs: tuple[str, ...] | list[str], tokenizer, n_windows: int | None, seq_len: int, seed: int, causal: bool
+) -> torch.Tensor:
+    """A model's calibration sequences: running windows for a causal LM (``token_windows``), texts framed as it
+    embeds them for an encoder (``sentence_windows``), in the same token budget."""
+    return (token_windows if causal else sentence_windows)(docs, tokenizer, n_windows, seq_len, seed)
+
+
 def sentence_windows(
     docs: tuple[str, ...] | list[str], tokenizer, n_windows: int | None, seq_len: int, seed: int = 0
 ) -> torch.Tensor:

@@ -26,7 +26,7 @@ from apt.models.loading import load_tokenizer
 from apt.run import PruneJob, RunConfig, prune_model
 from apt.run.resident import calibrate_and_prune
 from apt.solver.patterns import as_rows, is_nm_sparse
-from apt.text.sources import load_text, sentence_windows, token_windows
+from apt.text.sources import calibration_windows, load_text, token_windows
 from apt_sparse.cli import main
 
 from ..tiny_models import CONFIGS, MOE, REFUSED, save_tiny_model
@@ -140,8 +140,7 @@ def test_every_family_prunes_streams_and_reloads_as_computed_in_memory(tmp_path,
 
     # the same run on the model held whole in memory writes exactly these tensors
     tokenizer = load_tokenizer(src)
-    windowing = token_windows if resident.layout.causal else sentence_windows  # an encoder's texts are framed
-    windows = windowing(load_text("stdlib").calibration, tokenizer, 4, 32, 0)
+    windows = calibration_windows(load_text("stdlib").calibration, tokenizer, 4, 32, 0, resident.layout.causal)
     calibrate_and_prune(model, windows, RUN)
     reloaded = load_whole(out, family)
     state, written, source = model.state_dict(), reloaded.state_dict(), CheckpointReader(src)
